@@ -1,0 +1,75 @@
+// The storage seam: every byte layerd reads from or writes to an image goes
+// through a File. A real file, an in-memory file and a fault-injecting file
+// stand behind it, so format code is tested without touching the disk.
+//
+// It lives at the bottom of the tree (in qcow2/, which has no other
+// dependencies) because both qcow2 images and raw layers use it.
+//
+// Thread safety: every method may be called concurrently from several
+// threads (positional I/O only, no shared file offset).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <system_error>
+
+namespace layerd {
+
+class File {
+ public:
+  virtual ~File() = default;
+
+  // Reads buf.size() bytes at `offset`. Bytes past the end of the file read
+  // as zeros (as in QEMU's file driver). Retries short reads and EINTR.
+  virtual std::error_code pread(std::span<std::byte> buf, uint64_t offset) = 0;
+
+  // Writes all of `data` at `offset`, extending the file if needed.
+  virtual std::error_code pwrite(std::span<const std::byte> data,
+                                 uint64_t offset) = 0;
+
+  // Makes every completed write durable (fdatasync).
+  virtual std::error_code flush() = 0;
+
+  // Sets the file's length.
+  virtual std::error_code truncate(uint64_t size) = 0;
+
+  // Deallocates the range; it reads as zeros afterwards. Returns
+  // errc::operation_not_supported where the filesystem cannot.
+  virtual std::error_code punch_hole(uint64_t offset, uint64_t length) = 0;
+
+  // Makes the range read as zeros, preferably without writing data
+  // (FALLOC_FL_ZERO_RANGE); falls back to writing zeros.
+  virtual std::error_code write_zeroes(uint64_t offset, uint64_t length) = 0;
+
+  // Current length in bytes.
+  virtual uint64_t size() const = 0;
+
+  // Finds the next data or hole boundary for block status. Sets `*is_data`
+  // for the extent starting at `offset` and returns its length (at most
+  // `length`). Files that cannot tell report everything as data.
+  virtual uint64_t extent_at(uint64_t offset, uint64_t length,
+                             bool* is_data) const = 0;
+
+  virtual bool writable() const = 0;
+};
+
+enum class OpenMode { ReadOnly, ReadWrite };
+
+struct FileOptions {
+  OpenMode mode = OpenMode::ReadOnly;
+  bool direct = false;  // O_DIRECT (--cache=none / --nocache)
+  bool create = false;  // create if missing (ReadWrite only)
+};
+
+// Opens a regular file or block device. On failure returns nullptr and sets
+// `ec` (ENOENT, EACCES, EISDIR, ...).
+std::unique_ptr<File> open_posix_file(const std::string& path,
+                                      const FileOptions& options,
+                                      std::error_code& ec);
+
+// A growable file held in memory, for tests.
+std::unique_ptr<File> make_memory_file(uint64_t initial_size = 0);
+
+}  // namespace layerd
