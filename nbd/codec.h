@@ -54,19 +54,33 @@ struct TransmissionState {
 // The verdict on one request header.
 struct Validation {
   Error error = Error::Ok;  // Ok: serve it; otherwise reply with this error
-  // The client sent a WRITE whose payload follows the header: even when the
-  // request is refused, this many bytes must be read and discarded to stay
-  // in sync. Zero for other commands. If `drop_connection` is set, the
-  // payload is too large to skip safely and the connection must be closed
-  // after the error reply.
+  // Set to `length` for every WRITE, served or refused: that many payload
+  // bytes follow the header. When the request is refused they must be read
+  // and discarded to stay in sync. Zero for other commands. If
+  // `drop_connection` is set (a refused WRITE longer than
+  // max(4 * max_payload, 32 MiB)), the payload is too large to skip safely
+  // and the connection must be closed after the error reply instead.
   uint32_t payload_to_skip = 0;
   bool drop_connection = false;
 };
 
-// Checks a request against the negotiated state: known command, flags that
-// are valid for the command and were advertised, offset and length inside
-// the export, length within the limits, writes on a read-only export. The
-// order of checks follows the spec: EINVAL before EPERM before ENOSPC.
+// Checks a request against the negotiated state, in this order, returning
+// the first failure:
+//   1. EINVAL: unknown command (RESIZE included) or one not advertised
+//      (FLUSH, TRIM, WRITE_ZEROES, CACHE without their kTransSend* flag;
+//      BLOCK_STATUS without structured replies or selected meta contexts);
+//   2. EINVAL: unknown flag bits, or a flag not valid for the command or not
+//      advertised (FUA on any command needs kTransSendFua; NO_HOLE and
+//      FAST_ZERO only on WRITE_ZEROES, FAST_ZERO needs kTransSendFastZero;
+//      DF only on READ with structured replies and kTransSendDf; REQ_ONE
+//      only on BLOCK_STATUS);
+//   3. EINVAL: FLUSH with nonzero offset/length; BLOCK_STATUS of length 0;
+//      READ/WRITE longer than max_payload; offset or length not a multiple
+//      of min_block_size; READ, TRIM, CACHE or BLOCK_STATUS past the end;
+//   4. EPERM: WRITE, TRIM or WRITE_ZEROES on a read-only export;
+//   5. ENOSPC: WRITE or WRITE_ZEROES past the end of the export.
+// Zero-length READ/WRITE/TRIM/WRITE_ZEROES/CACHE pass (serve as no-ops).
+// NBD_CMD_DISC is always Ok: it has no reply that could carry an error.
 Validation validate_request(const RequestHeader& r, const TransmissionState& s);
 
 // Maps a POSIX error to the NBD error sent on the wire (EIO for anything the

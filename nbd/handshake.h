@@ -87,7 +87,9 @@ class Handshake {
   // "bad magic", ...
   const std::string& close_reason() const { return close_reason_; }
 
-  // Valid in the Transmission phase.
+  // Valid in the Transmission phase. chosen_export().transmission_flags
+  // holds the flags as sent to the client (kTransHasFlags set, kTransSendDf
+  // only with structured replies), ready for TransmissionState.
   const ExportInfo& chosen_export() const { return *export_; }
   bool structured_replies() const { return structured_; }
   bool no_zeroes() const { return no_zeroes_; }
@@ -111,6 +113,8 @@ class Handshake {
   void handle_export_name();
   void handle_info_or_go(bool go);
   void handle_meta_context(bool set);
+  void enter_transmission(ExportInfo e);
+  uint16_t flags_to_send(const ExportInfo& e) const;
   void close(std::string reason);
 
   HandshakeHost& host_;
@@ -125,6 +129,7 @@ class Handshake {
   bool structured_ = false;
   std::optional<ExportInfo> export_;
   std::vector<SelectedContext> contexts_;
+  std::string meta_export_;  // canonical name of the export contexts_ is for
   std::string close_reason_;
 };
 

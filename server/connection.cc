@@ -1,0 +1,615 @@
+#include "server/connection.h"
+
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/experimental/awaitable_operators.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/read.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/write.hpp>
+
+#include "server/log.h"
+
+namespace layerd {
+
+namespace asio = boost::asio;
+using asio::use_awaitable;
+
+namespace {
+
+constexpr size_t kReadBufferSize = 64 * 1024;
+constexpr size_t kAlignment = 4096;
+// Payload buffers up to this size are kept for reuse; larger ones are rare
+// and freed after use.
+constexpr size_t kMaxPooledBuffer = 1 << 20;
+constexpr size_t kMaxPooledBuffers = 32;
+// Block status: extents gathered per request (more are left for the client
+// to ask for again, as the spec allows).
+constexpr size_t kMaxExtents = 1024;
+// A client that accepts no reply bytes for this long is considered gone.
+constexpr int kSendStallSeconds = 30;
+
+size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
+bool all_zero(std::span<const std::byte> data) {
+  const std::byte* p = data.data();
+  size_t n = data.size();
+  for (; n >= 8; p += 8, n -= 8) {
+    uint64_t w;
+    std::memcpy(&w, p, 8);
+    if (w) return false;
+  }
+  for (; n; ++p, --n)
+    if (*p != std::byte{0}) return false;
+  return true;
+}
+
+iovec iov_of(const void* p, size_t n) { return {const_cast<void*>(p), n}; }
+
+}  // namespace
+
+// An aligned, reusable block of memory for request payloads and read data.
+class Connection::Buffer {
+ public:
+  explicit Buffer(size_t capacity)
+      : capacity_(round_up(std::max<size_t>(capacity, kAlignment), kAlignment)),
+        data_(static_cast<std::byte*>(std::aligned_alloc(kAlignment, capacity_))) {
+    if (!data_) throw std::bad_alloc();
+  }
+  ~Buffer() { std::free(data_); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+
+  size_t capacity() const { return capacity_; }
+  std::span<std::byte> span(size_t n) { return {data_, n}; }
+
+ private:
+  size_t capacity_;
+  std::byte* data_;
+};
+
+// WRITE payload buffers: acquired by the reader, released by workers.
+class Connection::BufferPool {
+ public:
+  Buffer* acquire(size_t n) {
+    {
+      std::lock_guard lock(mutex_);
+      for (auto it = free_.begin(); it != free_.end(); ++it) {
+        if ((*it)->capacity() >= n) {
+          Buffer* b = it->release();
+          free_.erase(it);
+          return b;
+        }
+      }
+    }
+    return new Buffer(n <= 64 * 1024 ? 64 * 1024 : n);
+  }
+
+  void release(Buffer* b) {
+    std::unique_ptr<Buffer> owned(b);
+    if (b->capacity() > kMaxPooledBuffer) return;
+    std::lock_guard lock(mutex_);
+    if (free_.size() < kMaxPooledBuffers) free_.push_back(std::move(owned));
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::unique_ptr<Buffer>> free_;
+};
+
+// Buffered reads from the socket: one recv usually brings several
+// pipelined request headers. Large payloads are read straight into their
+// destination.
+class Connection::ReadBuffer {
+ public:
+  explicit ReadBuffer(Socket& socket) : socket_(socket), buf_(kReadBufferSize) {}
+
+  asio::awaitable<void> read_exact(std::span<std::byte> out) {
+    size_t got = take(out);
+    while (got < out.size()) {
+      auto rest = out.subspan(got);
+      if (rest.size() >= buf_.size() / 2) {
+        got += co_await socket_.async_read_some(
+            asio::buffer(rest.data(), rest.size()), use_awaitable);
+      } else {
+        begin_ = 0;
+        end_ = co_await socket_.async_read_some(asio::buffer(buf_),
+                                                use_awaitable);
+        got += take(rest);
+      }
+    }
+  }
+
+  asio::awaitable<void> skip(uint64_t n) {
+    while (n > 0) {
+      if (begin_ == end_) {
+        begin_ = 0;
+        end_ = co_await socket_.async_read_some(asio::buffer(buf_),
+                                                use_awaitable);
+      }
+      size_t k = static_cast<size_t>(std::min<uint64_t>(n, end_ - begin_));
+      begin_ += k;
+      n -= k;
+    }
+  }
+
+ private:
+  size_t take(std::span<std::byte> out) {
+    size_t k = std::min(out.size(), end_ - begin_);
+    std::memcpy(out.data(), buf_.data() + begin_, k);
+    begin_ += k;
+    return k;
+  }
+
+  Socket& socket_;
+  std::vector<std::byte> buf_;
+  size_t begin_ = 0;
+  size_t end_ = 0;
+};
+
+namespace {
+
+// Per worker thread scratch memory for READ data, reused across requests.
+std::span<std::byte> read_scratch(size_t n) {
+  thread_local std::unique_ptr<std::byte, decltype(&std::free)> kept(nullptr,
+                                                                     &std::free);
+  thread_local size_t kept_size = 0;
+  thread_local std::unique_ptr<std::byte, decltype(&std::free)> oversized(
+      nullptr, &std::free);
+  if (n <= kept_size) return {kept.get(), n};
+  size_t size = round_up(std::max<size_t>(n, 64 * 1024), kAlignment);
+  auto* p = static_cast<std::byte*>(std::aligned_alloc(kAlignment, size));
+  if (!p) throw std::bad_alloc();
+  if (size <= 4 * kMaxPooledBuffer) {
+    kept.reset(p);
+    kept_size = size;
+  } else {
+    oversized.reset(p);  // freed on the next oversized read
+  }
+  return {p, n};
+}
+
+}  // namespace
+
+Connection::Connection(Socket socket, const ExportRegistry& exports,
+                       asio::thread_pool& workers, ConnectionLimits limits,
+                       std::string peer)
+    : socket_(std::move(socket)),
+      fd_(socket_.native_handle()),
+      exports_(exports),
+      workers_(workers),
+      limits_(limits),
+      peer_(std::move(peer)),
+      buffers_(std::make_unique<BufferPool>()),
+      wake_(socket_.get_executor()) {}
+
+Connection::~Connection() = default;
+
+std::optional<nbd::ExportInfo> Connection::find_export(std::string_view name) {
+  auto e = exports_.find(name);
+  if (!e) return std::nullopt;
+  return e->info();
+}
+
+std::vector<nbd::ExportInfo> Connection::list_exports() {
+  std::vector<nbd::ExportInfo> v;
+  for (auto& e : exports_.all()) v.push_back(e->info());
+  return v;
+}
+
+std::vector<std::string> Connection::meta_contexts(const nbd::ExportInfo&) {
+  std::vector<std::string> v;
+  for (const auto& c : layerd::meta_contexts()) v.emplace_back(c.name);
+  return v;
+}
+
+void Connection::stop() {
+  if (stopping_) return;
+  stopping_ = true;
+  // Ends the reader's next read with EOF; replies can still be sent.
+  ::shutdown(fd_, SHUT_RD);
+}
+
+asio::awaitable<void> Connection::run() {
+  auto self = shared_from_this();
+  try {
+    if (co_await handshake()) co_await transmission();
+  } catch (const boost::system::system_error& e) {
+    auto ec = e.code();
+    if (ec != asio::error::eof && ec != asio::error::connection_reset &&
+        ec != asio::error::operation_aborted && ec != asio::error::broken_pipe)
+      log_info("{}: connection error: {}", peer_, e.what());
+  } catch (const std::exception& e) {
+    log_error("{}: connection failed: {}", peer_, e.what());
+  }
+  co_await wait_until_idle();
+  if (export_ && wrote_.load()) {
+    if (auto ec = export_->layer->flush())
+      log_error("{}: flush at disconnect failed: {}", peer_, ec.message());
+  }
+  boost::system::error_code ignored;
+  socket_.shutdown(Socket::shutdown_both, ignored);
+  socket_.close(ignored);
+  log_info("{}: disconnected", peer_);
+}
+
+asio::awaitable<void> Connection::handshake_steps(nbd::Handshake& hs) {
+  std::vector<std::byte> in;
+  auto out = hs.take_output();
+  co_await asio::async_write(socket_, asio::buffer(out), use_awaitable);
+  while (hs.phase() == nbd::Handshake::Phase::Greeting ||
+         hs.phase() == nbd::Handshake::Phase::Options) {
+    in.resize(hs.bytes_wanted());
+    co_await asio::async_read(socket_, asio::buffer(in), use_awaitable);
+    hs.consume(in);
+    out = hs.take_output();
+    if (!out.empty())
+      co_await asio::async_write(socket_, asio::buffer(out), use_awaitable);
+  }
+}
+
+asio::awaitable<bool> Connection::handshake() {
+  using namespace asio::experimental::awaitable_operators;
+  nbd::Handshake hs(*this);
+  if (limits_.handshake_limit_seconds > 0) {
+    asio::steady_timer limit(socket_.get_executor(),
+                             std::chrono::seconds(limits_.handshake_limit_seconds));
+    auto done = co_await (handshake_steps(hs) || limit.async_wait(use_awaitable));
+    if (done.index() == 1) {
+      log_info("{}: handshake not finished within {} s, dropped", peer_,
+               limits_.handshake_limit_seconds);
+      co_return false;
+    }
+  } else {
+    co_await handshake_steps(hs);
+  }
+  if (hs.phase() != nbd::Handshake::Phase::Transmission) {
+    log_info("{}: handshake ended: {}", peer_, hs.close_reason());
+    co_return false;
+  }
+  export_ = exports_.find(hs.chosen_export().name);
+  if (!export_) co_return false;  // removed while negotiating
+
+  nbd::ExportInfo info = export_->info();
+  state_.export_size = info.size;
+  state_.transmission_flags = info.transmission_flags;
+  if (!hs.structured_replies())
+    state_.transmission_flags &= static_cast<uint16_t>(~nbd::kTransSendDf);
+  state_.structured_replies = hs.structured_replies();
+  state_.min_block_size = info.min_block_size;
+  state_.max_payload = info.max_block_size;
+  for (const auto& c : hs.selected_contexts()) {
+    const MetaContext* mc = find_meta_context(c.name);
+    if (!mc) co_return false;
+    contexts_.push_back(mc);
+  }
+  state_.meta_context_count = contexts_.size();
+  log_info("{}: serving export '{}'{}", peer_, export_->name,
+           state_.structured_replies ? " (structured replies)" : "");
+  co_return true;
+}
+
+asio::awaitable<void> Connection::wait_for_room(uint64_t bytes) {
+  auto has_room = [&] {
+    return in_flight_.load() < limits_.max_in_flight_requests &&
+           (in_flight_bytes_.load() + bytes <= limits_.max_in_flight_bytes ||
+            in_flight_bytes_.load() == 0);
+  };
+  // Dekker-style handshake with finish_request(): set the flag, then look
+  // again, so a worker either sees the flag or we see its decrement.
+  while (!has_room()) {
+    reader_waiting_.store(true);
+    if (has_room()) {
+      reader_waiting_.store(false);
+      break;
+    }
+    wake_.expires_at(asio::steady_timer::time_point::max());
+    co_await wake_.async_wait(asio::as_tuple(use_awaitable));
+  }
+}
+
+asio::awaitable<void> Connection::wait_until_idle() {
+  while (in_flight_.load() != 0) {
+    reader_waiting_.store(true);
+    if (in_flight_.load() == 0) {
+      reader_waiting_.store(false);
+      break;
+    }
+    wake_.expires_at(asio::steady_timer::time_point::max());
+    co_await wake_.async_wait(asio::as_tuple(use_awaitable));
+  }
+}
+
+void Connection::finish_request(uint64_t bytes) {
+  in_flight_bytes_.fetch_sub(bytes);
+  in_flight_.fetch_sub(1);
+  if (reader_waiting_.exchange(false)) {
+    asio::post(socket_.get_executor(),
+               [self = shared_from_this()] { self->wake_.cancel(); });
+  }
+}
+
+asio::awaitable<void> Connection::transmission() {
+  ReadBuffer reader(socket_);
+  std::array<std::byte, nbd::kRequestHeaderSize> header;
+  auto self = shared_from_this();
+  while (!broken_.load()) {
+    co_await reader.read_exact(header);
+    auto request = nbd::decode_request(header);
+    if (!request) {
+      log_info("{}: bad request magic, dropping connection", peer_);
+      break;
+    }
+    const nbd::RequestHeader r = *request;
+    nbd::Validation v = nbd::validate_request(r, state_);
+    if (v.error != nbd::Error::Ok) {
+      log_info("{}: request type {} offset {} length {} refused: error {}",
+               peer_, r.type, r.offset, r.length, static_cast<uint32_t>(v.error));
+      co_await wait_for_room(0);
+      in_flight_.fetch_add(1);
+      const bool structured_error =
+          state_.structured_replies &&
+          (r.type == static_cast<uint16_t>(nbd::Cmd::Read) ||
+           r.type == static_cast<uint16_t>(nbd::Cmd::BlockStatus));
+      const auto ec = std::error_code(static_cast<int>(v.error),
+                                      std::generic_category());
+      asio::post(workers_, [self, r, ec, structured_error] {
+        if (structured_error)
+          self->reply_structured_error(r.cookie, ec);
+        else
+          self->reply_simple(r.cookie, ec);
+        self->finish_request(0);
+      });
+      if (v.drop_connection) break;
+      if (v.payload_to_skip) co_await reader.skip(v.payload_to_skip);
+      continue;
+    }
+    if (r.type == static_cast<uint16_t>(nbd::Cmd::Disc)) {
+      log_info("{}: client sent NBD_CMD_DISC", peer_);
+      break;
+    }
+    const bool is_write = r.type == static_cast<uint16_t>(nbd::Cmd::Write);
+    const uint64_t payload_bytes = is_write ? r.length : 0;
+    co_await wait_for_room(payload_bytes);
+    Buffer* payload = nullptr;
+    if (is_write) {
+      payload = buffers_->acquire(r.length);
+      try {
+        co_await reader.read_exact(payload->span(r.length));
+      } catch (...) {
+        buffers_->release(payload);
+        throw;
+      }
+    }
+    in_flight_.fetch_add(1);
+    in_flight_bytes_.fetch_add(payload_bytes);
+    asio::post(workers_, [self, r, payload] { self->serve(r, payload); });
+  }
+}
+
+// --- Worker side -----------------------------------------------------------
+
+void Connection::serve(const nbd::RequestHeader& r, Buffer* payload) {
+  const uint64_t payload_bytes = payload ? r.length : 0;
+  try {
+    Layer& layer = *export_->layer;
+    const auto& policy = export_->policy;
+    const bool fua = (r.flags & nbd::kCmdFlagFua) || policy.flush_every_write;
+    switch (static_cast<nbd::Cmd>(r.type)) {
+      case nbd::Cmd::Read:
+        serve_read(r);
+        break;
+      case nbd::Cmd::Write:
+        reply_simple(r.cookie, serve_write(r, payload->span(r.length)));
+        break;
+      case nbd::Cmd::WriteZeroes:
+        reply_simple(r.cookie, serve_write_zeroes(r));
+        break;
+      case nbd::Cmd::Trim: {
+        std::error_code ec;
+        if (policy.discard_unmap) {
+          ec = layer.trim(r.offset, r.length, fua);
+          wrote_.store(true);
+        } else if (fua && !policy.ignore_flush) {
+          ec = layer.flush();
+        }
+        reply_simple(r.cookie, ec);
+        break;
+      }
+      case nbd::Cmd::Flush:
+        reply_simple(r.cookie,
+                     policy.ignore_flush ? std::error_code{} : layer.flush());
+        break;
+      case nbd::Cmd::Cache:
+        reply_simple(r.cookie, layer.cache(r.offset, r.length));
+        break;
+      case nbd::Cmd::BlockStatus:
+        serve_block_status(r);
+        break;
+      default:
+        reply_simple(r.cookie, std::make_error_code(std::errc::invalid_argument));
+        break;
+    }
+  } catch (const std::exception& e) {
+    log_error("{}: request failed: {}", peer_, e.what());
+    reply_simple(r.cookie, std::make_error_code(std::errc::not_enough_memory));
+  }
+  if (payload) buffers_->release(payload);
+  finish_request(payload_bytes);
+}
+
+std::error_code Connection::serve_write(const nbd::RequestHeader& r,
+                                        std::span<const std::byte> data) {
+  const auto& policy = export_->policy;
+  const bool fua = (r.flags & nbd::kCmdFlagFua) || policy.flush_every_write;
+  wrote_.store(true);
+  if (policy.detect_zeroes != DetectZeroes::Off && all_zero(data)) {
+    ZeroFlags f{.may_trim = policy.detect_zeroes == DetectZeroes::Unmap &&
+                            policy.discard_unmap,
+                .fast_only = false,
+                .fua = fua};
+    return export_->layer->write_zeroes(r.offset, data.size(), f);
+  }
+  return export_->layer->write(r.offset, data, fua);
+}
+
+std::error_code Connection::serve_write_zeroes(const nbd::RequestHeader& r) {
+  const auto& policy = export_->policy;
+  ZeroFlags f{.may_trim = !(r.flags & nbd::kCmdFlagNoHole) && policy.discard_unmap,
+              .fast_only = (r.flags & nbd::kCmdFlagFastZero) != 0,
+              .fua = (r.flags & nbd::kCmdFlagFua) || policy.flush_every_write};
+  wrote_.store(true);
+  return export_->layer->write_zeroes(r.offset, r.length, f);
+}
+
+void Connection::serve_read(const nbd::RequestHeader& r) {
+  std::span<std::byte> data = read_scratch(r.length);
+  std::error_code ec = export_->layer->read(r.offset, data);
+  if (!state_.structured_replies) {
+    auto header = nbd::encode_simple_reply(
+        r.cookie, ec ? nbd::to_wire_error(ec) : nbd::Error::Ok);
+    iovec iov[2] = {iov_of(header.data(), header.size()),
+                    iov_of(data.data(), data.size())};
+    send_gathered(iov, ec ? 1 : 2);
+    return;
+  }
+  if (ec) {
+    reply_structured_error(r.cookie, ec);
+    return;
+  }
+  if (r.length == 0) {
+    auto header = nbd::encode_chunk_header(r.cookie, nbd::kReplyFlagDone,
+                                           nbd::ChunkType::None, 0);
+    iovec iov[1] = {iov_of(header.data(), header.size())};
+    send_gathered(iov, 1);
+    return;
+  }
+  auto header = nbd::encode_offset_data_header(r.cookie, nbd::kReplyFlagDone,
+                                               r.offset, r.length);
+  iovec iov[2] = {iov_of(header.data(), header.size()),
+                  iov_of(data.data(), data.size())};
+  send_gathered(iov, 2);
+}
+
+void Connection::serve_block_status(const nbd::RequestHeader& r) {
+  thread_local std::vector<Extent> extents(kMaxExtents);
+  thread_local std::vector<nbd::BlockStatusDescriptor> descriptors;
+  thread_local std::vector<std::byte> chunks;
+  const bool req_one = (r.flags & nbd::kCmdFlagReqOne) != 0;
+
+  // Gather the layer's extents once; every context maps the same list.
+  size_t total = 0;
+  uint64_t offset = r.offset;
+  uint64_t remaining = r.length;
+  while (remaining > 0 && total < extents.size()) {
+    size_t n = 0;
+    std::error_code ec = export_->layer->block_status(
+        offset, remaining, std::span(extents).subspan(total), &n);
+    if (ec) {
+      reply_structured_error(r.cookie, ec);
+      return;
+    }
+    for (size_t i = total; i < total + n; ++i) {
+      uint64_t len = std::min(extents[i].length, remaining);
+      if (len == 0) {
+        reply_structured_error(r.cookie, std::make_error_code(std::errc::io_error));
+        return;
+      }
+      extents[i].length = len;
+      offset += len;
+      remaining -= len;
+    }
+    total += n;
+    if (req_one) break;
+  }
+
+  chunks.resize(contexts_.size() * nbd::block_status_chunk_size(total));
+  std::vector<iovec> iov;
+  iov.reserve(contexts_.size());
+  size_t used = 0;
+  for (size_t id = 0; id < contexts_.size(); ++id) {
+    descriptors.clear();
+    for (size_t i = 0; i < total; ++i) {
+      uint32_t flags = contexts_[id]->flags_of(extents[i]);
+      uint32_t len = static_cast<uint32_t>(extents[i].length);
+      if (!descriptors.empty() && descriptors.back().flags == flags)
+        descriptors.back().length += len;
+      else
+        descriptors.push_back({len, flags});
+      if (req_one) break;
+    }
+    const uint16_t flags = id + 1 == contexts_.size() ? nbd::kReplyFlagDone : 0;
+    size_t n = nbd::encode_block_status_chunk(
+        r.cookie, flags, static_cast<uint32_t>(id), descriptors,
+        std::span(chunks).subspan(used));
+    iov.push_back(iov_of(chunks.data() + used, n));
+    used += n;
+  }
+  send_gathered(iov.data(), static_cast<int>(iov.size()));
+}
+
+void Connection::reply_simple(uint64_t cookie, std::error_code ec) {
+  auto header = nbd::encode_simple_reply(
+      cookie, ec ? nbd::to_wire_error(ec) : nbd::Error::Ok);
+  iovec iov[1] = {iov_of(header.data(), header.size())};
+  send_gathered(iov, 1);
+}
+
+void Connection::reply_structured_error(uint64_t cookie, std::error_code ec) {
+  auto chunk = nbd::encode_error_chunk(cookie, nbd::kReplyFlagDone,
+                                       nbd::to_wire_error(ec));
+  iovec iov[1] = {iov_of(chunk.data(), chunk.size())};
+  send_gathered(iov, 1);
+}
+
+void Connection::send_gathered(iovec* iov, int count) {
+  std::lock_guard lock(send_mutex_);
+  if (broken_.load()) return;
+  int stalled_ms = 0;
+  while (count > 0) {
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = static_cast<size_t>(count);
+    ssize_t n = ::sendmsg(fd_, &msg, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        pollfd p{fd_, POLLOUT, 0};
+        if (::poll(&p, 1, 1000) == 0 && (stalled_ms += 1000) >=
+                                             kSendStallSeconds * 1000) {
+          log_info("{}: client stopped reading replies, dropping", peer_);
+          break;
+        }
+        continue;
+      }
+      log_info("{}: send failed: {}", peer_, std::strerror(errno));
+      break;
+    }
+    stalled_ms = 0;
+    size_t sent = static_cast<size_t>(n);
+    while (count > 0 && sent >= iov->iov_len) {
+      sent -= iov->iov_len;
+      ++iov;
+      --count;
+    }
+    if (count > 0) {
+      iov->iov_base = static_cast<char*>(iov->iov_base) + sent;
+      iov->iov_len -= sent;
+    }
+  }
+  if (count > 0) {
+    broken_.store(true);
+    ::shutdown(fd_, SHUT_RDWR);
+  }
+}
+
+}  // namespace layerd

@@ -1,0 +1,112 @@
+// One client connection: the handshake, then the transmission phase.
+//
+// Threading model. All socket reads happen in one coroutine on the server's
+// I/O thread: it reads request headers (many per recv when the client
+// pipelines), validates them, reads WRITE payloads into pooled buffers and
+// posts each request to the worker pool. A worker runs the request against
+// the export's Layer (blocking pread/pwrite) and sends the reply itself in
+// one gathered sendmsg, under a per-connection send mutex, so replies leave
+// in completion order and a slow request never holds up the others. The
+// reader stops reading when too many requests or payload bytes are in
+// flight (back-pressure), and the connection closes only after every
+// in-flight request has replied.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/generic/stream_protocol.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/thread_pool.hpp>
+
+#include "nbd/codec.h"
+#include "nbd/handshake.h"
+#include "server/export.h"
+#include "server/meta_context.h"
+
+namespace layerd {
+
+struct ConnectionLimits {
+  uint32_t handshake_limit_seconds = 10;  // 0: no limit
+  uint32_t max_in_flight_requests = 128;
+  uint64_t max_in_flight_bytes = 64u << 20;
+};
+
+class Connection : public std::enable_shared_from_this<Connection>,
+                   private nbd::HandshakeHost {
+ public:
+  using Socket = boost::asio::generic::stream_protocol::socket;
+
+  Connection(Socket socket, const ExportRegistry& exports,
+             boost::asio::thread_pool& workers, ConnectionLimits limits,
+             std::string peer);
+  ~Connection() override;
+
+  // Runs the whole connection on the socket's executor. Returns once the
+  // socket is closed and no request is in flight.
+  boost::asio::awaitable<void> run();
+
+  // Asks the connection to finish: no more requests are read, in-flight
+  // ones complete and reply. Call on the I/O thread.
+  void stop();
+
+  const std::string& peer() const { return peer_; }
+
+ private:
+  class Buffer;
+  class BufferPool;
+  class ReadBuffer;
+
+  // nbd::HandshakeHost
+  std::optional<nbd::ExportInfo> find_export(std::string_view name) override;
+  std::vector<nbd::ExportInfo> list_exports() override;
+  std::vector<std::string> meta_contexts(const nbd::ExportInfo& e) override;
+
+  boost::asio::awaitable<bool> handshake();
+  boost::asio::awaitable<void> handshake_steps(nbd::Handshake& hs);
+  boost::asio::awaitable<void> transmission();
+  boost::asio::awaitable<void> wait_for_room(uint64_t bytes);
+  boost::asio::awaitable<void> wait_until_idle();
+
+  // Worker side.
+  void serve(const nbd::RequestHeader& r, Buffer* payload);
+  void serve_read(const nbd::RequestHeader& r);
+  void serve_block_status(const nbd::RequestHeader& r);
+  std::error_code serve_write(const nbd::RequestHeader& r,
+                              std::span<const std::byte> data);
+  std::error_code serve_write_zeroes(const nbd::RequestHeader& r);
+  void reply_simple(uint64_t cookie, std::error_code ec);
+  void reply_structured_error(uint64_t cookie, std::error_code ec);
+  void finish_request(uint64_t bytes);
+
+  // Sends every byte of the iovecs, or marks the connection broken.
+  void send_gathered(struct iovec* iov, int count);
+
+  Socket socket_;
+  int fd_;
+  const ExportRegistry& exports_;
+  boost::asio::thread_pool& workers_;
+  ConnectionLimits limits_;
+  std::string peer_;
+
+  std::shared_ptr<const Export> export_;
+  nbd::TransmissionState state_;
+  std::vector<const MetaContext*> contexts_;  // by context id
+
+  std::unique_ptr<BufferPool> buffers_;
+  std::mutex send_mutex_;
+  std::atomic<bool> broken_{false};
+  std::atomic<bool> wrote_{false};
+  bool stopping_ = false;
+
+  // Back-pressure between workers and the reader (see wait_for_room).
+  std::atomic<uint32_t> in_flight_{0};
+  std::atomic<uint64_t> in_flight_bytes_{0};
+  std::atomic<bool> reader_waiting_{false};
+  boost::asio::steady_timer wake_;
+};
+
+}  // namespace layerd

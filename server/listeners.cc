@@ -1,0 +1,136 @@
+#include "server/listeners.h"
+
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+
+#include <fmt/format.h>
+
+namespace layerd {
+namespace {
+
+constexpr int kBacklog = 128;
+
+// A Unix socket file nobody listens on any more (a previous run that was
+// killed) may be replaced; a live one may not.
+bool is_stale_socket(const std::string& path) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0 || !S_ISSOCK(st.st_mode)) return false;
+  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return false;
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+  bool refused = ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 &&
+                 errno == ECONNREFUSED;
+  ::close(fd);
+  return refused;
+}
+
+std::vector<ListeningSocket> open_unix(const std::string& path,
+                                       std::string& error) {
+  sockaddr_un addr{};
+  if (path.size() >= sizeof(addr.sun_path)) {
+    error = fmt::format("socket path '{}' is too long", path);
+    return {};
+  }
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    error = fmt::format("socket: {}", std::strerror(errno));
+    return {};
+  }
+  if (is_stale_socket(path)) ::unlink(path.c_str());
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      ::listen(fd, kBacklog) != 0) {
+    error = fmt::format("cannot listen on '{}': {}", path, std::strerror(errno));
+    ::close(fd);
+    return {};
+  }
+  return {ListeningSocket{fd, AF_UNIX, path}};
+}
+
+std::vector<ListeningSocket> open_tcp(const std::string& host, uint16_t port,
+                                      std::string& error) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* res = nullptr;
+  std::string service = std::to_string(port);
+  int rc = ::getaddrinfo(host.c_str(), service.c_str(), &hints, &res);
+  if (rc != 0) {
+    error = fmt::format("cannot resolve '{}': {}", host, ::gai_strerror(rc));
+    return {};
+  }
+  std::vector<ListeningSocket> out;
+  std::string last_error;
+  for (addrinfo* ai = res; ai; ai = ai->ai_next) {
+    int fd = ::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC,
+                      ai->ai_protocol);
+    if (fd < 0) continue;
+    int one = 1;
+    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (ai->ai_family == AF_INET6)  // one socket per family, as resolved
+      ::setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+    if (::bind(fd, ai->ai_addr, ai->ai_addrlen) != 0 || ::listen(fd, kBacklog) != 0) {
+      last_error = std::strerror(errno);
+      ::close(fd);
+      continue;
+    }
+    out.push_back(ListeningSocket{fd, ai->ai_family, ""});
+  }
+  ::freeaddrinfo(res);
+  if (out.empty())
+    error = fmt::format("cannot listen on {}:{}: {}", host, port,
+                        last_error.empty() ? "no usable address" : last_error);
+  return out;
+}
+
+}  // namespace
+
+std::vector<ListeningSocket> open_listeners(const ServerOptions& o,
+                                            std::string& error) {
+  if (!o.socket_path.empty()) return open_unix(o.socket_path, error);
+  return open_tcp(o.bind_address, o.port, error);
+}
+
+std::vector<ListeningSocket> activated_listeners(std::string& error) {
+  const char* pid = std::getenv("LISTEN_PID");
+  const char* fds = std::getenv("LISTEN_FDS");
+  if (!pid || !fds) return {};
+  char* end = nullptr;
+  long listen_pid = std::strtol(pid, &end, 10);
+  if (*end || listen_pid != static_cast<long>(::getpid())) return {};
+  long count = std::strtol(fds, &end, 10);
+  if (*end || count <= 0 || count > 64) {
+    error = fmt::format("invalid LISTEN_FDS '{}'", fds);
+    return {};
+  }
+  ::unsetenv("LISTEN_PID");
+  ::unsetenv("LISTEN_FDS");
+  ::unsetenv("LISTEN_FDNAMES");
+  std::vector<ListeningSocket> out;
+  for (int fd = 3; fd < 3 + count; ++fd) {
+    int family = 0;
+    socklen_t len = sizeof(family);
+    if (::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &family, &len) != 0) {
+      error = fmt::format("LISTEN_FDS: fd {} is not a socket", fd);
+      return {};
+    }
+    ::fcntl(fd, F_SETFD, FD_CLOEXEC);
+    out.push_back(ListeningSocket{fd, family, ""});
+  }
+  return out;
+}
+
+}  // namespace layerd

@@ -1,0 +1,28 @@
+#include "server/meta_context.h"
+
+#include <array>
+
+#include "nbd/protocol.h"
+
+namespace layerd {
+namespace {
+
+uint32_t base_allocation(const Extent& e) {
+  return (e.hole ? nbd::kStateHole : 0u) | (e.zero ? nbd::kStateZero : 0u);
+}
+
+constexpr std::array kContexts{
+    MetaContext{"base:allocation", &base_allocation},
+};
+
+}  // namespace
+
+std::span<const MetaContext> meta_contexts() { return kContexts; }
+
+const MetaContext* find_meta_context(std::string_view name) {
+  for (const auto& c : kContexts)
+    if (c.name == name) return &c;
+  return nullptr;
+}
+
+}  // namespace layerd

@@ -1,0 +1,58 @@
+// The command line of layerd: qemu-nbd's server options with the same
+// meaning, plus a few of layerd's own. Parsing is pure (no I/O) so it can be
+// tested on argument vectors.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace layerd {
+
+enum class CacheMode { None, Writeback, Writethrough, DirectSync, Unsafe };
+enum class DetectZeroes { Off, On, Unmap };
+
+struct ServerOptions {
+  // Where to listen. With none of socket/port/bind given, TCP 0.0.0.0:10809.
+  std::string socket_path;          // -k
+  std::string bind_address;         // -b (default 0.0.0.0)
+  uint16_t port = 10809;            // -p
+  bool port_given = false;
+  bool bind_given = false;
+
+  std::string export_name;          // -x
+  std::string description;          // -D
+  bool read_only = false;           // -r
+  bool persistent = false;          // -t
+  uint32_t max_connections = 1;     // -e; 0 = unlimited
+  std::string format = "raw";       // -f
+  bool format_given = false;
+  std::string pid_file;             // --pid-file
+  bool fork = false;                // --fork
+  bool verbose = false;             // -v
+  CacheMode cache = CacheMode::Writeback;
+  bool discard_unmap = false;       // --discard=unmap
+  DetectZeroes detect_zeroes = DetectZeroes::Off;
+
+  uint32_t max_request_size = 32u << 20;
+  uint32_t handshake_limit_seconds = 10;
+  uint32_t threads = 16;
+
+  bool list = false;                // -L: client mode
+  std::string file;                 // the image (absent with -L)
+};
+
+// Outcome of parsing: either options to run with, or something to print and
+// an exit status (--help, --version, errors).
+struct ParseResult {
+  std::optional<ServerOptions> options;
+  std::string message;  // for stdout (help/version) or stderr (errors)
+  int exit_status = 0;
+};
+
+ParseResult parse_command_line(int argc, char** argv);
+
+std::string usage_text();
+
+}  // namespace layerd

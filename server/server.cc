@@ -1,0 +1,169 @@
+#include "server/server.h"
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <memory>
+#include <set>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/basic_socket_acceptor.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/generic/stream_protocol.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/thread_pool.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include "server/connection.h"
+#include "server/log.h"
+
+namespace layerd {
+namespace asio = boost::asio;
+using asio::use_awaitable;
+using GenericAcceptor = asio::basic_socket_acceptor<asio::generic::stream_protocol>;
+
+namespace {
+
+std::string describe_peer(const asio::generic::stream_protocol::socket& s,
+                          int family, uint64_t serial) {
+  if (family == AF_UNIX) return fmt::format("client {} (unix)", serial);
+  boost::system::error_code ec;
+  auto ep = s.remote_endpoint(ec);
+  if (ec) return fmt::format("client {}", serial);
+  char host[INET6_ADDRSTRLEN] = "?";
+  const sockaddr* sa = reinterpret_cast<const sockaddr*>(ep.data());
+  uint16_t port = 0;
+  if (sa->sa_family == AF_INET) {
+    auto* in = reinterpret_cast<const sockaddr_in*>(sa);
+    ::inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host));
+    port = ntohs(in->sin_port);
+  } else if (sa->sa_family == AF_INET6) {
+    auto* in6 = reinterpret_cast<const sockaddr_in6*>(sa);
+    ::inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host));
+    port = ntohs(in6->sin6_port);
+  }
+  return fmt::format("client {} ({}:{})", serial, host, port);
+}
+
+class ServerLoop {
+ public:
+  ServerLoop(const ServerConfig& config, ExportRegistry& exports)
+      : config_(config),
+        exports_(exports),
+        workers_(config.worker_threads),
+        signals_(io_, SIGINT, SIGTERM),
+        slot_freed_(io_) {}
+
+  int run(std::vector<ListeningSocket>& listeners) {
+    for (auto& l : listeners) {
+      auto acceptor = std::make_unique<GenericAcceptor>(io_);
+      acceptor->assign(asio::generic::stream_protocol(l.family, SOCK_STREAM),
+                       l.fd);
+      l.fd = -1;  // owned by the acceptor now
+      asio::co_spawn(io_, accept_loop(*acceptor, l.family), asio::detached);
+      acceptors_.push_back(std::move(acceptor));
+    }
+    signals_.async_wait([this](const boost::system::error_code& ec, int sig) {
+      if (ec) return;
+      log_info("signal {}: shutting down", sig);
+      shutdown();
+    });
+    io_.run();
+    workers_.join();
+    int status = 0;
+    for (auto& e : exports_.all()) {
+      if (auto ec = e->layer->flush()) {
+        log_error("flush of export '{}' failed: {}", e->name, ec.message());
+        status = 1;
+      }
+    }
+    return status;
+  }
+
+ private:
+  asio::awaitable<void> accept_loop(GenericAcceptor& acceptor, int family) {
+    while (!stopping_) {
+      // Connection limit: leave further clients in the backlog.
+      while (config_.max_connections != 0 &&
+             connections_.size() >= config_.max_connections && !stopping_) {
+        slot_freed_.expires_at(asio::steady_timer::time_point::max());
+        co_await slot_freed_.async_wait(asio::as_tuple(use_awaitable));
+      }
+      if (stopping_) break;
+      asio::generic::stream_protocol::socket socket(io_);
+      auto [ec] = co_await acceptor.async_accept(socket,
+                                                 asio::as_tuple(use_awaitable));
+      if (ec) {
+        if (ec == asio::error::operation_aborted || stopping_) break;
+        log_error("accept failed: {}", ec.message());
+        continue;
+      }
+      if (stopping_) break;
+      if (family != AF_UNIX) {
+        int one = 1;
+        ::setsockopt(socket.native_handle(), IPPROTO_TCP, TCP_NODELAY, &one,
+                     sizeof(one));
+      }
+      std::string peer = describe_peer(socket, family, ++serial_);
+      log_info("{}: connected", peer);
+      auto conn = std::make_shared<Connection>(
+          std::move(socket), exports_, workers_,
+          ConnectionLimits{.handshake_limit_seconds = config_.handshake_limit_seconds},
+          std::move(peer));
+      connections_.insert(conn);
+      asio::co_spawn(io_, conn->run(),
+                     [this, conn](std::exception_ptr) { on_closed(conn); });
+    }
+  }
+
+  void on_closed(const std::shared_ptr<Connection>& conn) {
+    connections_.erase(conn);
+    slot_freed_.cancel();
+    if (!config_.persistent && connections_.empty() && !stopping_) {
+      log_info("last client left and -t was not given: exiting");
+      shutdown();
+    }
+  }
+
+  void shutdown() {
+    if (stopping_) return;
+    stopping_ = true;
+    boost::system::error_code ignored;
+    for (auto& a : acceptors_) a->close(ignored);
+    signals_.cancel(ignored);
+    slot_freed_.cancel();
+    for (auto& c : connections_) c->stop();
+  }
+
+  const ServerConfig& config_;
+  ExportRegistry& exports_;
+  asio::io_context io_{1};
+  asio::thread_pool workers_;
+  asio::signal_set signals_;
+  asio::steady_timer slot_freed_;
+  std::vector<std::unique_ptr<GenericAcceptor>> acceptors_;
+  std::set<std::shared_ptr<Connection>> connections_;
+  uint64_t serial_ = 0;
+  bool stopping_ = false;
+};
+
+}  // namespace
+
+int serve(const ServerConfig& config, ExportRegistry& exports,
+          std::vector<ListeningSocket> listeners) {
+  ServerLoop loop(config, exports);
+  int status = loop.run(listeners);
+  for (auto& l : listeners) {
+    if (l.fd >= 0) ::close(l.fd);
+    if (!l.unix_path.empty()) ::unlink(l.unix_path.c_str());
+  }
+  return status;
+}
+
+}  // namespace layerd
