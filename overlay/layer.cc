@@ -24,6 +24,17 @@ std::error_code Layer::read(uint64_t offset, std::span<std::byte> buf) {
   return do_read(offset, buf);
 }
 
+std::error_code Layer::try_read_nowait(uint64_t offset,
+                                       std::span<std::byte> buf) {
+  if (!in_range(offset, buf.size(), size_)) return invalid();
+  if (buf.empty()) return {};
+  return do_read_nowait(offset, buf);
+}
+
+std::error_code Layer::do_read_nowait(uint64_t, std::span<std::byte>) {
+  return std::make_error_code(std::errc::resource_unavailable_try_again);
+}
+
 std::error_code Layer::write(uint64_t offset, std::span<const std::byte> data,
                              bool fua) {
   if (!caps_.writable) return read_only();

@@ -58,6 +58,13 @@ class Layer {
   // layer (EINVAL otherwise).
   std::error_code read(uint64_t offset, std::span<std::byte> buf);
 
+  // Like read, but only if it can complete without blocking on I/O (data
+  // in the page cache, metadata in memory); otherwise returns
+  // errc::resource_unavailable_try_again and the caller uses read() from a
+  // thread that may block. Lets the server's I/O thread answer cached reads
+  // itself.
+  std::error_code try_read_nowait(uint64_t offset, std::span<std::byte> buf);
+
   // Writes `data` at `offset`; with `fua` it is durable before returning.
   // EROFS-style refusals come back as EPERM.
   std::error_code write(uint64_t offset, std::span<const std::byte> data,
@@ -85,6 +92,8 @@ class Layer {
   Layer(uint64_t size, Capabilities caps) : size_(size), caps_(caps) {}
 
   virtual std::error_code do_read(uint64_t offset, std::span<std::byte> buf) = 0;
+  virtual std::error_code do_read_nowait(uint64_t offset,
+                                         std::span<std::byte> buf);
   virtual std::error_code do_write(uint64_t offset,
                                    std::span<const std::byte> data, bool fua) = 0;
   virtual std::error_code do_write_zeroes(uint64_t offset, uint64_t length,

@@ -39,6 +39,12 @@ class RawLayer final : public Layer {
     return file_->pread(buf, offset);
   }
 
+  std::error_code do_read_nowait(uint64_t offset,
+                                 std::span<std::byte> buf) override {
+    if (align_) return Layer::do_read_nowait(offset, buf);
+    return file_->pread_nowait(buf, offset);
+  }
+
   std::error_code do_write(uint64_t offset, std::span<const std::byte> data,
                            bool fua) override {
     std::error_code ec;

@@ -6,6 +6,7 @@
 #include <linux/fs.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -21,10 +22,18 @@ namespace {
 
 std::error_code errno_code() { return {errno, std::generic_category()}; }
 
+std::error_code would_block() {
+  return std::make_error_code(std::errc::resource_unavailable_try_again);
+}
+
 class PosixFile final : public File {
  public:
-  PosixFile(int fd, bool writable, bool block_device, uint64_t size)
-      : fd_(fd), writable_(writable), block_device_(block_device), size_(size) {}
+  PosixFile(int fd, bool writable, bool block_device, bool direct, uint64_t size)
+      : fd_(fd),
+        writable_(writable),
+        block_device_(block_device),
+        size_(size),
+        nowait_supported_(!direct) {}
   ~PosixFile() override { ::close(fd_); }
 
   std::error_code pread(std::span<std::byte> buf, uint64_t offset) override {
@@ -43,6 +52,18 @@ class PosixFile final : public File {
       done += static_cast<size_t>(n);
     }
     return {};
+  }
+
+  std::error_code pread_nowait(std::span<std::byte> buf,
+                               uint64_t offset) override {
+    if (!nowait_supported_.load(std::memory_order_relaxed)) return would_block();
+    iovec iov{buf.data(), buf.size()};
+    ssize_t n = ::preadv2(fd_, &iov, 1, static_cast<off_t>(offset), RWF_NOWAIT);
+    if (n == static_cast<ssize_t>(buf.size())) return {};
+    if (n < 0 && errno == EOPNOTSUPP) nowait_supported_.store(false);
+    // Partly cached, at end of file, or would block: the blocking path
+    // handles every one of these.
+    return would_block();
   }
 
   std::error_code pwrite(std::span<const std::byte> data,
@@ -137,6 +158,8 @@ class PosixFile final : public File {
   bool writable_;
   bool block_device_;
   std::atomic<uint64_t> size_;
+  // O_DIRECT reads always go to the disk; RWF_NOWAIT cannot help them.
+  std::atomic<bool> nowait_supported_;
 };
 
 class MemoryFile final : public File {
@@ -152,6 +175,11 @@ class MemoryFile final : public File {
       std::memcpy(buf.data(), data_.data() + offset, n);
     }
     return {};
+  }
+
+  std::error_code pread_nowait(std::span<std::byte> buf,
+                               uint64_t offset) override {
+    return pread(buf, offset);  // memory never blocks
   }
 
   std::error_code pwrite(std::span<const std::byte> data,
@@ -248,7 +276,11 @@ std::unique_ptr<File> open_posix_file(const std::string& path,
   }
   ec.clear();
   return std::make_unique<PosixFile>(fd, options.mode == OpenMode::ReadWrite,
-                                     block_device, size);
+                                     block_device, options.direct, size);
+}
+
+std::error_code File::pread_nowait(std::span<std::byte>, uint64_t) {
+  return would_block();
 }
 
 std::unique_ptr<File> make_memory_file(uint64_t initial_size) {

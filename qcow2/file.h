@@ -25,6 +25,14 @@ class File {
   // as zeros (as in QEMU's file driver). Retries short reads and EINTR.
   virtual std::error_code pread(std::span<std::byte> buf, uint64_t offset) = 0;
 
+  // Like pread, but only if it can be done without waiting for the disk
+  // (the data is in the page cache). Returns
+  // errc::resource_unavailable_try_again otherwise, including on files and
+  // kernels that cannot tell; the caller then uses pread from a thread that
+  // may block. Never returns partial data.
+  virtual std::error_code pread_nowait(std::span<std::byte> buf,
+                                       uint64_t offset);
+
   // Writes all of `data` at `offset`, extending the file if needed.
   virtual std::error_code pwrite(std::span<const std::byte> data,
                                  uint64_t offset) = 0;

@@ -1,6 +1,5 @@
 #include "server/connection.h"
 
-#include <poll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 
@@ -35,8 +34,9 @@ constexpr size_t kMaxPooledBuffers = 32;
 // Block status: extents gathered per request (more are left for the client
 // to ask for again, as the spec allows).
 constexpr size_t kMaxExtents = 1024;
-// A client that accepts no reply bytes for this long is considered gone.
-constexpr int kSendStallSeconds = 30;
+// READs up to this size may be answered on the I/O thread when their data
+// is cached; larger copies are better spread over the workers.
+constexpr uint32_t kMaxInlineRead = 64 * 1024;
 
 size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
@@ -190,6 +190,7 @@ Connection::Connection(Socket socket, const ExportRegistry& exports,
       limits_(limits),
       peer_(std::move(peer)),
       buffers_(std::make_unique<BufferPool>()),
+      sender_(fd_, peer_),
       wake_(socket_.get_executor()) {}
 
 Connection::~Connection() = default;
@@ -338,11 +339,47 @@ void Connection::finish_request(uint64_t bytes) {
   }
 }
 
+asio::awaitable<bool> Connection::try_read_inline(const nbd::RequestHeader& r) {
+  auto lock = sender_.try_begin_inline();
+  if (!lock.owns_lock()) co_return false;
+  std::span<std::byte> data = read_scratch(r.length);
+  if (export_->layer->try_read_nowait(r.offset, data)) co_return false;
+
+  std::array<std::byte, nbd::kStructuredChunkHeaderSize + 8> header;
+  size_t header_size;
+  if (state_.structured_replies) {
+    header = nbd::encode_offset_data_header(r.cookie, nbd::kReplyFlagDone,
+                                            r.offset, r.length);
+    header_size = header.size();
+  } else {
+    auto simple = nbd::encode_simple_reply(r.cookie, nbd::Error::Ok);
+    std::memcpy(header.data(), simple.data(), simple.size());
+    header_size = simple.size();
+  }
+  iovec iov[2] = {iov_of(header.data(), header_size),
+                  iov_of(data.data(), data.size())};
+  if (!sender_.send_inline(lock, iov, 2)) co_return true;
+
+  // The socket took only part of the reply: finish it before reading more
+  // requests of this connection (other connections carry on).
+  for (;;) {
+    auto state = sender_.flush_pending();
+    if (state == ReplySender::Flush::Done) break;
+    if (state == ReplySender::Flush::Pending) {
+      co_await socket_.async_wait(Socket::wait_write, asio::as_tuple(use_awaitable));
+    } else {
+      asio::steady_timer pause(socket_.get_executor(), std::chrono::milliseconds(1));
+      co_await pause.async_wait(asio::as_tuple(use_awaitable));
+    }
+  }
+  co_return true;
+}
+
 asio::awaitable<void> Connection::transmission() {
   ReadBuffer reader(socket_);
   std::array<std::byte, nbd::kRequestHeaderSize> header;
   auto self = shared_from_this();
-  while (!broken_.load()) {
+  while (!sender_.broken()) {
     co_await reader.read_exact(header);
     auto request = nbd::decode_request(header);
     if (!request) {
@@ -377,6 +414,9 @@ asio::awaitable<void> Connection::transmission() {
       log_info("{}: client sent NBD_CMD_DISC", peer_);
       break;
     }
+    if (r.type == static_cast<uint16_t>(nbd::Cmd::Read) &&
+        r.length <= kMaxInlineRead && co_await try_read_inline(r))
+      continue;
     const bool is_write = r.type == static_cast<uint16_t>(nbd::Cmd::Write);
     const uint64_t payload_bytes = is_write ? r.length : 0;
     co_await wait_for_room(payload_bytes);
@@ -479,7 +519,7 @@ void Connection::serve_read(const nbd::RequestHeader& r) {
         r.cookie, ec ? nbd::to_wire_error(ec) : nbd::Error::Ok);
     iovec iov[2] = {iov_of(header.data(), header.size()),
                     iov_of(data.data(), data.size())};
-    send_gathered(iov, ec ? 1 : 2);
+    sender_.send(iov, ec ? 1 : 2);
     return;
   }
   if (ec) {
@@ -490,14 +530,14 @@ void Connection::serve_read(const nbd::RequestHeader& r) {
     auto header = nbd::encode_chunk_header(r.cookie, nbd::kReplyFlagDone,
                                            nbd::ChunkType::None, 0);
     iovec iov[1] = {iov_of(header.data(), header.size())};
-    send_gathered(iov, 1);
+    sender_.send(iov, 1);
     return;
   }
   auto header = nbd::encode_offset_data_header(r.cookie, nbd::kReplyFlagDone,
                                                r.offset, r.length);
   iovec iov[2] = {iov_of(header.data(), header.size()),
                   iov_of(data.data(), data.size())};
-  send_gathered(iov, 2);
+  sender_.send(iov, 2);
 }
 
 void Connection::serve_block_status(const nbd::RequestHeader& r) {
@@ -554,62 +594,21 @@ void Connection::serve_block_status(const nbd::RequestHeader& r) {
     iov.push_back(iov_of(chunks.data() + used, n));
     used += n;
   }
-  send_gathered(iov.data(), static_cast<int>(iov.size()));
+  sender_.send(iov.data(), static_cast<int>(iov.size()));
 }
 
 void Connection::reply_simple(uint64_t cookie, std::error_code ec) {
   auto header = nbd::encode_simple_reply(
       cookie, ec ? nbd::to_wire_error(ec) : nbd::Error::Ok);
   iovec iov[1] = {iov_of(header.data(), header.size())};
-  send_gathered(iov, 1);
+  sender_.send(iov, 1);
 }
 
 void Connection::reply_structured_error(uint64_t cookie, std::error_code ec) {
   auto chunk = nbd::encode_error_chunk(cookie, nbd::kReplyFlagDone,
                                        nbd::to_wire_error(ec));
   iovec iov[1] = {iov_of(chunk.data(), chunk.size())};
-  send_gathered(iov, 1);
-}
-
-void Connection::send_gathered(iovec* iov, int count) {
-  std::lock_guard lock(send_mutex_);
-  if (broken_.load()) return;
-  int stalled_ms = 0;
-  while (count > 0) {
-    msghdr msg{};
-    msg.msg_iov = iov;
-    msg.msg_iovlen = static_cast<size_t>(count);
-    ssize_t n = ::sendmsg(fd_, &msg, MSG_NOSIGNAL);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) {
-        pollfd p{fd_, POLLOUT, 0};
-        if (::poll(&p, 1, 1000) == 0 && (stalled_ms += 1000) >=
-                                             kSendStallSeconds * 1000) {
-          log_info("{}: client stopped reading replies, dropping", peer_);
-          break;
-        }
-        continue;
-      }
-      log_info("{}: send failed: {}", peer_, std::strerror(errno));
-      break;
-    }
-    stalled_ms = 0;
-    size_t sent = static_cast<size_t>(n);
-    while (count > 0 && sent >= iov->iov_len) {
-      sent -= iov->iov_len;
-      ++iov;
-      --count;
-    }
-    if (count > 0) {
-      iov->iov_base = static_cast<char*>(iov->iov_base) + sent;
-      iov->iov_len -= sent;
-    }
-  }
-  if (count > 0) {
-    broken_.store(true);
-    ::shutdown(fd_, SHUT_RDWR);
-  }
+  sender_.send(iov, 1);
 }
 
 }  // namespace layerd

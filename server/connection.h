@@ -5,8 +5,10 @@
 // pipelines), validates them, reads WRITE payloads into pooled buffers and
 // posts each request to the worker pool. A worker runs the request against
 // the export's Layer (blocking pread/pwrite) and sends the reply itself in
-// one gathered sendmsg, under a per-connection send mutex, so replies leave
-// in completion order and a slow request never holds up the others. The
+// one gathered sendmsg (ReplySender serializes them), so replies leave in
+// completion order and a slow request never holds up the others. Small
+// READs whose data is already in memory (Layer::try_read_nowait) are
+// answered by the I/O thread itself, saving two thread switches. The
 // reader stops reading when too many requests or payload bytes are in
 // flight (back-pressure), and the connection closes only after every
 // in-flight request has replied.
@@ -26,6 +28,7 @@
 #include "nbd/handshake.h"
 #include "server/export.h"
 #include "server/meta_context.h"
+#include "server/reply_sender.h"
 
 namespace layerd {
 
@@ -70,6 +73,9 @@ class Connection : public std::enable_shared_from_this<Connection>,
   boost::asio::awaitable<void> transmission();
   boost::asio::awaitable<void> wait_for_room(uint64_t bytes);
   boost::asio::awaitable<void> wait_until_idle();
+  // Answers a READ on the I/O thread if it can without blocking; false if
+  // a worker must serve it.
+  boost::asio::awaitable<bool> try_read_inline(const nbd::RequestHeader& r);
 
   // Worker side.
   void serve(const nbd::RequestHeader& r, Buffer* payload);
@@ -81,9 +87,6 @@ class Connection : public std::enable_shared_from_this<Connection>,
   void reply_simple(uint64_t cookie, std::error_code ec);
   void reply_structured_error(uint64_t cookie, std::error_code ec);
   void finish_request(uint64_t bytes);
-
-  // Sends every byte of the iovecs, or marks the connection broken.
-  void send_gathered(struct iovec* iov, int count);
 
   Socket socket_;
   int fd_;
@@ -97,8 +100,7 @@ class Connection : public std::enable_shared_from_this<Connection>,
   std::vector<const MetaContext*> contexts_;  // by context id
 
   std::unique_ptr<BufferPool> buffers_;
-  std::mutex send_mutex_;
-  std::atomic<bool> broken_{false};
+  ReplySender sender_;
   std::atomic<bool> wrote_{false};
   bool stopping_ = false;
 
