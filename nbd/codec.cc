@@ -140,7 +140,11 @@ Validation validate_request(const RequestHeader& r, const TransmissionState& s) 
       touches_range = false;
       break;
     case Cmd::Trim:
-      if (!has(tf, kTransSendTrim)) return fail(Error::Inval);
+      // A read-only export advertises no TRIM; the client still learns the
+      // real reason: "SHOULD return NBD_EPERM if it receives a write or
+      // trim request on a read-only export".
+      if (!has(tf, kTransSendTrim))
+        return fail(has(tf, kTransReadOnly) ? Error::Perm : Error::Inval);
       break;
     case Cmd::Cache:
       // "A server MAY advertise NBD_FLAG_SEND_CACHE even if the command ...
@@ -148,7 +152,8 @@ Validation validate_request(const RequestHeader& r, const TransmissionState& s) 
       if (!has(tf, kTransSendCache)) return fail(Error::Inval);
       break;
     case Cmd::WriteZeroes:
-      if (!has(tf, kTransSendWriteZeroes)) return fail(Error::Inval);
+      if (!has(tf, kTransSendWriteZeroes))
+        return fail(has(tf, kTransReadOnly) ? Error::Perm : Error::Inval);
       break;
     case Cmd::BlockStatus:
       // "Servers SHOULD reply with NBD_EINVAL to clients sending

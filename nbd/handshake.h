@@ -8,7 +8,10 @@
 // NBD_REP_ERR_UNSUP (STARTTLS: ERR_POLICY until TLS exists). Option payloads
 // are bounded: a length above kMaxOptionLength is answered with
 // NBD_REP_ERR_TOO_BIG and its payload skipped in small pieces, never
-// buffered, so a client cannot make the server allocate by lying.
+// buffered, so a client cannot make the server allocate by lying. Two
+// options cannot take that path: NBD_OPT_EXPORT_NAME has no error reply, so
+// a name over 4096 bytes (or an unknown one) closes the connection; and
+// NBD_OPT_ABORT is acknowledged and closes at once, its data left unread.
 #pragma once
 
 #include <cstddef>

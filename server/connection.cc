@@ -391,6 +391,10 @@ asio::awaitable<void> Connection::transmission() {
     if (v.error != nbd::Error::Ok) {
       log_info("{}: request type {} offset {} length {} refused: error {}",
                peer_, r.type, r.offset, r.length, static_cast<uint32_t>(v.error));
+      // Consume a refused WRITE's payload before replying: a client may
+      // not expect the reply to a request it has not finished sending.
+      if (v.payload_to_skip && !v.drop_connection)
+        co_await reader.skip(v.payload_to_skip);
       co_await wait_for_room(0);
       in_flight_.fetch_add(1);
       const bool structured_error =
@@ -407,7 +411,6 @@ asio::awaitable<void> Connection::transmission() {
         self->finish_request(0);
       });
       if (v.drop_connection) break;
-      if (v.payload_to_skip) co_await reader.skip(v.payload_to_skip);
       continue;
     }
     if (r.type == static_cast<uint16_t>(nbd::Cmd::Disc)) {
