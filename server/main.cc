@@ -9,7 +9,7 @@
 
 #include <fmt/format.h>
 
-#include "overlay/raw_layer.h"
+#include "overlay/chain.h"
 #include "qcow2/file.h"
 #include "server/export.h"
 #include "server/list_client.h"
@@ -21,49 +21,50 @@
 namespace layerd {
 namespace {
 
-constexpr uint32_t kDirectAlignment = 4096;
-
 int fail(const std::string& message) {
   fmt::print(stderr, "layerd: {}\n", message);
   return 1;
 }
 
-bool looks_like_qcow2(File& f) {
-  std::byte magic[4];
-  if (f.size() < 4 || f.pread(magic, 0)) return false;
-  return std::memcmp(magic, "QFI\xfb", 4) == 0;
+// Without -f, only the image the user named is examined (as qemu-nbd does);
+// formats of backing images are never guessed.
+bool detect_format(const std::string& path, ImageFormat* format,
+                   std::string& error) {
+  std::error_code ec;
+  auto file = open_posix_file(path, FileOptions{}, ec);
+  if (!file) {
+    error = fmt::format("cannot open '{}': {}", path, ec.message());
+    return false;
+  }
+  std::byte magic[4] = {};
+  if (file->pread(magic, 0)) {
+    error = fmt::format("cannot read '{}'", path);
+    return false;
+  }
+  *format = std::memcmp(magic, "QFI\xfb", 4) == 0 ? ImageFormat::Qcow2
+                                                  : ImageFormat::Raw;
+  if (*format == ImageFormat::Raw)
+    log_error("warning: no format given for '{}'; serving it as raw "
+              "(pass -f raw to silence this)", path);
+  return true;
 }
 
 std::shared_ptr<Layer> open_image(const ServerOptions& o, std::string& error) {
-  FileOptions fo;
-  fo.mode = o.read_only ? OpenMode::ReadOnly : OpenMode::ReadWrite;
-  fo.direct = o.cache == CacheMode::None || o.cache == CacheMode::DirectSync;
-  std::error_code ec;
-  auto file = open_posix_file(o.file, fo, ec);
-  if (!file) {
-    error = fmt::format("cannot open '{}': {}", o.file, ec.message());
-    if (fo.direct && ec == std::errc::invalid_argument)
-      error += " (the filesystem does not support O_DIRECT; use --cache=writeback)";
+  ImageFormat format;
+  if (o.format.empty()) {
+    if (!detect_format(o.file, &format, error)) return nullptr;
+  } else if (!parse_image_format(o.format, &format)) {
+    error = fmt::format("unknown format '{}'", o.format);
     return nullptr;
   }
-  if (!o.format_given && looks_like_qcow2(*file)) {
-    error = fmt::format(
-        "'{}' looks like a qcow2 image, which this version cannot serve; "
-        "pass -f raw to serve its bytes as they are",
-        o.file);
-    return nullptr;
-  }
-  if (fo.direct && file->size() % kDirectAlignment != 0) {
-    error = fmt::format("'{}' is not a multiple of {} bytes long, which "
-                        "--cache={} needs; use --cache=writeback",
-                        o.file, kDirectAlignment,
-                        o.cache == CacheMode::None ? "none" : "directsync");
-    return nullptr;
-  }
-  RawLayerOptions ro;
-  ro.read_only = o.read_only;
-  ro.direct_alignment = fo.direct ? kDirectAlignment : 0;
-  return make_raw_layer(std::shared_ptr<File>(std::move(file)), ro);
+  ChainOptions co;
+  co.read_only = o.read_only;
+  co.direct = o.cache == CacheMode::None || o.cache == CacheMode::DirectSync;
+  OpenedChain chain;
+  if (!open_chain(o.file, format, co, &chain, &error)) return nullptr;
+  for (size_t i = 1; i < chain.members.size(); ++i)
+    log_info("backing image {}: {}", i, chain.members[i].path);
+  return chain.layer;
 }
 
 bool write_pid_file(const std::string& path, std::string& error) {

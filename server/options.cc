@@ -129,7 +129,9 @@ Connection properties:
   -L, --list                list the exports of the NBD server at -k or -b/-p
 
 Image options:
-  -f, --format=FORMAT       image format: raw
+  -f, --format=FORMAT       image format: raw or qcow2 (without -f, the image
+                            is checked for a qcow2 header; backing images
+                            always use the format their overlay records)
   -r, --read-only           export read-only
   -n, --nocache             same as --cache=none
       --cache=MODE          none, writeback (default), writethrough,
@@ -291,11 +293,9 @@ ParseResult parse_command_line(int argc, char** argv) {
   if (optind + 1 != argc)
     return fail(fmt::format("unexpected argument '{}'", argv[optind + 1]));
   o.file = argv[optind];
-  if (o.format != "raw") {
-    if (o.format == "qcow2")
-      return fail("format 'qcow2' is not supported yet (only raw)");
-    return fail(fmt::format("unknown format '{}' (supported: raw)", o.format));
-  }
+  if (o.format_given && o.format != "raw" && o.format != "qcow2")
+    return fail(fmt::format("unknown format '{}' (supported: raw, qcow2)",
+                            o.format));
   if (!o.socket_path.empty() && (o.port_given || o.bind_given))
     return fail("-k cannot be combined with -p or -b");
   if (!o.bind_given) o.bind_address = "0.0.0.0";

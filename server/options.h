@@ -26,7 +26,7 @@ struct ServerOptions {
   bool read_only = false;           // -r
   bool persistent = false;          // -t
   uint32_t max_connections = 1;     // -e; 0 = unlimited
-  std::string format = "raw";       // -f
+  std::string format;               // -f; empty: look at the image
   bool format_given = false;
   std::string pid_file;             // --pid-file
   bool fork = false;                // --fork

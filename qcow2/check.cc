@@ -1,0 +1,237 @@
+// Consistency check and repair, like `qemu-img check`: rebuild the expected
+// refcount of every host cluster by walking all metadata (header, L1 and L2
+// tables of the active image and of every snapshot, refcount structures,
+// the snapshot table, bitmaps), compare with the stored refcounts and check
+// the COPIED flags of the active tables.
+#include <algorithm>
+
+#include "qcow2/internal.h"
+
+namespace layerd::qcow2 {
+
+Status Image::Impl::check_locked(Repair repair, CheckReport* rep) {
+  if (!ro) {
+    if (auto ec = flush_locked(true)) return Status::IoError(ec, "flush");
+  }
+  const uint64_t fsize = file->size();
+  uint64_t nclusters = std::max(fmt::div_round_up(fsize, cs), end_cluster);
+  if (nclusters > (1ull << 31))
+    return Status::NotSupported("image too large to check");
+  std::vector<uint32_t> expected(nclusters, 0);
+  auto problem = [&](uint64_t* counter, std::string msg) {
+    ++*counter;
+    if (rep->messages.size() < 1000) rep->messages.push_back(std::move(msg));
+  };
+  auto ref = [&](uint64_t off, uint64_t len, const char* what) {
+    if (!len) return;
+    for (uint64_t c = off >> cb; c <= (off + len - 1) >> cb; ++c) {
+      if (c >= nclusters) {
+        problem(&rep->corruptions, std::string("ERROR ") + what + " at " +
+                                       hex(off) + " beyond end of file");
+        return;
+      }
+      if (expected[c] != UINT32_MAX) ++expected[c];
+    }
+  };
+  ref(0, cs, "header");
+  ref(h.l1_table_offset, uint64_t(h.l1_size) * 8, "L1 table");
+  ref(h.refcount_table_offset, uint64_t(h.refcount_table_clusters) * cs,
+      "refcount table");
+  for (uint64_t i = 0; i < reftable.size(); ++i) {
+    uint64_t off = reftable[i] & fmt::kRefTableOffsetMask;
+    if (!off) continue;
+    if (off % cs) {
+      problem(&rep->corruptions, "ERROR refcount block " + std::to_string(i) +
+                                     " not cluster aligned");
+      continue;
+    }
+    ref(off, cs, "refcount block");
+  }
+  if (nb_snapshots) ref(snapshots_offset, snapshot_table_bytes, "snapshot table");
+
+  // Bitmaps: directory, bitmap tables, bitmap data clusters.
+  // Only while the autoclear bit vouches for them (as QEMU does: once a
+  // program without bitmap support cleared the bit, they are dropped and
+  // their clusters count as leaks).
+  if (has_bitmaps_ext && bitmaps_dir_size &&
+      (h.autoclear_features & fmt::kAutoclearBitmaps)) {
+    ref(bitmaps_dir_offset, bitmaps_dir_size, "bitmap directory");
+    std::vector<std::byte> dir(bitmaps_dir_size);
+    if (!file->pread(dir, bitmaps_dir_offset)) {
+      for (size_t p = 0; p + 24 <= dir.size();) {
+        uint64_t toff = fmt::load64(&dir[p]);
+        uint32_t tsize = fmt::load32(&dir[p + 8]);
+        uint16_t name = fmt::load16(&dir[p + 18]);
+        uint32_t extra = fmt::load32(&dir[p + 20]);
+        if (uint64_t(tsize) * 8 <= (64ull << 20) && toff % cs == 0) {
+          ref(toff, uint64_t(tsize) * 8, "bitmap table");
+          std::vector<std::byte> tab(uint64_t(tsize) * 8);
+          if (!file->pread(tab, toff))
+            for (uint32_t k = 0; k < tsize; ++k) {
+              uint64_t e = fmt::load64(&tab[k * 8]) & fmt::kL2OffsetMask;
+              if (e) ref(e, cs, "bitmap data");
+            }
+        }
+        p = fmt::round_up(p + 24 + extra + name, 8);
+      }
+    }
+  }
+
+  // L1/L2 walk.
+  std::vector<std::byte> raw(cs);
+  std::vector<std::pair<uint64_t, uint64_t>> active_l2;  // (l1 index, offset)
+  auto walk = [&](const std::vector<uint64_t>& table, bool active) {
+    for (uint64_t i = 0; i < table.size(); ++i) {
+      uint64_t off = table[i] & fmt::kL1OffsetMask;
+      if (!off) continue;
+      if (off % cs || off + cs > fsize) {
+        problem(&rep->corruptions, "ERROR L2 table offset " + hex(off) +
+                                       " invalid (misaligned or beyond end "
+                                       "of file)");
+        continue;
+      }
+      ref(off, cs, "L2 table");
+      if (active) active_l2.push_back({i, off});
+      if (auto ec = file->pread(raw, off)) {
+        ++rep->check_errors;
+        continue;
+      }
+      for (uint64_t k = 0; k < l2_size; ++k) {
+        uint64_t e0 = fmt::load64(&raw[k * words * 8]);
+        uint64_t guest = ((i << l2_bits) + k) << cb;
+        if (e0 & fmt::kOflagCompressed) {
+          uint64_t coff, clen;
+          compressed_span(e0, &coff, &clen);
+          if (external) {
+            problem(&rep->corruptions, "ERROR compressed cluster with an "
+                                       "external data file");
+            continue;
+          }
+          ref(coff, clen, "compressed cluster");
+          if (active && guest < h.virtual_size) ++rep->allocated_clusters;
+          continue;
+        }
+        uint64_t host = e0 & fmt::kL2OffsetMask;
+        if (active && guest < h.virtual_size &&
+            (host || (words == 2 && (fmt::load64(&raw[k * 16 + 8]) & 0xffffffffu))))
+          ++rep->allocated_clusters;
+        if (!host || external) continue;
+        if (host % cs) {
+          problem(&rep->corruptions,
+                  "ERROR cluster " + hex(host) + " not cluster aligned");
+          continue;
+        }
+        ref(host, cs, "data cluster");
+      }
+    }
+  };
+  walk(l1, true);
+  for (const SnapshotInfo& s : snaps) {
+    ref(s.l1_table_offset, uint64_t(s.l1_size) * 8, "snapshot L1 table");
+    std::vector<uint64_t> t(s.l1_size);
+    std::vector<std::byte> r(uint64_t(s.l1_size) * 8);
+    if (file->pread(r, s.l1_table_offset)) {
+      ++rep->check_errors;
+      continue;
+    }
+    for (uint64_t i = 0; i < s.l1_size; ++i) t[i] = fmt::load64(&r[i * 8]);
+    walk(t, false);
+  }
+
+  // Compare.
+  uint64_t fixed_corr = 0;
+  reserved = &expected;
+  auto fix = [&](uint64_t c, uint64_t want) -> bool {
+    return !set_refcount(c, want);
+  };
+  uint64_t last_used = 0;
+  for (uint64_t c = 0; c < nclusters; ++c) {
+    uint64_t actual;
+    if (get_refcount(c, &actual)) {
+      ++rep->check_errors;
+      continue;
+    }
+    uint64_t want = expected[c];
+    if (want) last_used = c + 1;
+    if (actual == want) continue;
+    if (actual < want) {
+      problem(&rep->corruptions, "ERROR cluster " + std::to_string(c) +
+                                     " refcount=" + std::to_string(actual) +
+                                     " reference=" + std::to_string(want));
+      if (repair == Repair::All && fix(c, want)) ++fixed_corr;
+    } else {
+      problem(&rep->leaks, "Leaked cluster " + std::to_string(c) +
+                               " refcount=" + std::to_string(actual) +
+                               " reference=" + std::to_string(want));
+      if (repair != Repair::None && fix(c, want)) ++rep->leaks_fixed;
+    }
+  }
+  // Refcounts counted beyond the end of the file are leaks too.
+  for (uint64_t idx = nclusters / rb_entries; idx < reftable.size(); ++idx) {
+    RefBlock* b;
+    if (load_refblock(idx, &b) || !b) continue;
+    for (uint64_t k = 0; k < rb_entries; ++k) {
+      uint64_t c = idx * rb_entries + k;
+      if (c < nclusters) continue;
+      uint64_t v = rb_get(*b, k);
+      if (!v) continue;
+      problem(&rep->leaks, "Leaked cluster " + std::to_string(c) + " refcount=" +
+                               std::to_string(v) + " reference=0");
+      if (repair != Repair::None) {
+        rb_set(*b, k, 0);
+        b->dirty = true;
+        ++rep->leaks_fixed;
+      }
+    }
+  }
+
+  // COPIED flags of the active tables.
+  for (auto [i, off] : active_l2) {
+    uint64_t rc;
+    if (get_refcount(off >> cb, &rc)) continue;
+    bool want = rc == 1, have = l1[i] & fmt::kOflagCopied;
+    if (want != have) {
+      problem(&rep->corruptions, "ERROR OFLAG_COPIED L2 cluster: l1_index=" +
+                                     std::to_string(i) + " refcount=" +
+                                     std::to_string(rc));
+      if (repair == Repair::All) {
+        l1[i] = want ? (l1[i] | fmt::kOflagCopied) : (l1[i] & ~fmt::kOflagCopied);
+        l1_dirty = true;
+        ++fixed_corr;
+      }
+    }
+    L2Table* t;
+    if (load_l2(i, &t) || !t) continue;
+    for (uint64_t k = 0; k < l2_size; ++k) {
+      uint64_t e0 = t->words[k * words];
+      if (e0 & fmt::kOflagCompressed) continue;
+      uint64_t host = e0 & fmt::kL2OffsetMask;
+      if (!host || external || host % cs) continue;
+      if (get_refcount(host >> cb, &rc)) continue;
+      bool w = rc == 1, hv = e0 & fmt::kOflagCopied;
+      if (w == hv) continue;
+      problem(&rep->corruptions, "ERROR OFLAG_COPIED data cluster: l2_entry=" +
+                                     hex(e0) + " refcount=" + std::to_string(rc));
+      if (repair == Repair::All) {
+        t->words[k * words] = w ? (e0 | fmt::kOflagCopied) : (e0 & ~fmt::kOflagCopied);
+        t->dirty = true;
+        ++fixed_corr;
+      }
+    }
+  }
+  reserved = nullptr;
+  rep->corruptions_fixed = fixed_corr;
+  rep->total_clusters = fmt::div_round_up(h.virtual_size, cs);
+  rep->image_end_offset = last_used * cs;
+  if (repair != Repair::None) {
+    if (auto ec = flush_locked(true)) return Status::IoError(ec, "flush");
+    if (corrupt && rep->corruptions == rep->corruptions_fixed &&
+        rep->check_errors == 0) {
+      corrupt = false;
+      (void)set_incompat_bit(fmt::kIncompatCorrupt, false);
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace layerd::qcow2

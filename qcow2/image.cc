@@ -1,0 +1,249 @@
+// qcow2::Image: open/close, header facts, and the public I/O calls, which
+// check ranges and take the metadata lock before handing over to Impl.
+#include <algorithm>
+#include <cstring>
+
+#include "qcow2/internal.h"
+
+namespace layerd::qcow2 {
+
+namespace {
+std::error_code zero_fill(uint64_t, std::span<std::byte> b) {
+  std::memset(b.data(), 0, b.size());
+  return {};
+}
+auto zero_fn = &zero_fill;
+
+bool range_ok(uint64_t off, uint64_t len, uint64_t size) {
+  return off <= size && len <= size - off;
+}
+}  // namespace
+
+BelowReader zero_below() { return BelowReader(zero_fn); }
+
+Image::Image(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Image::~Image() {
+  Impl& I = *impl_;
+  if (I.ro || I.is_view) return;
+  std::unique_lock lk(I.mu);
+  if (I.corrupt) return;
+  if (I.flush_locked(true)) return;
+  if (I.dirty_bit && I.dirty_set_by_us) {
+    if (!I.set_incompat_bit(fmt::kIncompatDirty, false)) I.dirty_bit = false;
+  }
+}
+
+Status Image::open(std::shared_ptr<File> file, const OpenOptions& options,
+                   std::unique_ptr<Image>* out) {
+  out->reset();
+  if (!file) return Status::Invalid("no file");
+  auto impl = std::make_unique<Impl>();
+  Impl& I = *impl;
+  I.file = file;
+  I.opts = options;
+  I.ro = options.read_only || !file->writable();
+  if (Status st = I.parse_header(); !st.ok()) return st;
+  // Per spec a corrupt image must not be written: writes fail with EIO
+  // (begin_write), but check() may still repair it.
+  if (I.h.has_data_file) {
+    if (!options.data_file)
+      return Status::Invalid("image needs its external data file '" +
+                             I.h.data_file + "'");
+    I.data_file = options.data_file;
+    I.external = true;
+  } else {
+    I.data_file = file;
+  }
+  if (Status st = I.load_tables(); !st.ok()) return st;
+  if (!I.ro && !I.corrupt && I.h.version >= 3) {
+    uint64_t keep = I.h.autoclear_features & fmt::kAutoclearDataFileRaw;
+    if (keep != I.h.autoclear_features) {
+      if (auto ec = I.write_header_u64(fmt::kOffAutoclear, keep))
+        return Status::IoError(ec, "clearing autoclear features");
+      if (auto ec = file->flush()) return Status::IoError(ec, "flush");
+      I.h.autoclear_features = keep;
+    }
+    if (I.dirty_bit && options.repair_dirty_on_open) {
+      CheckReport rep;
+      std::unique_lock lk(I.mu);
+      if (Status st = I.check_locked(Repair::All, &rep); !st.ok())
+        return Status(st.code(), "repairing dirty image: " + st.message());
+      if (auto ec = I.set_incompat_bit(fmt::kIncompatDirty, false))
+        return Status::IoError(ec, "clearing the dirty bit");
+      I.dirty_bit = false;
+    }
+  }
+  out->reset(new Image(std::move(impl)));
+  return Status::Ok();
+}
+
+const HeaderInfo& Image::info() const { return impl_->h; }
+uint64_t Image::size() const { return impl_->h.virtual_size; }
+uint32_t Image::cluster_size() const { return impl_->h.cluster_size; }
+uint32_t Image::version() const { return impl_->h.version; }
+const std::string& Image::backing_file() const { return impl_->h.backing_file; }
+const std::string& Image::backing_format() const {
+  return impl_->h.backing_format;
+}
+const std::string& Image::data_file_name() const { return impl_->h.data_file; }
+bool Image::dirty() const { return impl_->dirty_bit; }
+bool Image::corrupt() const { return impl_->corrupt; }
+std::string Image::corrupt_reason() const {
+  std::lock_guard lk(impl_->reason_mu);
+  return impl_->corrupt_reason;
+}
+bool Image::read_only() const {
+  return impl_->ro || impl_->is_view || impl_->corrupt;
+}
+
+std::string Image::feature_name(int type, int bit) const {
+  for (auto& f : impl_->features)
+    if (f.type == type && f.bit == bit) return f.name;
+  return {};
+}
+
+std::vector<SnapshotInfo> Image::snapshots() const { return impl_->snaps; }
+
+std::error_code Image::read(uint64_t offset, std::span<std::byte> buf,
+                            BelowReader below) {
+  Impl& I = *impl_;
+  if (!range_ok(offset, buf.size(), I.h.virtual_size)) return einval();
+  for (;;) {
+    bool nl = false;
+    uint64_t li = 0;
+    {
+      std::shared_lock lk(I.mu);
+      if (auto ec = I.read_locked(offset, buf, below, &nl, &li)) return ec;
+      if (!nl) return {};
+    }
+    std::unique_lock lk(I.mu);
+    L2Table* t;
+    if (auto ec = I.load_l2(li, &t)) return ec;
+  }
+}
+
+std::error_code Image::write(uint64_t offset, std::span<const std::byte> data,
+                             BelowReader below, bool fua) {
+  Impl& I = *impl_;
+  if (!range_ok(offset, data.size(), I.h.virtual_size)) return einval();
+  if (I.corrupt) return eio();
+  if (I.ro || I.is_view)
+    return std::make_error_code(std::errc::operation_not_permitted);
+  if (data.empty()) return {};
+  std::error_code ec;
+  bool done = false;
+  {
+    std::shared_lock lk(I.mu);
+    bool nl = false;
+    uint64_t li;
+    done = I.try_write_in_place(offset, data, &ec, &nl, &li);
+  }
+  if (!done) {
+    std::unique_lock lk(I.mu);
+    if ((ec = I.begin_write())) return ec;
+    ec = I.write_locked(offset, data, below);
+  }
+  if (ec) return ec;
+  return fua ? flush() : std::error_code{};
+}
+
+std::error_code Image::write_zeroes(uint64_t offset, uint64_t length,
+                                    bool may_unmap, BelowReader below,
+                                    bool fua) {
+  Impl& I = *impl_;
+  if (!range_ok(offset, length, I.h.virtual_size)) return einval();
+  if (length == 0) return {};
+  {
+    std::unique_lock lk(I.mu);
+    if (auto ec = I.begin_write()) return ec;
+    if (auto ec = I.zero_locked(offset, length, may_unmap, below)) return ec;
+  }
+  return fua ? flush() : std::error_code{};
+}
+
+std::error_code Image::discard(uint64_t offset, uint64_t length,
+                               DiscardMode mode, BelowReader below) {
+  if (mode == DiscardMode::Zero) return write_zeroes(offset, length, true, below);
+  Impl& I = *impl_;
+  if (!range_ok(offset, length, I.h.virtual_size)) return einval();
+  if (length == 0) return {};
+  std::unique_lock lk(I.mu);
+  if (auto ec = I.begin_write()) return ec;
+  return I.discard_locked(offset, length, below);
+}
+
+std::error_code Image::block_status(uint64_t offset, uint64_t length,
+                                    MapExtent* out) {
+  Impl& I = *impl_;
+  if (length == 0 || !range_ok(offset, length, I.h.virtual_size))
+    return einval();
+  for (;;) {
+    bool nl = false;
+    uint64_t li = 0;
+    {
+      std::shared_lock lk(I.mu);
+      if (auto ec = I.status_locked(offset, length, out, &nl, &li)) return ec;
+      if (!nl) return {};
+    }
+    std::unique_lock lk(I.mu);
+    L2Table* t;
+    if (auto ec = I.load_l2(li, &t)) return ec;
+  }
+}
+
+std::error_code Image::flush() {
+  Impl& I = *impl_;
+  if (I.ro || I.is_view) return {};
+  std::unique_lock lk(I.mu);
+  if (I.corrupt) return eio();
+  return I.flush_locked(true);
+}
+
+Status Image::open_snapshot(std::string_view id_or_name,
+                            std::unique_ptr<Image>* out) const {
+  out->reset();
+  const SnapshotInfo* s = nullptr;
+  for (auto& sn : impl_->snaps)
+    if (sn.id == id_or_name) s = &sn;
+  if (!s)
+    for (auto& sn : impl_->snaps)
+      if (sn.name == id_or_name) s = &sn;
+  if (!s)
+    return {std::make_error_code(std::errc::no_such_file_or_directory),
+            "no snapshot '" + std::string(id_or_name) + "'"};
+  auto impl = std::make_unique<Impl>();
+  Impl& I = *impl;
+  I.file = impl_->file;
+  I.data_file = impl_->data_file;
+  I.external = impl_->external;
+  I.opts = impl_->opts;
+  I.ro = true;
+  I.is_view = true;
+  if (Status st = I.parse_header(); !st.ok()) return st;
+  I.corrupt = false;
+  I.h.l1_table_offset = s->l1_table_offset;
+  I.h.l1_size = s->l1_size;
+  I.h.virtual_size = s->virtual_size;
+  uint64_t needed = fmt::div_round_up(fmt::div_round_up(s->virtual_size, I.cs),
+                                      I.l2_size);
+  if (s->l1_size < needed)
+    return Status::Invalid("snapshot '" + s->name + "' L1 table too small for "
+                           "its virtual size");
+  if (Status st = I.load_tables(); !st.ok()) return st;
+  out->reset(new Image(std::move(impl)));
+  return Status::Ok();
+}
+
+Status Image::check(Repair repair, CheckReport* report) {
+  Impl& I = *impl_;
+  *report = CheckReport{};
+  if (I.is_view) return Status::NotSupported("check on a snapshot view");
+  if (repair != Repair::None && I.ro)
+    return {std::make_error_code(std::errc::operation_not_permitted),
+            "repair needs a writable image"};
+  std::unique_lock lk(I.mu);
+  return I.check_locked(repair, report);
+}
+
+}  // namespace layerd::qcow2

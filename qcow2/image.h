@@ -1,0 +1,299 @@
+// A qcow2 image: one file of a backing chain, answering only for itself.
+//
+// An Image maps guest offsets to what this file holds: data allocated here,
+// zeros recorded here, or "not here: ask below". It never knows what lies
+// below it. Reads and partial-cluster writes get the bytes they need from
+// below through a BelowReader callback supplied by the caller (overlay/
+// builds the chain; for an image with no backing it passes zero_below()).
+//
+// Metadata (L1, L2 tables, refcount blocks) lives in in-memory caches. L2
+// tables and refcount blocks are written back lazily; flush() orders them:
+// refcount blocks that count new clusters reach the disk (and are synced)
+// before the L2 tables that point at those clusters, and L2 tables before
+// the L1 entries that point at them. Refcount decrements of clusters that
+// L2 tables stopped pointing at are applied only after those L2 tables are
+// on disk, so a crash can leak clusters but never leave a live cluster with
+// a zero refcount.
+//
+// Corrupt metadata found during I/O marks the image corrupt (the corrupt
+// bit is written when the image is writable), fails the request with EIO
+// and writes nothing else; later writes fail with EIO too.
+//
+// Thread safety: every public method may be called concurrently from many
+// threads. Metadata sits behind a reader/writer lock: reads, block status
+// and in-place overwrites of clusters already owned by this image share it;
+// allocation, zeroing, discard and flush take it exclusively. Reads of
+// mapped L2 tables allocate nothing.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "qcow2/file.h"
+
+namespace layerd::qcow2 {
+
+// An error with a reason, for open/create/check. `code` is in the generic
+// category: EINVAL for bad images ("L1 table offset 0x... beyond end of
+// file"), ENOTSUP for features this implementation lacks, EIO for I/O.
+class Status {
+ public:
+  Status() = default;
+  Status(std::error_code code, std::string message)
+      : code_(code), message_(std::move(message)) {}
+  static Status Ok() { return {}; }
+  static Status Invalid(std::string m) {
+    return {std::make_error_code(std::errc::invalid_argument), std::move(m)};
+  }
+  static Status NotSupported(std::string m) {
+    return {std::make_error_code(std::errc::not_supported), std::move(m)};
+  }
+  static Status IoError(std::error_code ec, std::string m) {
+    return {ec, std::move(m) + ": " + ec.message()};
+  }
+  bool ok() const { return !code_; }
+  explicit operator bool() const { return ok(); }
+  const std::error_code& code() const { return code_; }
+  const std::string& message() const { return message_; }
+  std::string to_string() const { return ok() ? "OK" : message_; }
+
+ private:
+  std::error_code code_;
+  std::string message_;
+};
+
+// A non-owning reference to a callable
+//   std::error_code(uint64_t offset, std::span<std::byte> buf)
+// that fills `buf` with what lies below this image at guest `offset`.
+// It is only called during the Image call it was passed to; it allocates
+// nothing. The callable must outlive that call.
+class BelowReader {
+ public:
+  template <typename F,
+            typename = std::enable_if_t<
+                !std::is_same_v<std::remove_cvref_t<F>, BelowReader>>>
+  BelowReader(F&& f)  // NOLINT: implicit by design
+      : obj_(const_cast<void*>(static_cast<const void*>(&f))),
+        call_([](void* o, uint64_t off, std::span<std::byte> b) {
+          return (*static_cast<std::remove_reference_t<F>*>(o))(off, b);
+        }) {}
+  std::error_code operator()(uint64_t offset, std::span<std::byte> buf) const {
+    return call_(obj_, offset, buf);
+  }
+
+ private:
+  void* obj_;
+  std::error_code (*call_)(void*, uint64_t, std::span<std::byte>);
+};
+
+// A BelowReader that fills with zeros (for images with no backing).
+BelowReader zero_below();
+
+struct OpenOptions {
+  bool read_only = false;
+  // Budget for cached L2 tables. The default maps the whole image for up
+  // to 1 TiB of virtual size at 64 KiB clusters (128 MiB of tables);
+  // memory is only used for tables actually loaded.
+  uint64_t l2_cache_bytes = 128ull << 20;
+  uint64_t refcount_cache_bytes = 4ull << 20;
+  // Required when the image has the external data file bit. Opening it (by
+  // the name in data_file_name()) is the caller's decision.
+  std::shared_ptr<File> data_file;
+  // Repair leaks on a read-write open of an image whose dirty bit is set.
+  bool repair_dirty_on_open = true;
+};
+
+struct SnapshotInfo {
+  std::string id;
+  std::string name;
+  uint64_t vm_state_size = 0;
+  uint32_t date_sec = 0;
+  uint32_t date_nsec = 0;
+  uint64_t vm_clock_nsec = 0;
+  uint64_t virtual_size = 0;  // from extra data; the image size if absent
+  uint64_t l1_table_offset = 0;
+  uint32_t l1_size = 0;
+};
+
+struct HeaderInfo {
+  uint32_t version = 3;
+  uint64_t virtual_size = 0;
+  uint32_t cluster_bits = 16;
+  uint32_t cluster_size = 65536;
+  uint32_t refcount_bits = 16;
+  bool extended_l2 = false;
+  uint32_t compression_type = 0;  // 0 deflate, 1 zstd
+  uint64_t incompatible_features = 0;
+  uint64_t compatible_features = 0;
+  uint64_t autoclear_features = 0;
+  std::string backing_file;    // empty if none
+  std::string backing_format;  // empty if the extension is absent
+  std::string data_file;       // name from the extension, may be empty
+  bool has_data_file = false;  // incompatible bit 2
+  bool data_file_raw = false;  // autoclear bit 1
+  uint64_t l1_table_offset = 0;
+  uint32_t l1_size = 0;
+  uint64_t refcount_table_offset = 0;
+  uint32_t refcount_table_clusters = 0;
+  uint32_t header_length = 72;
+};
+
+// What block_status() reports for one extent of this image alone.
+enum class ExtentKind {
+  Data,         // allocated here: read from host_offset
+  Zero,         // reads as zeros here (the layer below is hidden)
+  Unallocated,  // not here: ask below
+};
+
+struct MapExtent {
+  uint64_t length = 0;
+  ExtentKind kind = ExtentKind::Unallocated;
+  // For Data (and preallocated Zero) extents: where the bytes live in the
+  // image file (or the external data file). Contiguous across `length`.
+  bool has_host_offset = false;
+  uint64_t host_offset = 0;
+  bool compressed = false;  // Data that is a compressed cluster
+  bool in_data_file = false;
+};
+
+enum class DiscardMode {
+  // Drop the mapping: the range reads from below afterwards.
+  Unallocate,
+  // Free the clusters but make the range read as zeros (zero flag in v3;
+  // in v2, which has no zero flag, zeros are written).
+  Zero,
+};
+
+enum class Preallocation { Off, Metadata };
+
+struct CreateOptions {
+  uint64_t size = 0;
+  uint32_t version = 3;
+  uint32_t cluster_size = 65536;
+  uint32_t refcount_bits = 16;
+  bool extended_l2 = false;
+  std::string backing_file;
+  std::string backing_format;
+  std::string data_file;  // name recorded in the header (v3 only)
+  bool data_file_raw = false;
+  bool lazy_refcounts = false;
+  uint32_t compression_type = 0;
+  Preallocation preallocation = Preallocation::Off;
+};
+
+enum class Repair { None, Leaks, All };
+
+struct CheckReport {
+  uint64_t corruptions = 0;        // found (before repair)
+  uint64_t leaks = 0;              // found (before repair)
+  uint64_t corruptions_fixed = 0;
+  uint64_t leaks_fixed = 0;
+  uint64_t check_errors = 0;       // could not check (I/O errors)
+  uint64_t allocated_clusters = 0;
+  uint64_t total_clusters = 0;     // guest clusters of the virtual disk
+  uint64_t image_end_offset = 0;
+  std::vector<std::string> messages;  // one line per problem found
+  bool clean() const { return corruptions == 0 && leaks == 0 && check_errors == 0; }
+};
+
+class Image {
+ public:
+  // Opens `file` as qcow2. Validates the header, the extensions and the
+  // table placements. Read-write unless options.read_only or the corrupt
+  // bit is set (then the image opens read-only and writes return EIO).
+  static Status open(std::shared_ptr<File> file, const OpenOptions& options,
+                     std::unique_ptr<Image>* out);
+
+  // Writes a fresh image to `file` (which should be empty).
+  static Status create(File& file, const CreateOptions& options);
+
+  // Flushes and, for a read-write image, clears the dirty bit.
+  ~Image();
+  Image(const Image&) = delete;
+  Image& operator=(const Image&) = delete;
+
+  // --- Header facts ------------------------------------------------------
+  const HeaderInfo& info() const;
+  uint64_t size() const;
+  uint32_t cluster_size() const;
+  uint32_t version() const;
+  const std::string& backing_file() const;
+  const std::string& backing_format() const;
+  const std::string& data_file_name() const;
+  bool dirty() const;
+  bool corrupt() const;
+  // Why this Image marked itself corrupt (empty if it did not; an image
+  // opened with the corrupt bit already set has no reason here).
+  std::string corrupt_reason() const;
+  bool read_only() const;
+  // Names of the feature bits from the feature name table, if present.
+  std::string feature_name(int type, int bit) const;
+
+  // --- I/O (range must lie within size(): EINVAL otherwise) --------------
+
+  // Reads `buf.size()` bytes at guest `offset`; ranges not allocated here
+  // come from `below`. Contiguous host clusters are read with one pread.
+  std::error_code read(uint64_t offset, std::span<std::byte> buf,
+                       BelowReader below);
+
+  // Writes `data`, allocating clusters and copying the rest of partially
+  // written clusters from `below` (or from the old zero/compressed/shared
+  // cluster). With `fua` the write and its metadata are durable on return.
+  std::error_code write(uint64_t offset, std::span<const std::byte> data,
+                        BelowReader below, bool fua = false);
+
+  // Makes the range read as zeros. Whole clusters become zero clusters
+  // (v3; with `may_unmap` their host clusters are freed, otherwise
+  // preallocated ones are kept); partial clusters get written zeros.
+  std::error_code write_zeroes(uint64_t offset, uint64_t length,
+                               bool may_unmap, BelowReader below,
+                               bool fua = false);
+
+  // Frees the whole clusters (subclusters with extended L2) inside the
+  // range; partial ones are left alone in Unallocate mode and zeroed in Zero
+  // mode. Host clusters whose refcount drops to 0 are punched out of the
+  // file after the metadata no longer points at them.
+  std::error_code discard(uint64_t offset, uint64_t length, DiscardMode mode,
+                          BelowReader below);
+
+  // Describes the extent starting at `offset` (at most `length` bytes, at
+  // least one byte). Needs no I/O when the L2 table is cached.
+  std::error_code block_status(uint64_t offset, uint64_t length,
+                               MapExtent* out);
+
+  // Writes back dirty metadata in dependency order and syncs the file(s).
+  std::error_code flush();
+
+  // --- Internal snapshots ------------------------------------------------
+  std::vector<SnapshotInfo> snapshots() const;
+  // A read-only Image over the same file, mapping with the snapshot's L1
+  // table. Its size is the snapshot's virtual size. Below it, the caller
+  // passes the same backing as for the active image.
+  Status open_snapshot(std::string_view id_or_name,
+                       std::unique_ptr<Image>* out) const;
+
+  // --- Consistency -------------------------------------------------------
+  // Like `qemu-img check`: walks L1/L2 tables, snapshots and the other
+  // metadata, rebuilds the expected refcounts and compares. Repair::Leaks
+  // lowers refcounts that are too high; Repair::All also raises refcounts
+  // that are too low and fixes the COPIED flags. Repair needs a writable
+  // image.
+  Status check(Repair repair, CheckReport* report);
+
+  struct Impl;
+
+ private:
+  explicit Image(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace layerd::qcow2

@@ -1,0 +1,194 @@
+// The private side of qcow2::Image: the state shared by header.cc (open and
+// validation), map.cc (L1/L2 lookups, read, block status), write.cc
+// (allocation and copy-on-write, zeroing, discard), refcount.cc (refcount
+// blocks, the allocator, flush ordering), snapshot.cc, create.cc, check.cc
+// and compress.cc.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <vector>
+
+#include "qcow2/format.h"
+#include "qcow2/image.h"
+
+namespace layerd::qcow2 {
+
+inline std::error_code eio() { return std::make_error_code(std::errc::io_error); }
+inline std::error_code einval() {
+  return std::make_error_code(std::errc::invalid_argument);
+}
+
+std::string hex(uint64_t v);
+
+// Decompresses one cluster. `type` is the header compression type.
+bool decompress_cluster(uint32_t type, std::span<const std::byte> in,
+                        std::span<std::byte> out);
+
+struct FeatureName {
+  uint8_t type;
+  uint8_t bit;
+  std::string name;
+};
+
+// One cached L2 table, decoded to host byte order. With extended L2 every
+// guest cluster has two words: the entry and the subcluster bitmap.
+struct L2Table {
+  uint64_t offset = 0;
+  std::vector<uint64_t> words;
+  bool dirty = false;
+  std::atomic<uint64_t> last_use{0};
+};
+
+// One cached refcount block, kept in its on-disk form.
+struct RefBlock {
+  uint64_t offset = 0;
+  std::vector<std::byte> raw;
+  bool dirty = false;
+  uint64_t last_use = 0;
+};
+
+// What a guest cluster (or subcluster) is, from its L2 entry.
+enum class CType { Unalloc, Zero, Data, Compressed };
+
+struct Image::Impl {
+  // --- Set up at open -----------------------------------------------------
+  std::shared_ptr<File> file;
+  std::shared_ptr<File> data_file;  // == file unless external data file
+  OpenOptions opts;
+  HeaderInfo h;
+  std::vector<FeatureName> features;
+  std::vector<SnapshotInfo> snaps;
+  uint64_t snapshots_offset = 0;
+  uint32_t nb_snapshots = 0;
+  uint64_t snapshot_table_bytes = 0;
+  uint64_t bitmaps_dir_offset = 0, bitmaps_dir_size = 0;
+  uint32_t nb_bitmaps = 0;
+  bool has_bitmaps_ext = false;
+  bool is_view = false;  // snapshot view: read-only, foreign L1
+  bool ro = false;
+  bool external = false;  // external data file
+  std::atomic<bool> corrupt{false};
+  std::atomic<bool> dirty_bit{false};
+  bool lazy = false;
+
+  uint32_t cb = 16;       // cluster bits
+  uint64_t cs = 65536;    // cluster size
+  uint32_t l2_bits = 13;  // log2(entries per L2 table)
+  uint64_t l2_size = 8192;
+  uint32_t words = 1;     // 64-bit words per L2 entry (2 with extended L2)
+  uint64_t sc_size = 65536;  // subcluster size (== cs without extended L2)
+  uint32_t units = 1;        // subclusters per cluster (32 or 1)
+  uint32_t rb_order = 4;     // refcount order
+  uint64_t rb_entries = 32768;  // refcounts per block
+  uint64_t refcount_max = 65535;
+
+  // --- Metadata (guarded by mu) --------------------------------------------
+  mutable std::shared_mutex mu;
+  std::vector<uint64_t> l1;
+  bool l1_dirty = false;
+  std::vector<std::unique_ptr<L2Table>> l2;  // indexed like l1
+  std::vector<uint64_t> l2_resident;          // l1 indices with a table
+  uint64_t l2_max_tables = 1;
+  std::atomic<uint64_t> clock{1};
+
+  std::vector<uint64_t> reftable;
+  std::vector<std::unique_ptr<RefBlock>> refblocks;  // indexed like reftable
+  std::vector<uint64_t> rb_resident;  // reftable indices with a block
+  uint64_t rb_max_blocks = 1;
+  std::vector<uint64_t> pending_free;  // host offsets to decrement after L2s
+  uint64_t free_hint = 0;              // cluster index
+  uint64_t end_cluster = 0;            // clusters in use or allocated
+  const std::vector<uint32_t>* reserved = nullptr;  // during repair
+  bool write_started = false;
+  bool dirty_set_by_us = false;
+  std::mutex hdr_mu;  // serializes header field rewrites
+  mutable std::mutex reason_mu;
+  std::string corrupt_reason;
+
+  // Fixed metadata (header, L1 table, refcount table, snapshot table and
+  // snapshot L1 tables, bitmap directory) as sorted [begin, end) host
+  // ranges: data writes are checked against them before they go out.
+  std::vector<std::pair<uint64_t, uint64_t>> meta_ranges;
+  void rebuild_meta_ranges();
+  // Marks the image corrupt and returns EIO if [off, off+len) of the image
+  // file overlaps fixed metadata.
+  std::error_code check_data_write(uint64_t off, uint64_t len);
+
+  // --- header.cc -----------------------------------------------------------
+  Status parse_header();
+  Status load_tables();
+  std::error_code write_header_u64(size_t off, uint64_t v);
+  std::error_code set_incompat_bit(uint64_t bit, bool on);
+  std::error_code mark_corrupt(const std::string& why);
+
+  // --- map.cc --------------------------------------------------------------
+  // Returns the L2 table for l1 index `i`, or nullptr if none is mapped.
+  // Requires mu held exclusively when the table is not loaded yet.
+  std::error_code load_l2(uint64_t i, L2Table** out);
+  std::error_code validate_l2_offset(uint64_t l1e, uint64_t i);
+  void evict_l2_if_needed();
+  CType classify(uint64_t e0, uint64_t bitmap, uint32_t unit,
+                 uint64_t* host) const;
+  std::error_code check_entry(uint64_t e0, uint64_t bitmap, uint64_t guest);
+  // Looks up the unit (cluster or subcluster) holding guest `pos`: its type,
+  // its host offset (for Data, at `pos`), the raw entry, and how many bytes
+  // from `pos` to the end of the unit. `*need_load` when the L2 table is not
+  // cached (then nothing else is set).
+  std::error_code lookup(uint64_t pos, CType* type, uint64_t* host,
+                         uint64_t* e0, uint64_t* avail, bool* need_load);
+  std::error_code read_locked(uint64_t& offset, std::span<std::byte>& buf,
+                              BelowReader& below, bool* need_load,
+                              uint64_t* load_index);
+  std::error_code read_compressed(uint64_t e0, std::span<std::byte> out);
+  void compressed_span(uint64_t e0, uint64_t* off, uint64_t* len) const;
+  std::error_code fill_below(uint64_t guest, std::span<std::byte> buf,
+                             BelowReader& below);
+  std::error_code status_locked(uint64_t offset, uint64_t length,
+                                MapExtent* out, bool* need_load,
+                                uint64_t* load_index);
+
+  // --- write.cc ------------------------------------------------------------
+  std::error_code write_locked(uint64_t offset, std::span<const std::byte> data,
+                               BelowReader& below);
+  bool try_write_in_place(uint64_t offset, std::span<const std::byte> data,
+                          std::error_code* ec, bool* need_load,
+                          uint64_t* load_index);
+  std::error_code write_cluster(uint64_t guest_cluster, uint64_t a,
+                                std::span<const std::byte> data,
+                                BelowReader& below);
+  std::error_code l2_for_write(uint64_t i, L2Table** out);
+  std::error_code zero_locked(uint64_t offset, uint64_t length, bool may_unmap,
+                              BelowReader& below);
+  std::error_code discard_locked(uint64_t offset, uint64_t length,
+                                 BelowReader& below);
+  std::error_code release_entry(uint64_t e0, uint64_t bitmap);
+  std::error_code reclaim_if_many();
+  std::error_code begin_write();
+
+  // --- refcount.cc ---------------------------------------------------------
+  std::error_code load_refblock(uint64_t idx, RefBlock** out);
+  std::error_code get_refcount(uint64_t cluster, uint64_t* rc);
+  std::error_code set_refcount(uint64_t cluster, uint64_t rc);
+  std::error_code alloc_clusters(uint64_t n, uint64_t* host);
+  std::error_code grow_reftable(uint64_t need_index);
+  std::error_code create_refblock(uint64_t idx, uint64_t cluster);
+  std::error_code free_cluster_now(uint64_t host);
+  std::error_code write_refblocks();
+  std::error_code write_l2s();
+  std::error_code write_l1();
+  std::error_code flush_locked(bool sync);
+  uint64_t rb_get(const RefBlock& b, uint64_t i) const;
+  void rb_set(RefBlock& b, uint64_t i, uint64_t v) const;
+  void evict_refblocks_if_needed();
+  void note_end(uint64_t host_end);
+
+  // --- check.cc -----------------------------------------------------------
+  Status check_locked(Repair repair, CheckReport* report);
+};
+
+}  // namespace layerd::qcow2

@@ -1,0 +1,245 @@
+// Hand-damaged images: each must give a clear error from open, or EIO from
+// I/O with the image marked corrupt, and never crash, hang or allocate
+// without bound (run under ASan/UBSan).
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+#include "test_util.h"
+
+namespace layerd::qcow2::test {
+namespace {
+
+class BadImage : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    path_ = dir_ / "bad.qcow2";
+    run("qemu-img create -q -f qcow2 '" + path_ + "' 8M");
+    run("qemu-io -f qcow2 '" + path_ + "' -c 'write -P 1 0 256k' -c 'write -P 2 4M 64k'");
+  }
+  // Opens and expects an error whose message contains `what`.
+  void expect_open_error(const std::string& what) {
+    std::unique_ptr<Image> img;
+    Status st = try_open(path_, false, &img);
+    EXPECT_FALSE(st.ok());
+    EXPECT_FALSE(img);
+    EXPECT_NE(st.message().find(what), std::string::npos) << st.message();
+  }
+  uint64_t l1_offset() { return peek(path_, 40, 8); }
+  uint64_t l2_offset() { return peek(path_, l1_offset(), 8) & 0x00fffffffffffe00ull; }
+  TempDir dir_;
+  std::string path_;
+};
+
+TEST_F(BadImage, BadMagic) { patch32(path_, 0, 0x12345678); expect_open_error("magic"); }
+TEST_F(BadImage, BadVersion) { patch32(path_, 4, 4); expect_open_error("version 4"); }
+TEST_F(BadImage, ClusterBitsTooSmall) { patch32(path_, 20, 8); expect_open_error("cluster_bits 8"); }
+TEST_F(BadImage, ClusterBitsTooLarge) { patch32(path_, 20, 0xffffffff); expect_open_error("cluster_bits"); }
+TEST_F(BadImage, HeaderLengthTooSmall) { patch32(path_, 100, 50); expect_open_error("header_length"); }
+TEST_F(BadImage, HeaderLengthHuge) { patch32(path_, 100, 0x7ffffff8); expect_open_error("header_length"); }
+TEST_F(BadImage, HeaderLengthUnaligned) { patch32(path_, 100, 105); expect_open_error("header_length"); }
+TEST_F(BadImage, Encrypted) { patch32(path_, 32, 1); expect_open_error("encrypted"); }
+TEST_F(BadImage, L1SizeHuge) { patch32(path_, 36, 0xffffffff); expect_open_error("L1 table too large"); }
+TEST_F(BadImage, L1SizeTooSmall) { patch32(path_, 36, 0); expect_open_error("L1 table too small"); }
+TEST_F(BadImage, L1OffsetMisaligned) { patch64(path_, 40, 0x30001); expect_open_error("not cluster aligned"); }
+TEST_F(BadImage, L1OffsetBeyondEof) { patch64(path_, 40, 1ull << 50); expect_open_error("beyond end of file"); }
+TEST_F(BadImage, L1OverlapsHeader) { patch64(path_, 40, 0); expect_open_error("overlaps"); }
+TEST_F(BadImage, L1OverlapsRefcountTable) { patch64(path_, 40, peek(path_, 48, 8)); expect_open_error("overlaps"); }
+TEST_F(BadImage, RefcountTableZero) { patch64(path_, 48, 0); expect_open_error("refcount table offset"); }
+TEST_F(BadImage, RefcountTableBeyondEof) { patch64(path_, 48, 1ull << 45); expect_open_error("beyond end of file"); }
+TEST_F(BadImage, RefcountTableHuge) { patch32(path_, 56, 0xffffffff); expect_open_error("refcount table size"); }
+TEST_F(BadImage, RefcountOrderTooLarge) { patch32(path_, 96, 7); expect_open_error("refcount_order"); }
+TEST_F(BadImage, VirtualSizeHuge) { patch64(path_, 24, 1ull << 63); expect_open_error("virtual size"); }
+TEST_F(BadImage, TooManySnapshots) {
+  patch32(path_, 60, 0x7fffffff);
+  patch64(path_, 64, 0x10000);
+  expect_open_error("too many snapshots");
+}
+TEST_F(BadImage, SnapshotTableBeyondEof) {
+  patch32(path_, 60, 5);
+  patch64(path_, 64, 1ull << 40);
+  expect_open_error("snapshot table");
+}
+TEST_F(BadImage, SnapshotTableGarbage) {
+  // Point the snapshot table at the data (0x01 bytes): extra data size is huge.
+  patch32(path_, 60, 3);
+  patch64(path_, 64, peek(path_, l2_offset(), 8) & 0x00fffffffffffe00ull);
+  expect_open_error("snapshot");
+}
+TEST_F(BadImage, BackingNameTooLong) {
+  patch64(path_, 8, 0x200);
+  patch32(path_, 16, 5000);
+  expect_open_error("backing file name");
+}
+TEST_F(BadImage, BackingNameOutsideFirstCluster) {
+  patch64(path_, 8, 0x20000);
+  patch32(path_, 16, 10);
+  expect_open_error("backing file name");
+}
+TEST_F(BadImage, ExtensionLengthHuge) {
+  // Replace the first extension (feature table) length.
+  patch32(path_, 112 + 4, 0x7fffffff);
+  expect_open_error("header extension");
+}
+TEST_F(BadImage, UnknownIncompatibleBitNamedFromTable) {
+  // Rename the feature table's entry for bit 4 to bit 10, then set bit 10.
+  uint64_t pos = 112 + 8;
+  for (int i = 0; i < 10; ++i, pos += 48) {
+    if (peek(path_, pos, 1) == 0 && peek(path_, pos + 1, 1) == 4) {
+      patch(path_, pos + 1, {10});
+      break;
+    }
+  }
+  patch64(path_, 72, 1ull << 10);
+  expect_open_error("extended L2 entries (bit 10)");
+}
+TEST_F(BadImage, UnknownIncompatibleBitWithoutName) {
+  patch64(path_, 72, 1ull << 40);
+  expect_open_error("bit 40");
+}
+TEST_F(BadImage, CompressionBitWithoutType) {
+  patch64(path_, 72, 1ull << 3);
+  expect_open_error("compression type");
+}
+TEST_F(BadImage, DataFileBitWithoutDataFile) {
+  patch64(path_, 72, 1ull << 2);
+  expect_open_error("external data file");
+}
+TEST_F(BadImage, TruncatedHeader) {
+  std::filesystem::resize_file(path_, 50);
+  expect_open_error("too small");
+}
+TEST_F(BadImage, EmptyFile) {
+  std::filesystem::resize_file(path_, 0);
+  expect_open_error("too small");
+}
+
+// --- Corruption found during I/O -----------------------------------------
+
+TEST_F(BadImage, L2BeyondEofFailsReadAndMarksCorrupt) {
+  patch64(path_, l1_offset(), (1ull << 40) | (1ull << 63));
+  {
+    auto img = open_image(path_, true);
+    ASSERT_TRUE(img);
+    std::vector<std::byte> buf(4096);
+    EXPECT_EQ(img->read(0, buf, zero_below()), std::make_error_code(std::errc::io_error));
+    EXPECT_TRUE(img->corrupt());
+    // Writes now fail, even elsewhere.
+    EXPECT_EQ(img->write(4 << 20, buf, zero_below()), std::make_error_code(std::errc::io_error));
+  }
+  EXPECT_NE(peek(path_, 72, 8) & 2, 0u) << "corrupt bit written";
+  std::string info = run("qemu-img info '" + path_ + "'");
+  EXPECT_NE(info.find("corrupt: true"), std::string::npos) << info;
+  // Reopening a corrupt image: read-only, writes EIO.
+  auto img = open_image(path_, true);
+  ASSERT_TRUE(img);
+  EXPECT_TRUE(img->read_only());
+  std::vector<std::byte> buf(512);
+  EXPECT_EQ(img->write(4 << 20, buf, zero_below()), std::make_error_code(std::errc::io_error));
+}
+
+TEST_F(BadImage, MisalignedL2EntryFailsWithEio) {
+  uint64_t l2 = l2_offset();
+  patch64(path_, l2 + 8, (peek(path_, l2 + 8, 8) + 4096) | (1ull << 63));
+  auto img = open_image(path_, false);
+  std::vector<std::byte> buf(4096);
+  EXPECT_FALSE(img->read(0, buf, zero_below()));  // cluster 0 is fine
+  EXPECT_EQ(img->read(65536, buf, zero_below()), std::make_error_code(std::errc::io_error));
+  MapExtent m;
+  EXPECT_EQ(img->block_status(65536, 4096, &m), std::make_error_code(std::errc::io_error));
+}
+
+TEST_F(BadImage, GarbageCompressedClusterFailsWithEio) {
+  uint64_t l2 = l2_offset();
+  // A compressed descriptor pointing at the L1 table (not deflate data).
+  patch64(path_, l2, (1ull << 62) | l1_offset());
+  auto img = open_image(path_, false);
+  std::vector<std::byte> buf(4096);
+  EXPECT_EQ(img->read(0, buf, zero_below()), std::make_error_code(std::errc::io_error));
+}
+
+TEST_F(BadImage, RefcountBlockBeyondEofFailsAllocation) {
+  uint64_t rt = peek(path_, 48, 8);
+  patch64(path_, rt, 1ull << 44);
+  auto img = open_image(path_, true);
+  ASSERT_TRUE(img);
+  std::vector<std::byte> buf(4096, std::byte{5});
+  EXPECT_FALSE(img->write(0, buf, zero_below()));  // in place: no allocation
+  EXPECT_EQ(img->write(6 << 20, buf, zero_below()), std::make_error_code(std::errc::io_error));
+  EXPECT_TRUE(img->corrupt());
+}
+
+TEST_F(BadImage, L2PointingAtHeaderIsCorrupt) {
+  patch64(path_, l1_offset(), 1ull << 63);  // offset 0 with COPIED: unallocated
+  patch64(path_, l1_offset(), 512 | (1ull << 63));
+  auto img = open_image(path_, false);
+  std::vector<std::byte> buf(512);
+  EXPECT_EQ(img->read(0, buf, zero_below()), std::make_error_code(std::errc::io_error));
+}
+
+TEST_F(BadImage, DataClusterOnTopOfL1IsNeverWritten) {
+  uint64_t l2 = l2_offset();
+  patch64(path_, l2 + 8, l1_offset() | (1ull << 63));  // guest 64k -> L1 table
+  auto l1_before = peek(path_, l1_offset(), 8);
+  {
+    auto img = open_image(path_, true);
+    std::vector<std::byte> buf(4096, std::byte{0xee});
+    EXPECT_EQ(img->write(65536, buf, zero_below()), std::make_error_code(std::errc::io_error));
+    EXPECT_TRUE(img->corrupt());
+    EXPECT_NE(img->corrupt_reason().find("metadata"), std::string::npos) << img->corrupt_reason();
+  }
+  EXPECT_EQ(peek(path_, l1_offset(), 8), l1_before);
+}
+
+// Random byte flips in the metadata: whatever happens, no crash and no hang.
+TEST(BadImageFuzz, RandomMetadataDamage) {
+  TempDir d;
+  std::string src = d / "src.qcow2";
+  run("qemu-img create -q -f qcow2 -o cluster_size=4k '" + src + "' 4M");
+  run("qemu-io -f qcow2 '" + src + "' -c 'write -P 1 0 256k' -c 'write -c -P 2 1M 64k'"
+      " -c 'write -z 2M 64k'");
+  run("qemu-img snapshot -c s '" + src + "'");
+  run("qemu-io -f qcow2 '" + src + "' -c 'write -P 3 0 8k'");
+  auto pristine = slurp(src);
+  std::mt19937_64 rng(1234);
+  int opened = 0;
+  for (int iter = 0; iter < 300; ++iter) {
+    auto mem = std::shared_ptr<File>(make_memory_file());
+    ASSERT_FALSE(mem->pwrite(pristine, 0));
+    int flips = 1 + static_cast<int>(rng() % 4);
+    for (int k = 0; k < flips; ++k) {
+      // Bias toward the header and the first metadata clusters.
+      uint64_t limit = rng() % 2 ? 512 : std::min<uint64_t>(pristine.size(), 12 * 4096);
+      uint64_t off = rng() % limit;
+      std::byte b{static_cast<uint8_t>(rng())};
+      ASSERT_FALSE(mem->pwrite(std::span(&b, 1), off));
+    }
+    std::unique_ptr<Image> img;
+    OpenOptions o;
+    if (!Image::open(mem, o, &img).ok()) continue;
+    ++opened;
+    std::vector<std::byte> buf(64 * 1024);
+    for (uint64_t off = 0; off + buf.size() <= img->size(); off += buf.size())
+      (void)img->read(off, buf, zero_below());
+    MapExtent m;
+    for (uint64_t off = 0; off < img->size(); off += m.length ? m.length : 4096)
+      if (img->block_status(off, img->size() - off, &m)) break;
+    std::memset(buf.data(), 7, buf.size());
+    (void)img->write(12345, std::span(buf.data(), 10000), zero_below());
+    (void)img->write_zeroes(3 << 20, 100000, true, zero_below());
+    (void)img->discard(0, 1 << 20, DiscardMode::Unallocate, zero_below());
+    (void)img->flush();
+    for (auto& s : img->snapshots()) {
+      std::unique_ptr<Image> v;
+      if (img->open_snapshot(s.id, &v).ok() && v->size() <= (64 << 20))
+        for (uint64_t off = 0; off + buf.size() <= v->size(); off += buf.size())
+          (void)v->read(off, buf, zero_below());
+    }
+    CheckReport rep;
+    (void)img->check(Repair::All, &rep);
+  }
+  EXPECT_GT(opened, 10);
+}
+
+}  // namespace
+}  // namespace layerd::qcow2::test
