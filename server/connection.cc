@@ -34,6 +34,10 @@ constexpr size_t kMaxPooledBuffers = 32;
 // Block status: extents gathered per request (more are left for the client
 // to ask for again, as the spec allows).
 constexpr size_t kMaxExtents = 1024;
+// A structured READ over a layer with cheap block status is answered in at
+// most this many chunks: zero ranges as OFFSET_HOLE (no data on the wire),
+// the rest as OFFSET_DATA; whatever lies past the last one is sent as data.
+constexpr size_t kMaxReadChunks = 64;
 // READs up to this size may be answered on the I/O thread when their data
 // is cached; larger copies are better spread over the workers.
 constexpr uint32_t kMaxInlineRead = 64 * 1024;
@@ -361,15 +365,26 @@ asio::awaitable<bool> Connection::try_read_inline(const nbd::RequestHeader& r) {
   if (!sender_.send_inline(lock, iov, 2)) co_return true;
 
   // The socket took only part of the reply: finish it before reading more
-  // requests of this connection (other connections carry on).
+  // requests of this connection (other connections carry on). A client
+  // that takes nothing for kSendStall is dropped, as on the worker side.
+  using namespace asio::experimental::awaitable_operators;
+  auto stalled = std::chrono::milliseconds(0);
   for (;;) {
     auto state = sender_.flush_pending();
     if (state == ReplySender::Flush::Done) break;
-    if (state == ReplySender::Flush::Pending) {
-      co_await socket_.async_wait(Socket::wait_write, asio::as_tuple(use_awaitable));
-    } else {
+    if (state == ReplySender::Flush::Busy) {  // a worker is writing it
       asio::steady_timer pause(socket_.get_executor(), std::chrono::milliseconds(1));
       co_await pause.async_wait(asio::as_tuple(use_awaitable));
+      continue;
+    }
+    asio::steady_timer slice(socket_.get_executor(), std::chrono::seconds(1));
+    auto woke = co_await (socket_.async_wait(Socket::wait_write, use_awaitable) ||
+                          slice.async_wait(use_awaitable));
+    if (woke.index() == 0) {
+      stalled = {};
+    } else if ((stalled += std::chrono::seconds(1)) >= ReplySender::kSendStall) {
+      sender_.abandon("client stopped reading replies");
+      break;
     }
   }
   co_return true;
@@ -515,6 +530,9 @@ std::error_code Connection::serve_write_zeroes(const nbd::RequestHeader& r) {
 }
 
 void Connection::serve_read(const nbd::RequestHeader& r) {
+  if (state_.structured_replies && !(r.flags & nbd::kCmdFlagDf) &&
+      r.length > 0 && export_->layer->capabilities().cheap_block_status)
+    return serve_sparse_read(r);
   std::span<std::byte> data = read_scratch(r.length);
   std::error_code ec = export_->layer->read(r.offset, data);
   if (!state_.structured_replies) {
@@ -541,6 +559,72 @@ void Connection::serve_read(const nbd::RequestHeader& r) {
   iovec iov[2] = {iov_of(header.data(), header.size()),
                   iov_of(data.data(), data.size())};
   sender_.send(iov, 2);
+}
+
+void Connection::serve_sparse_read(const nbd::RequestHeader& r) {
+  struct Chunk {
+    uint64_t offset;
+    uint32_t length;
+    bool hole;
+  };
+  thread_local std::vector<Extent> extents(kMaxReadChunks);
+  thread_local std::vector<Chunk> chunks;
+  thread_local std::vector<std::array<std::byte, 32>> headers;
+  thread_local std::vector<iovec> iov;
+  Layer& layer = *export_->layer;
+
+  // Split the range into zero and data runs; merge neighbours of a kind.
+  chunks.clear();
+  uint64_t offset = r.offset;
+  const uint64_t end = r.offset + r.length;
+  while (offset < end && chunks.size() + 1 < kMaxReadChunks) {
+    size_t n = 0;
+    if (layer.block_status(offset, end - offset,
+                           std::span(extents).first(kMaxReadChunks - 1 - chunks.size()),
+                           &n))
+      break;  // the data path below reports real errors
+    for (size_t i = 0; i < n; ++i) {
+      uint32_t len = static_cast<uint32_t>(std::min(extents[i].length, end - offset));
+      if (len == 0) break;
+      if (!chunks.empty() && chunks.back().hole == extents[i].zero)
+        chunks.back().length += len;
+      else
+        chunks.push_back({offset, len, extents[i].zero});
+      offset += len;
+    }
+    if (n == 0) break;
+  }
+  if (offset < end) {
+    if (!chunks.empty() && !chunks.back().hole)
+      chunks.back().length += static_cast<uint32_t>(end - offset);
+    else
+      chunks.push_back({offset, static_cast<uint32_t>(end - offset), false});
+  }
+
+  std::span<std::byte> data = read_scratch(r.length);
+  for (const Chunk& c : chunks) {
+    if (c.hole) continue;
+    auto part = data.subspan(c.offset - r.offset, c.length);
+    if (auto ec = layer.read(c.offset, part)) return reply_structured_error(r.cookie, ec);
+  }
+
+  headers.resize(chunks.size());
+  iov.clear();
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    const Chunk& c = chunks[i];
+    const uint16_t flags = i + 1 == chunks.size() ? nbd::kReplyFlagDone : 0;
+    if (c.hole) {
+      auto h = nbd::encode_offset_hole(r.cookie, flags, c.offset, c.length);
+      std::memcpy(headers[i].data(), h.data(), h.size());
+      iov.push_back(iov_of(headers[i].data(), h.size()));
+    } else {
+      auto h = nbd::encode_offset_data_header(r.cookie, flags, c.offset, c.length);
+      std::memcpy(headers[i].data(), h.data(), h.size());
+      iov.push_back(iov_of(headers[i].data(), h.size()));
+      iov.push_back(iov_of(data.data() + (c.offset - r.offset), c.length));
+    }
+  }
+  sender_.send(iov.data(), static_cast<int>(iov.size()));
 }
 
 void Connection::serve_block_status(const nbd::RequestHeader& r) {

@@ -80,6 +80,7 @@ class Connection : public std::enable_shared_from_this<Connection>,
   // Worker side.
   void serve(const nbd::RequestHeader& r, Buffer* payload);
   void serve_read(const nbd::RequestHeader& r);
+  void serve_sparse_read(const nbd::RequestHeader& r);
   void serve_block_status(const nbd::RequestHeader& r);
   std::error_code serve_write(const nbd::RequestHeader& r,
                               std::span<const std::byte> data);
