@@ -247,18 +247,26 @@ asio::awaitable<void> Connection::run() {
   log_info("{}: disconnected", peer_);
 }
 
+// Runs the handshake to its end. Returns normally even when the client
+// goes away (the phase then is not Transmission): operator|| in handshake()
+// waits for the first branch to *succeed*, so an exception here would let
+// the time limit, not the disconnect, end the race.
 asio::awaitable<void> Connection::handshake_steps(nbd::Handshake& hs) {
-  std::vector<std::byte> in;
-  auto out = hs.take_output();
-  co_await asio::async_write(socket_, asio::buffer(out), use_awaitable);
-  while (hs.phase() == nbd::Handshake::Phase::Greeting ||
-         hs.phase() == nbd::Handshake::Phase::Options) {
-    in.resize(hs.bytes_wanted());
-    co_await asio::async_read(socket_, asio::buffer(in), use_awaitable);
-    hs.consume(in);
-    out = hs.take_output();
-    if (!out.empty())
-      co_await asio::async_write(socket_, asio::buffer(out), use_awaitable);
+  try {
+    std::vector<std::byte> in;
+    auto out = hs.take_output();
+    co_await asio::async_write(socket_, asio::buffer(out), use_awaitable);
+    while (hs.phase() == nbd::Handshake::Phase::Greeting ||
+           hs.phase() == nbd::Handshake::Phase::Options) {
+      in.resize(hs.bytes_wanted());
+      co_await asio::async_read(socket_, asio::buffer(in), use_awaitable);
+      hs.consume(in);
+      out = hs.take_output();
+      if (!out.empty())
+        co_await asio::async_write(socket_, asio::buffer(out), use_awaitable);
+    }
+  } catch (const boost::system::system_error& e) {
+    log_info("{}: left during the handshake: {}", peer_, e.code().message());
   }
 }
 
