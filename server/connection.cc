@@ -667,9 +667,9 @@ void Connection::serve_block_status(const nbd::RequestHeader& r) {
     if (req_one) break;
   }
 
+  thread_local std::vector<iovec> iov;
   chunks.resize(contexts_.size() * nbd::block_status_chunk_size(total));
-  std::vector<iovec> iov;
-  iov.reserve(contexts_.size());
+  iov.clear();
   size_t used = 0;
   for (size_t id = 0; id < contexts_.size(); ++id) {
     descriptors.clear();

@@ -166,7 +166,7 @@ int run(int argc, char** argv) {
   config.max_connections = o.max_connections;
   config.persistent = o.persistent;
   config.handshake_limit_seconds = o.handshake_limit_seconds;
-  config.worker_threads = o.threads;
+  config.worker_threads = o.threads ? o.threads : default_worker_threads();
   return serve(config, exports, std::move(listeners));
 }
 

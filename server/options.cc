@@ -5,7 +5,9 @@
 
 #include <getopt.h>
 
+#include <algorithm>
 #include <charconv>
+#include <thread>
 #include <cstring>
 
 #include <fmt/format.h>
@@ -106,6 +108,10 @@ ParseResult fail(std::string message) {
 
 }  // namespace
 
+uint32_t default_worker_threads() {
+  return std::max(4u, 2 * std::max(1u, std::thread::hardware_concurrency()));
+}
+
 std::string usage_text() {
   return R"(Usage: layerd [OPTIONS] FILE
   or:  layerd -L [OPTIONS]
@@ -148,7 +154,8 @@ Limits (layerd only):
       --max-request-size=SIZE  largest READ or WRITE (default 32M)
       --handshake-limit=SECS   drop clients that have not finished the
                                handshake after SECS seconds (default 10)
-      --threads=N              I/O worker threads (default 16)
+      --threads=N              I/O worker threads (default: 2 per core,
+                               at least 4; raise it for slow storage)
 
 Socket activation: started by systemd with LISTEN_FDS set, layerd serves on
 the passed sockets (then -p, -b and -k must not be given).

@@ -37,7 +37,7 @@ struct ServerOptions {
 
   uint32_t max_request_size = 32u << 20;
   uint32_t handshake_limit_seconds = 10;
-  uint32_t threads = 16;
+  uint32_t threads = 0;             // --threads; 0: default_worker_threads()
 
   bool list = false;                // -L: client mode
   std::string file;                 // the image (absent with -L)
@@ -52,6 +52,12 @@ struct ParseResult {
 };
 
 ParseResult parse_command_line(int argc, char** argv);
+
+// Worker threads when --threads is not given: two per core, at least four.
+// Requests served from the page cache gain nothing from more threads than
+// cores (each extra one only adds wake-ups); slow storage wants more
+// requests in flight, which --threads gives.
+uint32_t default_worker_threads();
 
 std::string usage_text();
 

@@ -11,8 +11,6 @@
 namespace layerd {
 namespace {
 
-// A client that accepts no reply bytes for this long is considered gone.
-constexpr int kSendStallMs = 30'000;
 constexpr int kPollSliceMs = 1000;
 
 }  // namespace
@@ -51,7 +49,7 @@ bool ReplySender::send_blocking(iovec* iov, int count) {
     if (n == 0) {
       pollfd p{fd_, POLLOUT, 0};
       if (::poll(&p, 1, kPollSliceMs) == 0 &&
-          (stalled_ms += kPollSliceMs) >= kSendStallMs) {
+          (stalled_ms += kPollSliceMs) >= kSendStall.count()) {
         log_info("{}: client stopped reading replies, dropping", peer_);
         return false;
       }
@@ -66,6 +64,11 @@ bool ReplySender::send_blocking(iovec* iov, int count) {
 void ReplySender::mark_broken() {
   broken_.store(true);
   ::shutdown(fd_, SHUT_RDWR);
+}
+
+void ReplySender::abandon(const char* why) {
+  log_info("{}: {}, dropping", peer_, why);
+  mark_broken();
 }
 
 void ReplySender::send(iovec* iov, int count) {

@@ -11,6 +11,7 @@
 #include <sys/uio.h>
 
 #include <atomic>
+#include <chrono>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -19,6 +20,9 @@ namespace layerd {
 
 class ReplySender {
  public:
+  // A client that accepts no reply bytes for this long is considered gone.
+  static constexpr std::chrono::milliseconds kSendStall{30'000};
+
   ReplySender(int fd, std::string peer) : fd_(fd), peer_(std::move(peer)) {}
 
   // Blocking send of every byte of the iovecs (modifies them). If the
@@ -45,6 +49,9 @@ class ReplySender {
   Flush flush_pending();
 
   bool broken() const { return broken_.load(); }
+
+  // Gives up on the connection: no more replies, socket shut down.
+  void abandon(const char* why);
 
  private:
   // Sends as much as the socket takes now; returns bytes sent or -1 on a

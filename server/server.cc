@@ -30,6 +30,8 @@ using GenericAcceptor = asio::basic_socket_acceptor<asio::generic::stream_protoc
 
 namespace {
 
+constexpr int kSendBufferBytes = 4 << 20;
+
 std::string describe_peer(const asio::generic::stream_protocol::socket& s,
                           int family, uint64_t serial) {
   if (family == AF_UNIX) return fmt::format("client {} (unix)", serial);
@@ -110,6 +112,11 @@ class ServerLoop {
         ::setsockopt(socket.native_handle(), IPPROTO_TCP, TCP_NODELAY, &one,
                      sizeof(one));
       }
+      // Room for a few large READ replies at once, so workers hand data to
+      // the kernel instead of waiting for the client to drain the socket.
+      int sndbuf = kSendBufferBytes;
+      ::setsockopt(socket.native_handle(), SOL_SOCKET, SO_SNDBUF, &sndbuf,
+                   sizeof(sndbuf));
       std::string peer = describe_peer(socket, family, ++serial_);
       log_info("{}: connected", peer);
       auto conn = std::make_shared<Connection>(

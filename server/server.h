@@ -16,7 +16,7 @@ struct ServerConfig {
   uint32_t max_connections = 1;  // 0: unlimited
   bool persistent = false;
   uint32_t handshake_limit_seconds = 10;
-  uint32_t worker_threads = 16;
+  uint32_t worker_threads = 4;
 };
 
 // Serves until shutdown; flushes every export before returning. Takes
