@@ -66,7 +66,7 @@ Status Image::Impl::check_locked(Repair repair, CheckReport* rep) {
         if (uint64_t(tsize) * 8 <= (64ull << 20) && toff % cs == 0) {
           ref(toff, uint64_t(tsize) * 8, "bitmap table");
           std::vector<std::byte> tab(uint64_t(tsize) * 8);
-          if (!file->pread(tab, toff))
+          if (tsize && !file->pread(tab, toff))
             for (uint32_t k = 0; k < tsize; ++k) {
               uint64_t e = fmt::load64(&tab[k * 8]) & fmt::kL2OffsetMask;
               if (e) ref(e, cs, "bitmap data");
@@ -130,7 +130,7 @@ Status Image::Impl::check_locked(Repair repair, CheckReport* rep) {
     ref(s.l1_table_offset, uint64_t(s.l1_size) * 8, "snapshot L1 table");
     std::vector<uint64_t> t(s.l1_size);
     std::vector<std::byte> r(uint64_t(s.l1_size) * 8);
-    if (file->pread(r, s.l1_table_offset)) {
+    if (!r.empty() && file->pread(r, s.l1_table_offset)) {
       ++rep->check_errors;
       continue;
     }

@@ -101,7 +101,7 @@ Status Image::Impl::parse_header() {
       return Status::Invalid("backing file name overlaps the header");
     ext_end = backing_off;
   }
-  if (h.version >= 3 || true) {
+  {  // v2 images may carry extensions too
     std::vector<std::byte> area(ext_end > h.header_length
                                     ? ext_end - h.header_length
                                     : 0);
@@ -162,7 +162,7 @@ Status Image::Impl::parse_header() {
     }
     (void)seen_end;
   }
-  if (backing_off) {
+  if (backing_off && backing_len) {
     h.backing_file.resize(backing_len);
     if (auto ec = file->pread(
             std::as_writable_bytes(std::span(h.backing_file)), backing_off))
@@ -314,6 +314,7 @@ Status Image::Impl::load_tables() {
 
   // Snapshot table.
   snaps.clear();
+  snap_raw.clear();
   uint64_t pos = snapshots_offset;
   for (uint32_t s = 0; s < nb_snapshots; ++s) {
     std::byte fixed[fmt::kSnapshotEntryFixed];
@@ -361,6 +362,9 @@ Status Image::Impl::load_tables() {
       return Status::Invalid("snapshot '" + si.name + "' L1 table offset " +
                              hex(si.l1_table_offset) + " invalid");
     snaps.push_back(std::move(si));
+    std::vector<std::byte> raw(fixed, fixed + sizeof fixed);
+    raw.insert(raw.end(), v.begin(), v.end());
+    snap_raw.push_back(std::move(raw));
   }
   snapshot_table_bytes = pos - snapshots_offset;
   rebuild_meta_ranges();
@@ -394,6 +398,9 @@ void Image::Impl::rebuild_meta_ranges() {
 
 std::error_code Image::Impl::check_data_write(uint64_t off, uint64_t len) {
   if (external || !len) return {};
+  // A mapping far past the end of the file would grow it without bound.
+  if (off + len > std::max(end_cluster << cb, fmt::round_up(file->size(), cs)))
+    return mark_corrupt("data cluster " + hex(off) + " beyond end of file");
   // The first range starting at or after `off + len` and everything after
   // it cannot overlap; check the ranges before it.
   auto it = std::lower_bound(meta_ranges.begin(), meta_ranges.end(),

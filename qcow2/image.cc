@@ -23,15 +23,22 @@ BelowReader zero_below() { return BelowReader(zero_fn); }
 
 Image::Image(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
-Image::~Image() {
+Image::~Image() { (void)close(); }
+
+std::error_code Image::close() {
   Impl& I = *impl_;
-  if (I.ro || I.is_view) return;
+  if (I.ro || I.is_view) return {};
   std::unique_lock lk(I.mu);
-  if (I.corrupt) return;
-  if (I.flush_locked(true)) return;
+  I.inflight_cv.wait(lk, [&] { return I.inflight.empty(); });
+  if (I.closed) return {};
+  I.closed = true;
+  if (I.corrupt) return eio();
+  if (auto ec = I.flush_locked(true)) return ec;
   if (I.dirty_bit && I.dirty_set_by_us) {
-    if (!I.set_incompat_bit(fmt::kIncompatDirty, false)) I.dirty_bit = false;
+    if (auto ec = I.set_incompat_bit(fmt::kIncompatDirty, false)) return ec;
+    I.dirty_bit = false;
   }
+  return {};
 }
 
 Status Image::open(std::shared_ptr<File> file, const OpenOptions& options,
@@ -78,9 +85,23 @@ Status Image::open(std::shared_ptr<File> file, const OpenOptions& options,
   return Status::Ok();
 }
 
+Status Image::probe(std::shared_ptr<File> file, HeaderInfo* out) {
+  if (!file) return Status::Invalid("no file");
+  Impl I;
+  I.file = std::move(file);
+  I.ro = true;
+  if (Status st = I.parse_header(); !st.ok()) return st;
+  *out = I.h;
+  return Status::Ok();
+}
+
 const HeaderInfo& Image::info() const { return impl_->h; }
 uint64_t Image::size() const { return impl_->h.virtual_size; }
 uint32_t Image::cluster_size() const { return impl_->h.cluster_size; }
+uint32_t Image::subcluster_size() const {
+  return static_cast<uint32_t>(impl_->sc_size);
+}
+bool Image::has_zero_clusters() const { return impl_->h.version >= 3; }
 uint32_t Image::version() const { return impl_->h.version; }
 const std::string& Image::backing_file() const { return impl_->h.backing_file; }
 const std::string& Image::backing_format() const {
@@ -103,7 +124,10 @@ std::string Image::feature_name(int type, int bit) const {
   return {};
 }
 
-std::vector<SnapshotInfo> Image::snapshots() const { return impl_->snaps; }
+std::vector<SnapshotInfo> Image::snapshots() const {
+  std::shared_lock lk(impl_->mu);
+  return impl_->snaps;
+}
 
 std::error_code Image::read(uint64_t offset, std::span<std::byte> buf,
                             BelowReader below) {
@@ -140,9 +164,25 @@ std::error_code Image::write(uint64_t offset, std::span<const std::byte> data,
     done = I.try_write_in_place(offset, data, &ec, &nl, &li);
   }
   if (!done) {
+    // Allocating write: plan under the lock, write the data without it
+    // (other requests proceed; overlapping metadata changes wait), then
+    // map the new clusters under the lock again.
+    uint64_t first = offset >> I.cb, last = (offset + data.size() - 1) >> I.cb;
     std::unique_lock lk(I.mu);
     if ((ec = I.begin_write())) return ec;
-    ec = I.write_locked(offset, data, below);
+    I.inflight_cv.wait(lk, [&] { return !I.inflight_overlaps(first, last); });
+    std::vector<ClusterPlan> plans;
+    if ((ec = I.plan_write(offset, data, &plans))) return ec;
+    I.inflight.push_back({first, last});
+    lk.unlock();
+    ec = I.execute_write(plans, below);
+    lk.lock();
+    auto it = std::find(I.inflight.begin(), I.inflight.end(),
+                        std::make_pair(first, last));
+    I.inflight.erase(it);
+    if (!ec) ec = I.apply_write(plans);
+    lk.unlock();
+    I.inflight_cv.notify_all();
   }
   if (ec) return ec;
   return fua ? flush() : std::error_code{};
@@ -155,8 +195,10 @@ std::error_code Image::write_zeroes(uint64_t offset, uint64_t length,
   if (!range_ok(offset, length, I.h.virtual_size)) return einval();
   if (length == 0) return {};
   {
+    uint64_t first = offset >> I.cb, last = (offset + length - 1) >> I.cb;
     std::unique_lock lk(I.mu);
     if (auto ec = I.begin_write()) return ec;
+    I.inflight_cv.wait(lk, [&] { return !I.inflight_overlaps(first, last); });
     if (auto ec = I.zero_locked(offset, length, may_unmap, below)) return ec;
   }
   return fua ? flush() : std::error_code{};
@@ -168,8 +210,10 @@ std::error_code Image::discard(uint64_t offset, uint64_t length,
   Impl& I = *impl_;
   if (!range_ok(offset, length, I.h.virtual_size)) return einval();
   if (length == 0) return {};
+  uint64_t first = offset >> I.cb, last = (offset + length - 1) >> I.cb;
   std::unique_lock lk(I.mu);
   if (auto ec = I.begin_write()) return ec;
+  I.inflight_cv.wait(lk, [&] { return !I.inflight_overlaps(first, last); });
   return I.discard_locked(offset, length, below);
 }
 
@@ -203,6 +247,7 @@ std::error_code Image::flush() {
 Status Image::open_snapshot(std::string_view id_or_name,
                             std::unique_ptr<Image>* out) const {
   out->reset();
+  std::shared_lock lk(impl_->mu);
   const SnapshotInfo* s = nullptr;
   for (auto& sn : impl_->snaps)
     if (sn.id == id_or_name) s = &sn;
@@ -243,6 +288,7 @@ Status Image::check(Repair repair, CheckReport* report) {
     return {std::make_error_code(std::errc::operation_not_permitted),
             "repair needs a writable image"};
   std::unique_lock lk(I.mu);
+  I.inflight_cv.wait(lk, [&] { return I.inflight.empty(); });
   return I.check_locked(repair, report);
 }
 

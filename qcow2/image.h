@@ -20,10 +20,15 @@
 // and writes nothing else; later writes fail with EIO too.
 //
 // Thread safety: every public method may be called concurrently from many
-// threads. Metadata sits behind a reader/writer lock: reads, block status
-// and in-place overwrites of clusters already owned by this image share it;
-// allocation, zeroing, discard and flush take it exclusively. Reads of
-// mapped L2 tables allocate nothing.
+// threads. Metadata sits behind a writer-preferring reader/writer lock:
+// reads, block status and in-place overwrites of clusters this image owns
+// share it (their pread/pwrite run under the shared lock, so a cluster
+// cannot be freed and reused under them). An allocating write plans and
+// allocates under the exclusive lock, then releases it for its data I/O
+// (copy-on-write reads from below included) and retakes it to map the new
+// clusters; other metadata changes to the same guest clusters wait for it.
+// Zeroing, discard, flush, check and snapshots take the lock exclusively.
+// A read of a cached L2 mapping allocates nothing.
 #pragma once
 
 #include <cstdint>
@@ -73,9 +78,13 @@ class Status {
 
 // A non-owning reference to a callable
 //   std::error_code(uint64_t offset, std::span<std::byte> buf)
-// that fills `buf` with what lies below this image at guest `offset`.
-// It is only called during the Image call it was passed to; it allocates
-// nothing. The callable must outlive that call.
+// that fills `buf` with what lies below this image at guest `offset`
+// (offset + size never exceeds the image's virtual size; the callable
+// zero-fills what a shorter backing file lacks). It is only called during
+// the Image call it was passed to, possibly from that call's thread with
+// the Image's lock held, so it must not call back into the same Image.
+// It allocates nothing. Pass a lambda directly in the call; do not keep a
+// BelowReader made from a temporary.
 class BelowReader {
  public:
   template <typename F,
@@ -213,18 +222,35 @@ class Image {
   static Status open(std::shared_ptr<File> file, const OpenOptions& options,
                      std::unique_ptr<Image>* out);
 
+  // Reads and validates only the header and its extensions (no tables):
+  // e.g. to learn the external data file name or the backing file before
+  // opening. Writes nothing.
+  static Status probe(std::shared_ptr<File> file, HeaderInfo* out);
+
   // Writes a fresh image to `file` (which should be empty).
   static Status create(File& file, const CreateOptions& options);
 
-  // Flushes and, for a read-write image, clears the dirty bit.
+  // Calls close() if it was not called (ignoring its error).
   ~Image();
+
+  // Flushes and, if this Image set the dirty bit (lazy refcounts), clears
+  // it. Later calls return {}; I/O after close() is not allowed.
+  std::error_code close();
   Image(const Image&) = delete;
   Image& operator=(const Image&) = delete;
 
   // --- Header facts ------------------------------------------------------
+  // Fixed at open, except the refcount table placement in info() (which
+  // moves when the table grows) and the dirty/corrupt state (use dirty()
+  // and corrupt(), which are safe to call concurrently).
   const HeaderInfo& info() const;
   uint64_t size() const;
   uint32_t cluster_size() const;
+  // The allocation unit: cluster_size()/32 with extended L2, else the
+  // cluster size. write_zeroes and discard act without data I/O on whole
+  // units (write_zeroes only on v3, which has zero clusters).
+  uint32_t subcluster_size() const;
+  bool has_zero_clusters() const;  // v3
   uint32_t version() const;
   const std::string& backing_file() const;
   const std::string& backing_format() const;
@@ -280,6 +306,18 @@ class Image {
   // passes the same backing as for the active image.
   Status open_snapshot(std::string_view id_or_name,
                        std::unique_ptr<Image>* out) const;
+
+  // Takes an internal snapshot of the current state, like `qemu-img
+  // snapshot -c`: copies the L1 table, counts every cluster it reaches once
+  // more, and adds an entry (next free numeric id, the given name, the
+  // current time, no VM state). Needs a writable v2/v3 image without an
+  // external data file and with refcount_bits >= 2; waits for in-flight
+  // writes. Returns the new snapshot in `*created` if non-null.
+  Status create_snapshot(const std::string& name, SnapshotInfo* created = nullptr);
+  // Removes a snapshot (by id, else by name) and frees what only it used.
+  // Views opened on that snapshot must be closed first (their clusters may
+  // be reused afterwards).
+  Status delete_snapshot(std::string_view id_or_name);
 
   // --- Consistency -------------------------------------------------------
   // Like `qemu-img check`: walks L1/L2 tables, snapshots and the other

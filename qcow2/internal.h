@@ -1,11 +1,22 @@
-// The private side of qcow2::Image: the state shared by header.cc (open and
-// validation), map.cc (L1/L2 lookups, read, block status), write.cc
-// (allocation and copy-on-write, zeroing, discard), refcount.cc (refcount
-// blocks, the allocator, flush ordering), snapshot.cc, create.cc, check.cc
-// and compress.cc.
+// The private side of qcow2::Image, and the table of contents of qcow2/:
+//   format.h     on-disk constants, big-endian load/store
+//   header.cc    open: header, extensions, snapshot table, validation;
+//                small in-place header rewrites; the corrupt marker
+//   map.cc       L2 cache, entry classification, read path, block status
+//   write.cc     allocating writes (plan / execute / apply), in-place
+//                overwrites, zero clusters, discard
+//   refcount.cc  refcount blocks, the allocator, refcount table growth,
+//                write-back order of metadata on flush
+//   snapshot.cc  taking and deleting internal snapshots
+//   check.cc     check and repair (refcount rebuild)
+//   create.cc    laying out new images
+//   compress.cc  deflate / zstd decompression
+//   rwlock.h     the writer-preferring metadata lock
+//   faulty_file  a File that fails on demand, for tests
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -15,6 +26,7 @@
 
 #include "qcow2/format.h"
 #include "qcow2/image.h"
+#include "qcow2/rwlock.h"
 
 namespace layerd::qcow2 {
 
@@ -52,6 +64,18 @@ struct RefBlock {
   uint64_t last_use = 0;
 };
 
+// One guest cluster of an allocating write (see write.cc).
+struct ClusterPlan {
+  uint64_t gc = 0;            // guest cluster index
+  uint64_t a = 0, b = 0;      // written bytes [a, b) within the cluster
+  const std::byte* src = nullptr;  // the caller's bytes for [a, b)
+  uint64_t e0 = 0, bm = 0;    // the L2 entry before the write
+  uint64_t host_old = 0, host = 0;
+  bool compressed = false, has_host = false;
+  bool fresh = false;         // host is a new cluster (else written in place)
+  uint32_t written = 0;       // units written (set by execute_write)
+};
+
 // What a guest cluster (or subcluster) is, from its L2 entry.
 enum class CType { Unalloc, Zero, Data, Compressed };
 
@@ -63,6 +87,7 @@ struct Image::Impl {
   HeaderInfo h;
   std::vector<FeatureName> features;
   std::vector<SnapshotInfo> snaps;
+  std::vector<std::vector<std::byte>> snap_raw;  // entries as on disk, unpadded
   uint64_t snapshots_offset = 0;
   uint32_t nb_snapshots = 0;
   uint64_t snapshot_table_bytes = 0;
@@ -88,7 +113,7 @@ struct Image::Impl {
   uint64_t refcount_max = 65535;
 
   // --- Metadata (guarded by mu) --------------------------------------------
-  mutable std::shared_mutex mu;
+  mutable WriterPreferringMutex mu;
   std::vector<uint64_t> l1;
   bool l1_dirty = false;
   std::vector<std::unique_ptr<L2Table>> l2;  // indexed like l1
@@ -106,6 +131,7 @@ struct Image::Impl {
   const std::vector<uint32_t>* reserved = nullptr;  // during repair
   bool write_started = false;
   bool dirty_set_by_us = false;
+  bool closed = false;
   std::mutex hdr_mu;  // serializes header field rewrites
   mutable std::mutex reason_mu;
   std::string corrupt_reason;
@@ -155,6 +181,17 @@ struct Image::Impl {
   // --- write.cc ------------------------------------------------------------
   std::error_code write_locked(uint64_t offset, std::span<const std::byte> data,
                                BelowReader& below);
+  std::error_code plan_write(uint64_t offset, std::span<const std::byte> data,
+                             std::vector<ClusterPlan>* plans);
+  std::error_code execute_write(std::vector<ClusterPlan>& plans,
+                                BelowReader& below);
+  std::error_code apply_write(const std::vector<ClusterPlan>& plans);
+  // Guest cluster ranges [first, last] whose allocating writes are between
+  // plan and apply, with the lock released for their data I/O. Other
+  // metadata changes to those clusters wait on `inflight_cv`.
+  std::vector<std::pair<uint64_t, uint64_t>> inflight;
+  std::condition_variable_any inflight_cv;
+  bool inflight_overlaps(uint64_t first, uint64_t last) const;
   bool try_write_in_place(uint64_t offset, std::span<const std::byte> data,
                           std::error_code* ec, bool* need_load,
                           uint64_t* load_index);
@@ -177,7 +214,8 @@ struct Image::Impl {
   std::error_code alloc_clusters(uint64_t n, uint64_t* host);
   std::error_code grow_reftable(uint64_t need_index);
   std::error_code create_refblock(uint64_t idx, uint64_t cluster);
-  std::error_code free_cluster_now(uint64_t host);
+  std::error_code free_cluster_now(uint64_t host,
+                                   std::vector<uint64_t>* punch = nullptr);
   std::error_code write_refblocks();
   std::error_code write_l2s();
   std::error_code write_l1();
@@ -186,6 +224,13 @@ struct Image::Impl {
   void rb_set(RefBlock& b, uint64_t i, uint64_t v) const;
   void evict_refblocks_if_needed();
   void note_end(uint64_t host_end);
+
+  // --- snapshot.cc ---------------------------------------------------------
+  std::error_code write_snapshot_table(
+      std::vector<std::vector<std::byte>> entries);
+  std::error_code set_copied_flags();
+  Status create_snapshot_locked(const std::string& name);
+  Status delete_snapshot_locked(const std::string& id_or_name);
 
   // --- check.cc -----------------------------------------------------------
   Status check_locked(Repair repair, CheckReport* report);

@@ -140,7 +140,8 @@ std::error_code Image::Impl::create_refblock(uint64_t idx, uint64_t cluster) {
 }
 
 std::error_code Image::Impl::set_refcount(uint64_t cluster, uint64_t rc) {
-  if (rc > refcount_max) return mark_corrupt("refcount overflow at cluster " + hex(cluster << cb));
+  // Not corruption: this image's refcount width cannot count that high.
+  if (rc > refcount_max) return std::make_error_code(std::errc::value_too_large);
   uint64_t idx = cluster / rb_entries;
   if (idx >= reftable.size()) {
     if (rc == 0) return {};
@@ -294,7 +295,8 @@ std::error_code Image::Impl::alloc_clusters(uint64_t n, uint64_t* host) {
   }
 }
 
-std::error_code Image::Impl::free_cluster_now(uint64_t host) {
+std::error_code Image::Impl::free_cluster_now(uint64_t host,
+                                              std::vector<uint64_t>* punch) {
   uint64_t c = host >> cb;
   uint64_t rc;
   if (auto ec = get_refcount(c, &rc)) return ec;
@@ -303,7 +305,10 @@ std::error_code Image::Impl::free_cluster_now(uint64_t host) {
                         " whose refcount is already 0");
   if (auto ec = set_refcount(c, rc - 1)) return ec;
   if (rc == 1) {
-    (void)file->punch_hole(c << cb, cs);
+    if (punch)
+      punch->push_back(c);
+    else
+      (void)file->punch_hole(c << cb, cs);
     free_hint = std::min(free_hint, c);
   }
   return {};
@@ -365,11 +370,19 @@ std::error_code Image::Impl::flush_locked(bool sync) {
   if (auto ec = write_l1()) return ec;
   if (!pending_free.empty()) {
     if (auto ec = file->flush()) return ec;
-    std::vector<uint64_t> todo;
+    std::vector<uint64_t> todo, punch;
     todo.swap(pending_free);
     for (uint64_t host : todo)
-      if (auto ec = free_cluster_now(host)) return ec;
+      if (auto ec = free_cluster_now(host, &punch)) return ec;
     if (auto ec = write_refblocks()) return ec;
+    // Give the freed clusters back to the filesystem, one call per run.
+    std::sort(punch.begin(), punch.end());
+    for (size_t i = 0; i < punch.size();) {
+      size_t j = i + 1;
+      while (j < punch.size() && punch[j] == punch[j - 1] + 1) ++j;
+      (void)file->punch_hole(punch[i] << cb, (punch[j - 1] - punch[i] + 1) << cb);
+      i = j;
+    }
   }
   if (!sync) return {};
   if (external) {

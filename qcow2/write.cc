@@ -43,13 +43,6 @@ class Coalescer {
   uint64_t len_ = 0;
 };
 
-struct L2Update {
-  uint64_t gc;
-  uint64_t e0, bm;
-  uint64_t old_e0, old_bm;
-  bool release_old;
-};
-
 uint32_t unit_mask(uint32_t u0, uint32_t u1) {  // units [u0, u1)
   uint64_t m = ((1ull << (u1 - u0)) - 1) << u0;
   return static_cast<uint32_t>(m);
@@ -175,61 +168,77 @@ bool Image::Impl::try_write_in_place(uint64_t offset,
   return true;
 }
 
-std::error_code Image::Impl::write_locked(uint64_t offset,
-                                          std::span<const std::byte> data,
-                                          BelowReader& below) {
-  if (data.empty()) return {};
-  Coalescer co(*data_file);
-  std::vector<L2Update> updates;
-  std::vector<std::byte> cbuf, region;
+// Step 1, under the exclusive lock: make the L2 tables writable, decide for
+// every cluster whether it is written in place or copied to a new cluster,
+// and allocate the new clusters.
+std::error_code Image::Impl::plan_write(uint64_t offset,
+                                        std::span<const std::byte> data,
+                                        std::vector<ClusterPlan>* plans) {
+  plans->clear();
   uint64_t end = offset + data.size();
   for (uint64_t pos = offset; pos < end;) {
-    uint64_t gc = pos >> cb;
-    uint64_t guest0 = gc << cb;
-    uint64_t a = pos - guest0;
-    uint64_t b = std::min<uint64_t>(cs, end - guest0);
-    const std::byte* src = data.data() + (pos - offset);  // at guest0 + a
+    ClusterPlan p;
+    p.gc = pos >> cb;
+    uint64_t guest0 = p.gc << cb;
+    p.a = pos - guest0;
+    p.b = std::min<uint64_t>(cs, end - guest0);
+    p.src = data.data() + (pos - offset);  // at guest0 + a
 
     L2Table* t;
-    if (auto ec = l2_for_write(gc >> l2_bits, &t)) return ec;
-    uint64_t k = (gc & (l2_size - 1)) * words;
-    uint64_t e0 = t->words[k];
-    uint64_t bm = words == 2 ? t->words[k + 1] : 0;
-    if (e0 | bm) {
-      if (auto ec = check_entry(e0, bm, guest0)) return ec;
+    if (auto ec = l2_for_write(p.gc >> l2_bits, &t)) return ec;
+    uint64_t k = (p.gc & (l2_size - 1)) * words;
+    p.e0 = t->words[k];
+    p.bm = words == 2 ? t->words[k + 1] : 0;
+    if (p.e0 | p.bm) {
+      if (auto ec = check_entry(p.e0, p.bm, guest0)) return ec;
     }
-    bool compressed = e0 & fmt::kOflagCompressed;
-    uint64_t host_old = compressed ? 0 : (e0 & fmt::kL2OffsetMask);
-    bool has_host = !compressed && (host_old || external);
+    p.compressed = p.e0 & fmt::kOflagCompressed;
+    p.host_old = p.compressed ? 0 : (p.e0 & fmt::kL2OffsetMask);
+    p.has_host = !p.compressed && (p.host_old || external);
     bool owned = false;
     if (external) {
       owned = true;
-      host_old = guest0;
-    } else if (has_host) {
-      if (e0 & fmt::kOflagCopied) {
+      p.host_old = guest0;
+    } else if (p.has_host) {
+      if (p.e0 & fmt::kOflagCopied) {
         owned = true;
       } else {
         uint64_t rc;
-        if (auto ec = get_refcount(host_old >> cb, &rc)) return ec;
+        if (auto ec = get_refcount(p.host_old >> cb, &rc)) return ec;
         if (rc == 0)
-          return mark_corrupt("data cluster " + hex(host_old) +
+          return mark_corrupt("data cluster " + hex(p.host_old) +
                               " has refcount 0");
         owned = rc == 1;
       }
     }
-    uint64_t host = host_old;
+    p.host = p.host_old;
     if (!owned) {
-      if (auto ec = alloc_clusters(1, &host)) return ec;
-      // The allocation may have evicted the table; reload.
-      if (auto ec = l2_for_write(gc >> l2_bits, &t)) return ec;
+      if (auto ec = alloc_clusters(1, &p.host)) return ec;
     }
-    if (auto ec = check_data_write(host, cs)) return ec;
-    bool fresh = !owned;
+    if (auto ec = check_data_write(p.host, cs)) return ec;
+    p.fresh = !owned;
+    if (!external) note_end(p.host + cs);
+    plans->push_back(p);
+    pos = guest0 + p.b;
+  }
+  return {};
+}
+
+// Step 2, with or without the lock: write the data, filling the parts of
+// (sub)clusters the request does not cover from the old contents.
+std::error_code Image::Impl::execute_write(std::vector<ClusterPlan>& plans,
+                                           BelowReader& below) {
+  Coalescer co(*data_file);
+  std::vector<std::byte> cbuf, region;
+  for (ClusterPlan& p : plans) {
+    const uint64_t guest0 = p.gc << cb, a = p.a, b = p.b, host = p.host;
+    const std::byte* src = p.src;
     auto old_state = [&](uint32_t u) {
-      if (compressed) return CType::Compressed;
+      if (p.compressed) return CType::Compressed;
       uint64_t dummy;
-      CType ty = classify(e0, bm, u, &dummy);
-      if (external && words == 1 && ty == CType::Unalloc && (e0 & fmt::kOflagCopied))
+      CType ty = classify(p.e0, p.bm, u, &dummy);
+      if (external && words == 1 && ty == CType::Unalloc &&
+          (p.e0 & fmt::kOflagCopied))
         ty = CType::Data;
       return ty;
     };
@@ -239,12 +248,12 @@ std::error_code Image::Impl::write_locked(uint64_t offset,
       uint64_t u_lo = u * sc_size, u_hi = u_lo + sc_size;
       bool touched = u_lo < b && a < u_hi;
       CType st = old_state(u);
-      bool need = touched || (fresh && (st == CType::Data || st == CType::Compressed));
+      bool need = touched || (p.fresh && (st == CType::Data || st == CType::Compressed));
       if (!need) {
         ++u;
         continue;
       }
-      if (!fresh && st == CType::Data) {
+      if (!p.fresh && st == CType::Data) {
         // Owned data: write just the caller's bytes.
         uint64_t lo = std::max(a, u_lo), hi = std::min(b, u_hi);
         if (auto ec = co.add(host + lo, src + (lo - a), hi - lo)) return ec;
@@ -258,8 +267,8 @@ std::error_code Image::Impl::write_locked(uint64_t offset,
         CType s2 = old_state(u2);
         uint64_t l2lo = u2 * sc_size, l2hi = l2lo + sc_size;
         bool t2 = l2lo < b && a < l2hi;
-        bool n2 = t2 || (fresh && (s2 == CType::Data || s2 == CType::Compressed));
-        if (!n2 || (!fresh && s2 == CType::Data)) break;
+        bool n2 = t2 || (p.fresh && (s2 == CType::Data || s2 == CType::Compressed));
+        if (!n2 || (!p.fresh && s2 == CType::Data)) break;
         ++u2;
       }
       uint64_t r0 = u * sc_size, r1 = u2 * sc_size;
@@ -279,12 +288,12 @@ std::error_code Image::Impl::write_locked(uint64_t offset,
         if (covered) continue;
         switch (old_state(v)) {
           case CType::Data:
-            if (auto ec = data_file->pread(dst, host_old + v0)) return ec;
+            if (auto ec = data_file->pread(dst, p.host_old + v0)) return ec;
             break;
           case CType::Compressed:
             if (!have_cbuf) {
               cbuf.resize(cs);
-              if (auto ec = read_compressed(e0, cbuf)) return ec;
+              if (auto ec = read_compressed(p.e0, cbuf)) return ec;
               have_cbuf = true;
             }
             std::memcpy(dst.data(), cbuf.data() + v0, sc_size);
@@ -303,36 +312,53 @@ std::error_code Image::Impl::write_locked(uint64_t offset,
       if (auto ec = data_file->pwrite(region, host + r0)) return ec;
       u = u2;
     }
-    L2Update up{gc, 0, 0, e0, bm, fresh && (compressed || has_host)};
-    if (words == 2) {
-      uint32_t alloc = static_cast<uint32_t>(bm), zero = static_cast<uint32_t>(bm >> 32);
-      if (compressed) alloc = 0, zero = 0;
-      alloc |= written;
-      zero &= ~written;
-      up.e0 = (external ? guest0 : host) | fmt::kOflagCopied;
-      up.bm = (uint64_t(zero) << 32) | alloc;
-    } else {
-      up.e0 = (external ? guest0 : host) | fmt::kOflagCopied;
-    }
-    updates.push_back(up);
-    if (!external) note_end(host + cs);
-    pos = guest0 + b;
+    p.written = written;
   }
-  if (auto ec = co.drain()) return ec;
-  for (const L2Update& up : updates) {
+  return co.drain();
+}
+
+// Step 3, under the exclusive lock: point the L2 entries at the written
+// clusters and queue the replaced ones for release.
+std::error_code Image::Impl::apply_write(const std::vector<ClusterPlan>& plans) {
+  for (const ClusterPlan& p : plans) {
+    uint64_t guest0 = p.gc << cb;
+    uint64_t ne0 = (external ? guest0 : p.host) | fmt::kOflagCopied, nbm = 0;
+    if (words == 2) {
+      uint32_t alloc = static_cast<uint32_t>(p.bm), zero = static_cast<uint32_t>(p.bm >> 32);
+      if (p.compressed) alloc = 0, zero = 0;
+      alloc |= p.written;
+      zero &= ~p.written;
+      nbm = (uint64_t(zero) << 32) | alloc;
+    }
     L2Table* t;
-    if (auto ec = l2_for_write(up.gc >> l2_bits, &t)) return ec;
-    uint64_t k = (up.gc & (l2_size - 1)) * words;
-    if (t->words[k] != up.e0 || (words == 2 && t->words[k + 1] != up.bm)) {
-      t->words[k] = up.e0;
-      if (words == 2) t->words[k + 1] = up.bm;
+    if (auto ec = l2_for_write(p.gc >> l2_bits, &t)) return ec;
+    uint64_t k = (p.gc & (l2_size - 1)) * words;
+    if (t->words[k] != ne0 || (words == 2 && t->words[k + 1] != nbm)) {
+      t->words[k] = ne0;
+      if (words == 2) t->words[k + 1] = nbm;
       t->dirty = true;
     }
-    if (up.release_old) {
-      if (auto ec = release_entry(up.old_e0, up.old_bm)) return ec;
+    if (p.fresh && (p.compressed || p.has_host)) {
+      if (auto ec = release_entry(p.e0, p.bm)) return ec;
     }
   }
   return {};
+}
+
+std::error_code Image::Impl::write_locked(uint64_t offset,
+                                          std::span<const std::byte> data,
+                                          BelowReader& below) {
+  if (data.empty()) return {};
+  std::vector<ClusterPlan> plans;
+  if (auto ec = plan_write(offset, data, &plans)) return ec;
+  if (auto ec = execute_write(plans, below)) return ec;
+  return apply_write(plans);
+}
+
+bool Image::Impl::inflight_overlaps(uint64_t first, uint64_t last) const {
+  for (auto& r : inflight)
+    if (r.first <= last && first <= r.second) return true;
+  return false;
 }
 
 std::error_code Image::Impl::zero_locked(uint64_t offset, uint64_t length,
@@ -452,11 +478,15 @@ std::error_code Image::Impl::discard_locked(uint64_t offset, uint64_t length,
     uint64_t b = std::min<uint64_t>(cs, end - guest0);
     if (end >= h.virtual_size && guest0 + cs == vs_end) b = cs;
     pos = std::min(end, guest0 + cs);
+    uint64_t i = gc >> l2_bits;
+    if (i >= l1.size()) return mark_corrupt("discard beyond the L1 table");
+    if (!(l1[i] & fmt::kL1OffsetMask)) {  // nothing mapped in this L2 range
+      pos = std::max(pos, std::min(end, (i + 1) << (l2_bits + cb)));
+      continue;
+    }
     uint32_t u0 = static_cast<uint32_t>(fmt::div_round_up(a, sc_size));
     uint32_t u1 = static_cast<uint32_t>(b / sc_size);
     if (u0 >= u1) continue;
-    uint64_t i = gc >> l2_bits;
-    if (!(l1[i] & fmt::kL1OffsetMask)) continue;  // nothing mapped here
     L2Table* t;
     if (auto ec = l2_for_write(i, &t)) return ec;
     uint64_t k = (gc & (l2_size - 1)) * words;

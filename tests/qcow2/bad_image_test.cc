@@ -201,15 +201,19 @@ TEST(BadImageFuzz, RandomMetadataDamage) {
   run("qemu-img snapshot -c s '" + src + "'");
   run("qemu-io -f qcow2 '" + src + "' -c 'write -P 3 0 8k'");
   auto pristine = slurp(src);
-  std::mt19937_64 rng(1234);
+  std::mt19937_64 rng(getenv("QCOW2_FUZZ_SEED") ? atoi(getenv("QCOW2_FUZZ_SEED")) : 1234);
   int opened = 0;
-  for (int iter = 0; iter < 300; ++iter) {
+  const int iters = getenv("QCOW2_FUZZ_ITERS") ? atoi(getenv("QCOW2_FUZZ_ITERS")) : 200;
+  for (int iter = 0; iter < iters; ++iter) {
     auto mem = std::shared_ptr<File>(make_memory_file());
     ASSERT_FALSE(mem->pwrite(pristine, 0));
     int flips = 1 + static_cast<int>(rng() % 4);
     for (int k = 0; k < flips; ++k) {
       // Bias toward the header and the first metadata clusters.
-      uint64_t limit = rng() % 2 ? 512 : std::min<uint64_t>(pristine.size(), 12 * 4096);
+      uint64_t r = rng() % 3;
+      uint64_t limit = r == 0 ? 512
+                       : r == 1 ? std::min<uint64_t>(pristine.size(), 12 * 4096)
+                                : pristine.size();
       uint64_t off = rng() % limit;
       std::byte b{static_cast<uint8_t>(rng())};
       ASSERT_FALSE(mem->pwrite(std::span(&b, 1), off));
@@ -234,6 +238,10 @@ TEST(BadImageFuzz, RandomMetadataDamage) {
       if (img->open_snapshot(s.id, &v).ok() && v->size() <= (64 << 20))
         for (uint64_t off = 0; off + buf.size() <= v->size(); off += buf.size())
           (void)v->read(off, buf, zero_below());
+    }
+    if (iter % 4 == 0) {
+      (void)img->create_snapshot("fuzz");
+      (void)img->delete_snapshot("1");
     }
     CheckReport rep;
     (void)img->check(Repair::All, &rep);

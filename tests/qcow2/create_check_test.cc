@@ -300,3 +300,61 @@ TEST(CreateOpts, HugeImageCreates) {
 
 }  // namespace
 }  // namespace layerd::qcow2::test
+
+namespace layerd::qcow2::test {
+namespace {
+
+TEST(Check, CopiedFlagsLikeQemu) {
+  TempDir d;
+  std::string path = d / "f.qcow2";
+  run("qemu-img create -q -f qcow2 '" + path + "' 8M");
+  run("qemu-io -f qcow2 '" + path + "' -c 'write -P 1 0 256k'");
+  uint64_t l1 = peek(path, 40, 8);
+  uint64_t l2 = peek(path, l1, 8) & 0x00fffffffffffe00ull;
+  patch64(path, l2 + 16, peek(path, l2 + 16, 8) & ~(1ull << 63));  // clear COPIED
+  QemuCheck q = qemu_check(path);
+  EXPECT_EQ(q.errors, 1u);
+  {
+    auto img = open_image(path, true);
+    CheckReport rep;
+    ASSERT_TRUE(img->check(Repair::None, &rep).ok());
+    EXPECT_EQ(rep.corruptions, q.errors) << ::testing::PrintToString(rep.messages);
+    // Writing there still works (refcount is 1: written in place).
+    std::vector<std::byte> buf(4096, std::byte{2});
+    ASSERT_FALSE(img->write(2 * 65536, buf, zero_below()));
+    ASSERT_TRUE(img->check(Repair::All, &rep).ok());
+  }
+  qemu_check_clean(path);
+  auto v = qemu_raw(path, d.path());
+  EXPECT_EQ(v[2 * 65536], std::byte{2});
+  EXPECT_EQ(v[2 * 65536 + 4096], std::byte{1});
+}
+
+TEST(Check, ExtendedL2SubclusterStatus) {
+  TempDir d;
+  std::string path = d / "e.qcow2";
+  run("qemu-img create -q -f qcow2 -o extended_l2=on '" + path + "' 8M");
+  auto img = open_image(path, true);
+  std::vector<std::byte> buf(2048, std::byte{7});  // subcluster = 2 KiB
+  ASSERT_FALSE(img->write(4096, buf, zero_below()));
+  MapExtent m;
+  ASSERT_FALSE(img->block_status(0, 65536, &m));
+  EXPECT_EQ(m.kind, ExtentKind::Unallocated);
+  EXPECT_EQ(m.length, 4096u);
+  ASSERT_FALSE(img->block_status(4096, 65536 - 4096, &m));
+  EXPECT_EQ(m.kind, ExtentKind::Data);
+  EXPECT_EQ(m.length, 2048u);
+  ASSERT_FALSE(img->write_zeroes(8192, 4096, true, zero_below()));
+  ASSERT_FALSE(img->block_status(8192, 65536 - 8192, &m));
+  EXPECT_EQ(m.kind, ExtentKind::Zero);
+  EXPECT_EQ(m.length, 4096u);
+  ASSERT_FALSE(img->flush());
+  std::string map = run("qemu-img map -U --output=json '" + path + "'");
+  EXPECT_NE(map.find("\"start\": 4096, \"length\": 2048, \"depth\": 0, \"present\": true, \"zero\": false, \"data\": true"),
+            std::string::npos) << map;
+  img.reset();
+  qemu_check_clean(path);
+}
+
+}  // namespace
+}  // namespace layerd::qcow2::test

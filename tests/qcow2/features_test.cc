@@ -131,6 +131,10 @@ TEST(ExternalDataFile, ReadWriteMatchesQemu) {
   image.reset();
   qemu_check_clean(img);
   expect_same(ours, qemu_raw(img, d.path()));
+  HeaderInfo hi;
+  ASSERT_TRUE(Image::probe(open_file(img, false), &hi).ok());
+  EXPECT_TRUE(hi.has_data_file);
+  EXPECT_EQ(hi.data_file, data);
   // Without the data file, open refuses with the name.
   std::unique_ptr<Image> none;
   Status st = try_open(img, false, &none);

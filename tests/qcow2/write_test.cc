@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <algorithm>
 #include <thread>
 
 #include "qcow2/faulty_file.h"
@@ -310,6 +311,89 @@ TEST(Write, ConcurrentWritersAndReaders) {
     EXPECT_EQ(errors, 0);
   }
   qemu_check_clean(img);
+}
+
+class CompressedOverwrite : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CompressedOverwrite, BecomesNormalCluster) {
+  TempDir d;
+  std::string raw = d / "src.raw", ours = d / "ours.qcow2", theirs = d / "theirs.qcow2";
+  run("qemu-img create -q -f raw '" + raw + "' 2M");
+  run("qemu-io -f raw '" + raw + "' -c 'write -P 0x61 0 2M'");
+  run("dd if=/dev/urandom of='" + raw + "' bs=1k count=16 seek=70 conv=notrunc status=none");
+  run("qemu-img convert -c -O qcow2 -o " + GetParam() + " '" + raw + "' '" + ours + "'");
+  run("cp '" + ours + "' '" + theirs + "'");
+  run("qemu-io -f qcow2 '" + theirs + "' -c 'write -P 0x62 66000 100' -c 'write -z 1M 4k'"
+      " -c 'discard 1536k 512k'");
+  {
+    auto img = open_image(ours, true);
+    MapExtent m;
+    ASSERT_FALSE(img->block_status(65536, 4096, &m));
+    ASSERT_TRUE(m.compressed);
+    std::vector<std::byte> buf(100, std::byte{0x62});
+    ASSERT_FALSE(img->write(66000, buf, zero_below()));
+    ASSERT_FALSE(img->write_zeroes(1 << 20, 4096, false, zero_below()));
+    ASSERT_FALSE(img->discard(1536 * 1024, 512 * 1024, DiscardMode::Unallocate, zero_below()));
+    ASSERT_FALSE(img->block_status(65536, 4096, &m));
+    EXPECT_EQ(m.kind, ExtentKind::Data);
+    EXPECT_FALSE(m.compressed);
+  }
+  run("qemu-img compare -q '" + ours + "' '" + theirs + "'");
+  qemu_check_clean(ours);
+}
+
+INSTANTIATE_TEST_SUITE_P(All, CompressedOverwrite,
+                         ::testing::Values("compression_type=zlib", "compression_type=zstd",
+                                           "compression_type=zlib,extended_l2=on",
+                                           "compression_type=zlib,cluster_size=4k"));
+
+// Allocating writes to different bytes of the same clusters from several
+// threads must not lose each other's data (the copy-on-write of one must
+// not overwrite what another wrote).
+TEST(Write, ConcurrentPartialWritesToSameClusters) {
+  for (bool ext : {false, true}) {
+    auto mem = std::shared_ptr<File>(make_memory_file());
+    CreateOptions co;
+    co.size = 16 << 20;
+    co.extended_l2 = ext;
+    ASSERT_TRUE(Image::create(*mem, co).ok());
+    std::unique_ptr<Image> img;
+    ASSERT_TRUE(Image::open(mem, {}, &img).ok());
+    auto below = [](uint64_t, std::span<std::byte> b) {
+      std::memset(b.data(), 0xee, b.size());
+      return std::error_code{};
+    };
+    const int kThreads = 4, kClusters = 64;
+    std::atomic<int> errors{0};
+    std::vector<std::thread> ts;
+    for (int t = 0; t < kThreads; ++t)
+      ts.emplace_back([&, t] {
+        std::mt19937_64 rng(t);
+        std::vector<int> order(kClusters);
+        for (int c = 0; c < kClusters; ++c) order[c] = c;
+        std::shuffle(order.begin(), order.end(), rng);
+        std::vector<std::byte> buf(1000, std::byte(t + 1));
+        for (int c : order) {
+          uint64_t off = uint64_t(c) * 65536 + t * 5000 + 100;
+          if (img->write(off, buf, below)) ++errors;
+          if (c % 16 == 0 && img->flush()) ++errors;
+        }
+      });
+    for (auto& th : ts) th.join();
+    ASSERT_EQ(errors, 0);
+    std::vector<std::byte> got(kClusters * 65536);
+    ASSERT_FALSE(img->read(0, got, below));
+    for (int c = 0; c < kClusters; ++c)
+      for (uint64_t i = 0; i < 65536; ++i) {
+        std::byte want{0xee};
+        for (int t = 0; t < kThreads; ++t)
+          if (i >= t * 5000u + 100 && i < t * 5000u + 1100) want = std::byte(t + 1);
+        ASSERT_EQ(got[c * 65536 + i], want) << "ext=" << ext << " cluster " << c << " byte " << i;
+      }
+    CheckReport rep;
+    ASSERT_TRUE(img->check(Repair::None, &rep).ok());
+    EXPECT_TRUE(rep.clean()) << ::testing::PrintToString(rep.messages);
+  }
 }
 
 }  // namespace

@@ -1,0 +1,37 @@
+// A reader/writer lock that prefers writers. std::shared_mutex on glibc
+// prefers readers, so a steady stream of reads (each holding the lock for a
+// pread) could starve allocating writes, flushes and snapshots forever.
+// Meets the Lockable and SharedLockable requirements, so std::unique_lock,
+// std::shared_lock and std::condition_variable_any work with it.
+#pragma once
+
+#include <pthread.h>
+
+namespace layerd::qcow2 {
+
+class WriterPreferringMutex {
+ public:
+  WriterPreferringMutex() {
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+    pthread_rwlockattr_setkind_np(&attr,
+                                  PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&rw_, &attr);
+    pthread_rwlockattr_destroy(&attr);
+  }
+  ~WriterPreferringMutex() { pthread_rwlock_destroy(&rw_); }
+  WriterPreferringMutex(const WriterPreferringMutex&) = delete;
+  WriterPreferringMutex& operator=(const WriterPreferringMutex&) = delete;
+
+  void lock() { pthread_rwlock_wrlock(&rw_); }
+  bool try_lock() { return pthread_rwlock_trywrlock(&rw_) == 0; }
+  void unlock() { pthread_rwlock_unlock(&rw_); }
+  void lock_shared() { pthread_rwlock_rdlock(&rw_); }
+  bool try_lock_shared() { return pthread_rwlock_tryrdlock(&rw_) == 0; }
+  void unlock_shared() { pthread_rwlock_unlock(&rw_); }
+
+ private:
+  pthread_rwlock_t rw_;
+};
+
+}  // namespace layerd::qcow2
