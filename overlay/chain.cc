@@ -53,8 +53,8 @@ class ChainLayer final : public Layer {
                            .cheap_block_status = true,
                            .multi_conn_safe = true}),
         nodes_(std::move(nodes)),
-        cluster_size_(nodes_.front().image ? nodes_.front().image->cluster_size() : 1),
-        zero_clusters_(nodes_.front().image && nodes_.front().image->version() >= 3) {}
+        zero_granularity_(nodes_.front().image->subcluster_size()),
+        zero_clusters_(nodes_.front().image->has_zero_clusters()) {}
 
  protected:
   std::error_code do_read(uint64_t offset, std::span<std::byte> buf) override {
@@ -68,9 +68,10 @@ class ChainLayer final : public Layer {
 
   std::error_code do_write_zeroes(uint64_t offset, uint64_t length,
                                   ZeroFlags f) override {
-    // Fast only when whole clusters become zero clusters (v3 metadata).
-    if (f.fast_only && (!zero_clusters_ || offset % cluster_size_ != 0 ||
-                        length % cluster_size_ != 0))
+    // Fast only when whole (sub)clusters become zero clusters: v3 metadata,
+    // no data written.
+    if (f.fast_only && (!zero_clusters_ || offset % zero_granularity_ != 0 ||
+                        length % zero_granularity_ != 0))
       return std::make_error_code(std::errc::operation_not_supported);
     return top().write_zeroes(offset, length, f.may_trim, below_of(0), f.fua);
   }
@@ -165,7 +166,7 @@ class ChainLayer final : public Layer {
   }
 
   std::vector<Node> nodes_;
-  uint64_t cluster_size_;
+  uint64_t zero_granularity_;
   bool zero_clusters_;
 };
 
@@ -183,7 +184,9 @@ void raise_open_file_limit() {
   (void)done;
 }
 
-std::string resolve_backing(const std::string& image_path,
+// A name an image records (backing or data file), relative to the image's
+// own directory unless absolute.
+std::string resolve_relative(const std::string& image_path,
                             const std::string& backing) {
   if (!backing.empty() && backing[0] == '/') return backing;
   fs::path dir = fs::path(image_path).parent_path();
@@ -262,8 +265,34 @@ bool open_chain(const std::string& path, ImageFormat format,
     qcow2::OpenOptions qo;
     qo.read_only = fo.mode == OpenMode::ReadOnly;
     qo.l2_cache_bytes = options.l2_cache_bytes;
+    qcow2::HeaderInfo header;
+    qcow2::Status st = qcow2::Image::probe(file, &header);
+    if (!st.ok()) {
+      *error = fmt::format("'{}': {}", current, st.message());
+      return false;
+    }
+    if (header.has_data_file) {
+      if (!options.allow_data_files) {
+        *error = fmt::format("'{}' keeps its data in the external file '{}'; "
+                             "pass --allow-data-file to let layerd open it",
+                             current, header.data_file);
+        return false;
+      }
+      if (header.data_file.empty()) {
+        *error = fmt::format("'{}' needs an external data file but does not "
+                             "name one", current);
+        return false;
+      }
+      std::string data_path = resolve_relative(current, header.data_file);
+      qo.data_file = open_posix_file(data_path, fo, ec);
+      if (!qo.data_file) {
+        *error = fmt::format("cannot open data file '{}' of '{}': {}",
+                             data_path, current, ec.message());
+        return false;
+      }
+    }
     std::unique_ptr<qcow2::Image> image;
-    qcow2::Status st = qcow2::Image::open(file, qo, &image);
+    st = qcow2::Image::open(file, qo, &image);
     if (!st.ok()) {
       *error = fmt::format("'{}': {}", current, st.message());
       return false;
@@ -302,7 +331,7 @@ bool open_chain(const std::string& path, ImageFormat format,
       return false;
     }
     named_by = current;
-    current = resolve_backing(current, backing);
+    current = resolve_relative(current, backing);
   }
 
   if (nodes.size() == 1 && nodes.front().raw) {

@@ -26,6 +26,11 @@ struct ChainOptions {
   // requests go through a bounce buffer; qcow2 refuses it.
   bool direct = false;
   uint64_t l2_cache_bytes = 128ull << 20;  // per qcow2 image, an upper bound
+  // Open the external data file a qcow2 image names (data_file). Off by
+  // default: an image must not make the server open arbitrary host files.
+  // Relative names resolve against the image's directory (qemu resolves
+  // them against its working directory).
+  bool allow_data_files = false;
   size_t max_depth = 4096;
 };
 

@@ -169,7 +169,7 @@ class MemoryFile final : public File {
   std::error_code pread(std::span<std::byte> buf, uint64_t offset) override {
     std::shared_lock lock(mutex_);
     std::fill(buf.begin(), buf.end(), std::byte{0});
-    if (offset < data_.size()) {
+    if (offset < data_.size() && !buf.empty()) {
       size_t n = static_cast<size_t>(
           std::min<uint64_t>(buf.size(), data_.size() - offset));
       std::memcpy(buf.data(), data_.data() + offset, n);

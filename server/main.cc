@@ -60,6 +60,8 @@ std::shared_ptr<Layer> open_image(const ServerOptions& o, std::string& error) {
   ChainOptions co;
   co.read_only = o.read_only;
   co.direct = o.cache == CacheMode::None || o.cache == CacheMode::DirectSync;
+  co.allow_data_files = o.allow_data_file;
+  co.l2_cache_bytes = o.l2_cache_bytes;
   OpenedChain chain;
   if (!open_chain(o.file, format, co, &chain, &error)) return nullptr;
   for (size_t i = 1; i < chain.members.size(); ++i)

@@ -25,6 +25,8 @@ enum LongOnly {
   kOptMaxRequestSize,
   kOptHandshakeLimit,
   kOptThreads,
+  kOptAllowDataFile,
+  kOptL2CacheSize,
   kOptObject,
   kOptTlsCreds,
   kOptTlsAuthz,
@@ -69,6 +71,8 @@ const option kLongOptions[] = {
     {"max-request-size", required_argument, nullptr, kOptMaxRequestSize},
     {"handshake-limit", required_argument, nullptr, kOptHandshakeLimit},
     {"threads", required_argument, nullptr, kOptThreads},
+    {"allow-data-file", no_argument, nullptr, kOptAllowDataFile},
+    {"l2-cache-size", required_argument, nullptr, kOptL2CacheSize},
     {nullptr, 0, nullptr, 0},
 };
 
@@ -85,6 +89,7 @@ std::optional<uint64_t> parse_size(std::string_view s) {
   else if (suffix == "K" || suffix == "k") shift = 10;
   else if (suffix == "M") shift = 20;
   else if (suffix == "G") shift = 30;
+  else if (suffix == "T") shift = 40;
   else return std::nullopt;
   if (value > (UINT64_MAX >> shift)) return std::nullopt;
   return value << shift;
@@ -149,6 +154,10 @@ Image options:
       --detect-zeroes=MODE  off (default), on or unmap: turn writes of
                             all-zero data into zero writes
   -T, --trace=PATTERN       accepted for compatibility; ignored
+      --allow-data-file     open the external data file a qcow2 image names
+                            (data_file); refused otherwise
+      --l2-cache-size=SIZE  qcow2 mapping cache per image (default 128M,
+                            which maps 1 TiB at 64 KiB clusters)
 
 Limits (layerd only):
       --max-request-size=SIZE  largest READ or WRITE (default 32M)
@@ -244,6 +253,14 @@ ParseResult parse_command_line(int argc, char** argv) {
           return fail(fmt::format(
               "invalid --max-request-size '{}' (512 bytes to 1G)", arg));
         o.max_request_size = static_cast<uint32_t>(*n);
+        break;
+      }
+      case kOptAllowDataFile: o.allow_data_file = true; break;
+      case kOptL2CacheSize: {
+        auto n = parse_size(arg);
+        if (!n || *n < (1u << 20))
+          return fail(fmt::format("invalid --l2-cache-size '{}' (at least 1M)", arg));
+        o.l2_cache_bytes = *n;
         break;
       }
       case kOptHandshakeLimit: {

@@ -35,6 +35,9 @@ struct ServerOptions {
   bool discard_unmap = false;       // --discard=unmap
   DetectZeroes detect_zeroes = DetectZeroes::Off;
 
+  bool allow_data_file = false;     // --allow-data-file
+  uint64_t l2_cache_bytes = 128ull << 20;  // --l2-cache-size, per image
+
   uint32_t max_request_size = 32u << 20;
   uint32_t handshake_limit_seconds = 10;
   uint32_t threads = 0;             // --threads; 0: default_worker_threads()

@@ -362,5 +362,57 @@ TEST_F(ChainServing, ImageMarkedCorruptIsServedOnlyReadOnly) {
   EXPECT_EQ(data[0], 0x71);
 }
 
+std::string image_opts_for(const fs::path& image, const fs::path& data) {
+  return "driver=qcow2,file.filename=" + image.string() +
+         ",data-file.filename=" + data.string();
+}
+
+TEST_F(ChainServing, ExternalDataFileIsOpenedOnlyWhenAllowed) {
+  auto image_opts = [&] { return image_opts_for(top(), dir_ / "top.data"); };
+  // The data file's name is relative: it resolves next to the image, not
+  // in the server's working directory.
+  ASSERT_NO_FATAL_FAILURE(qemu_img({"create", "-q", "-f", "qcow2", "-o",
+                                    "data_file=" + (dir_ / "top.data").string(),
+                                    top(), "4M"}));
+  ASSERT_NO_FATAL_FAILURE(qemu_io(top(), "qcow2", {"write -P 0x5d 64k 128k"}));
+  ASSERT_NO_FATAL_FAILURE(qemu_img({"amend", "-o", "data_file=top.data",
+                                    "--image-opts", image_opts()}));
+  RunResult r = run_server_binary({"-k", socket().string(), "-f", "qcow2", top()});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("--allow-data-file"), std::string::npos) << r.err;
+
+  ASSERT_TRUE(start({"-f", "qcow2", "--allow-data-file"}, top()));
+  Nbd h = nbd_connect_to_unix(socket());
+  ASSERT_TRUE(h);
+  std::vector<uint8_t> data(256 << 10);
+  ASSERT_EQ(nbd_pread(h.get(), data.data(), data.size(), 0, 0), 0) << nbd_error_text();
+  EXPECT_TRUE(all_zero(std::span(data).first(64 << 10)));
+  EXPECT_EQ(data[64 << 10], 0x5d);
+  EXPECT_EQ(data[(192 << 10) - 1], 0x5d);
+  std::vector<uint8_t> more(4096, 0x6e);
+  ASSERT_EQ(nbd_pwrite(h.get(), more.data(), more.size(), 1 << 20, LIBNBD_CMD_FLAG_FUA), 0);
+  h.reset();
+  EXPECT_EQ(server_.stop(), 0);
+  // qemu would look for "top.data" in its working directory: name the data
+  // file for it explicitly.
+  RunResult read = run({"qemu-io", "-c", "read -P 0x6e 1M 4k", "-c",
+                        "read -P 0x5d 64k 128k", "--image-opts", image_opts()});
+  EXPECT_EQ(read.exit_code, 0) << read.describe();
+  EXPECT_EQ(read.out.find("Pattern verification failed"), std::string::npos)
+      << read.out;
+  RunResult check = run({"qemu-img", "check", "--image-opts", image_opts()});
+  EXPECT_EQ(check.exit_code, 0) << check.describe();
+}
+
+TEST_F(ChainServing, SmallMappingCacheStillServesEveryByte) {
+  ASSERT_NO_FATAL_FAILURE(make_three_deep_chain());
+  ASSERT_TRUE(start({"-f", "qcow2", "--l2-cache-size=1M"}, top()));
+  RunResult r = run({"qemu-img", "compare", "-f", "qcow2", "-F", "raw", top(), uri()});
+  EXPECT_EQ(r.exit_code, 0) << r.describe();
+  RunResult bad = run_server_binary({"-k", socket().string(), "--l2-cache-size=12",
+                                     top()});
+  EXPECT_EQ(bad.exit_code, 1);
+}
+
 }  // namespace
 }  // namespace layerd::test
