@@ -185,7 +185,7 @@ std::span<std::byte> read_scratch(size_t n) {
 }  // namespace
 
 Connection::Connection(Socket socket, const ExportRegistry& exports,
-                       asio::thread_pool& workers, ConnectionLimits limits,
+                       WorkerPool& workers, ConnectionLimits limits,
                        std::string peer)
     : socket_(std::move(socket)),
       fd_(socket_.native_handle()),
@@ -426,7 +426,7 @@ asio::awaitable<void> Connection::transmission() {
            r.type == static_cast<uint16_t>(nbd::Cmd::BlockStatus));
       const auto ec = std::error_code(static_cast<int>(v.error),
                                       std::generic_category());
-      asio::post(workers_, [self, r, ec, structured_error] {
+      workers_.post([self, r, ec, structured_error] {
         if (structured_error)
           self->reply_structured_error(r.cookie, ec);
         else
@@ -458,7 +458,7 @@ asio::awaitable<void> Connection::transmission() {
     }
     in_flight_.fetch_add(1);
     in_flight_bytes_.fetch_add(payload_bytes);
-    asio::post(workers_, [self, r, payload] { self->serve(r, payload); });
+    workers_.post([self, r, payload] { self->serve(r, payload); });
   }
 }
 

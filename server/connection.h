@@ -22,13 +22,13 @@
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/generic/stream_protocol.hpp>
 #include <boost/asio/steady_timer.hpp>
-#include <boost/asio/thread_pool.hpp>
 
 #include "nbd/codec.h"
 #include "nbd/handshake.h"
 #include "server/export.h"
 #include "server/meta_context.h"
 #include "server/reply_sender.h"
+#include "server/worker_pool.h"
 
 namespace layerd {
 
@@ -44,7 +44,7 @@ class Connection : public std::enable_shared_from_this<Connection>,
   using Socket = boost::asio::generic::stream_protocol::socket;
 
   Connection(Socket socket, const ExportRegistry& exports,
-             boost::asio::thread_pool& workers, ConnectionLimits limits,
+             WorkerPool& workers, ConnectionLimits limits,
              std::string peer);
   ~Connection() override;
 
@@ -92,7 +92,7 @@ class Connection : public std::enable_shared_from_this<Connection>,
   Socket socket_;
   int fd_;
   const ExportRegistry& exports_;
-  boost::asio::thread_pool& workers_;
+  WorkerPool& workers_;
   ConnectionLimits limits_;
   std::string peer_;
 

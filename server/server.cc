@@ -17,11 +17,11 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
-#include <boost/asio/thread_pool.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
 #include "server/connection.h"
 #include "server/log.h"
+#include "server/worker_pool.h"
 
 namespace layerd {
 namespace asio = boost::asio;
@@ -151,7 +151,7 @@ class ServerLoop {
   const ServerConfig& config_;
   ExportRegistry& exports_;
   asio::io_context io_{1};
-  asio::thread_pool workers_;
+  WorkerPool workers_;
   asio::signal_set signals_;
   asio::steady_timer slot_freed_;
   std::vector<std::unique_ptr<GenericAcceptor>> acceptors_;
