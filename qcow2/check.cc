@@ -10,6 +10,10 @@
 namespace layerd::qcow2 {
 
 Status Image::Impl::check_locked(Repair repair, CheckReport* rep) {
+  if (repair != Repair::None && !ro) {
+    // A repair changes refcounts and flags: dirty first, like any write.
+    if (auto ec = mark_dirty()) return Status::IoError(ec, "setting the dirty bit");
+  }
   if (!ro) {
     if (auto ec = flush_locked(true)) return Status::IoError(ec, "flush");
   }
@@ -230,6 +234,12 @@ Status Image::Impl::check_locked(Repair repair, CheckReport* rep) {
       corrupt = false;
       (void)set_incompat_bit(fmt::kIncompatCorrupt, false);
     }
+    // Refcounts are consistent now (leaks do not matter): a dirty bit set
+    // by someone else may be cleared at close(), as `qemu-img check -r`
+    // clears it. Not before: writes may follow while the image is open.
+    if (dirty_bit && rep->corruptions == rep->corruptions_fixed &&
+        rep->check_errors == 0)
+      dirty_set_by_us = true;
   }
   return Status::Ok();
 }

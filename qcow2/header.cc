@@ -433,6 +433,14 @@ std::error_code Image::Impl::set_incompat_bit(uint64_t bit, bool on) {
   return {};
 }
 
+std::error_code Image::Impl::mark_dirty() {
+  if (h.version < 3 || dirty_bit) return {};
+  if (auto ec = set_incompat_bit(fmt::kIncompatDirty, true)) return ec;
+  dirty_bit = true;
+  dirty_set_by_us = true;
+  return {};
+}
+
 std::error_code Image::Impl::mark_corrupt(const std::string& why) {
   bool was = corrupt.exchange(true);
   if (!was) {

@@ -34,9 +34,12 @@ std::error_code Image::close() {
   I.closed = true;
   if (I.corrupt) return eio();
   if (auto ec = I.flush_locked(true)) return ec;
+  // Everything is on disk and synced: now the dirty bit may go (it is
+  // written and synced on its own).
   if (I.dirty_bit && I.dirty_set_by_us) {
     if (auto ec = I.set_incompat_bit(fmt::kIncompatDirty, false)) return ec;
     I.dirty_bit = false;
+    I.dirty_set_by_us = false;
   }
   return {};
 }
@@ -71,14 +74,40 @@ Status Image::open(std::shared_ptr<File> file, const OpenOptions& options,
       if (auto ec = file->flush()) return Status::IoError(ec, "flush");
       I.h.autoclear_features = keep;
     }
-    if (I.dirty_bit && options.repair_dirty_on_open) {
-      CheckReport rep;
-      std::unique_lock lk(I.mu);
-      if (Status st = I.check_locked(Repair::All, &rep); !st.ok())
-        return Status(st.code(), "repairing dirty image: " + st.message());
+  }
+  // Repair on open (see "Dirty bit" in image.h). A v3 image is dirty when
+  // a writer was killed (or lost its machine) while it had the image open:
+  // with our flush ordering that leaves leaks only, with lazy refcounts
+  // (ours or QEMU's) refcounts may also be too low, and a kill in the
+  // middle of taking or deleting a snapshot leaves COPIED flags that
+  // disagree with the refcounts once the leaks are gone. Repair::All fixes
+  // all of these; since raising a too-low refcount and correcting COPIED
+  // flags to match the refcounts are always safe, it is used whoever set
+  // the bit (QEMU repairs a dirty image it opens read-write the same way).
+  // A v2 image cannot record dirtiness, so every read-write open scans it.
+  if (!I.ro && !I.corrupt && options.repair_dirty_on_open &&
+      (I.dirty_bit || I.h.version == 2)) {
+    const bool v2 = I.h.version == 2;
+    CheckReport rep;
+    std::unique_lock lk(I.mu);
+    Status st = I.check_locked(Repair::All, &rep);
+    // v2: the scan is a precaution; an image too large to scan opens as
+    // it did before.
+    if (!st.ok() && !(v2 && st.code() == std::errc::not_supported))
+      return Status(st.code(), (v2 ? "scanning v2 image for leaks: "
+                                   : "repairing dirty image: ") +
+                                   st.message());
+    if (!v2 && rep.check_errors)
+      return Status(std::make_error_code(std::errc::io_error),
+                    "could not repair dirty image: " +
+                        std::to_string(rep.check_errors) + " check errors");
+    // Left set (and not ours) if corruption remains that could not be
+    // fixed, so that the next read-write open tries again.
+    if (I.dirty_bit && I.dirty_set_by_us) {
       if (auto ec = I.set_incompat_bit(fmt::kIncompatDirty, false))
         return Status::IoError(ec, "clearing the dirty bit");
       I.dirty_bit = false;
+      I.dirty_set_by_us = false;
     }
   }
   out->reset(new Image(std::move(impl)));

@@ -99,7 +99,7 @@ struct Image::Impl {
   bool external = false;  // external data file
   std::atomic<bool> corrupt{false};
   std::atomic<bool> dirty_bit{false};
-  bool lazy = false;
+  bool lazy = false;  // informational: refcounts are kept as without it
 
   uint32_t cb = 16;       // cluster bits
   uint64_t cs = 65536;    // cluster size
@@ -129,7 +129,9 @@ struct Image::Impl {
   uint64_t free_hint = 0;              // cluster index
   uint64_t end_cluster = 0;            // clusters in use or allocated
   const std::vector<uint32_t>* reserved = nullptr;  // during repair
-  bool write_started = false;
+  bool write_started = false;  // begin_write ran (v3: the dirty bit is set)
+  // The dirty bit on disk is ours to clear at close(): set by mark_dirty,
+  // or found set and then made consistent by a repairing check.
   bool dirty_set_by_us = false;
   bool closed = false;
   std::mutex hdr_mu;  // serializes header field rewrites
@@ -150,6 +152,11 @@ struct Image::Impl {
   Status load_tables();
   std::error_code write_header_u64(size_t off, uint64_t v);
   std::error_code set_incompat_bit(uint64_t bit, bool on);
+  // The dirty bit protocol (see image.h): sets the dirty bit, durably,
+  // before this Image's first metadata change (called by begin_write and
+  // by a repairing check). No-op on v2 and when the bit is already set;
+  // otherwise the bit is ours (dirty_set_by_us) and close() clears it.
+  std::error_code mark_dirty();
   std::error_code mark_corrupt(const std::string& why);
 
   // --- map.cc --------------------------------------------------------------

@@ -54,13 +54,8 @@ std::error_code Image::Impl::begin_write() {
   if (corrupt) return eio();
   if (ro || is_view) return std::make_error_code(std::errc::operation_not_permitted);
   if (!write_started) {
-    if (lazy) {
-      if (!dirty_bit) {
-        if (auto ec = set_incompat_bit(fmt::kIncompatDirty, true)) return ec;
-        dirty_bit = true;
-        dirty_set_by_us = true;
-      }
-    }
+    // Every metadata change goes through here first (see mark_dirty).
+    if (auto ec = mark_dirty()) return ec;
     write_started = true;
   }
   return {};

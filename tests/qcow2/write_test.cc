@@ -243,8 +243,10 @@ TEST(Write, FailedDataWriteMapsNothing) {
   std::unique_ptr<Image> img;
   ASSERT_TRUE(Image::open(faulty, {}, &img).ok());
   std::vector<std::byte> buf(100000, std::byte{9});
-  faulty->fail_pwrite_after(0);
+  faulty->fail_pwrite_after(1);  // the first pwrite sets the dirty bit
   EXPECT_TRUE(img->write(12345, buf, zero_below()));
+  EXPECT_TRUE(img->dirty());
+  EXPECT_EQ(faulty->pwrites(), 2);
   MapExtent m;
   ASSERT_FALSE(img->block_status(0, 8 << 20, &m));
   EXPECT_EQ(m.kind, ExtentKind::Unallocated);
