@@ -43,6 +43,13 @@ class ChainLayer final : public Layer {
     }
   };
   Below below_of(size_t depth) { return Below{this, depth}; }
+  struct BelowNowait {
+    ChainLayer* chain;
+    size_t depth;
+    std::error_code operator()(uint64_t offset, std::span<std::byte> buf) const {
+      return chain->read_at_nowait(depth + 1, offset, buf);
+    }
+  };
 
  public:
   ChainLayer(std::vector<Node> nodes, bool writable)
@@ -59,6 +66,11 @@ class ChainLayer final : public Layer {
  protected:
   std::error_code do_read(uint64_t offset, std::span<std::byte> buf) override {
     return read_at(0, offset, buf);
+  }
+
+  std::error_code do_read_nowait(uint64_t offset,
+                                 std::span<std::byte> buf) override {
+    return read_at_nowait(0, offset, buf);
   }
 
   std::error_code do_write(uint64_t offset, std::span<const std::byte> data,
@@ -115,8 +127,11 @@ class ChainLayer final : public Layer {
   qcow2::Image& top() { return *nodes_.front().image; }
 
 
-  std::error_code read_at(size_t depth, uint64_t offset,
-                          std::span<std::byte> buf) {
+  // read_at and read_at_nowait share this walk; `nowait` picks the
+  // non-blocking calls.
+  template <bool nowait>
+  std::error_code read_walk(size_t depth, uint64_t offset,
+                            std::span<std::byte> buf) {
     if (depth >= nodes_.size() || offset >= nodes_[depth].size) {
       std::memset(buf.data(), 0, buf.size());
       return {};
@@ -127,8 +142,20 @@ class ChainLayer final : public Layer {
       std::memset(buf.data() + inside, 0, buf.size() - inside);
       buf = buf.first(inside);
     }
-    if (node.raw) return node.raw->pread(buf, offset);
-    return node.image->read(offset, buf, below_of(depth));
+    if constexpr (nowait) {
+      if (node.raw) return node.raw->pread_nowait(buf, offset);
+      return node.image->read_nowait(offset, buf, BelowNowait{this, depth});
+    } else {
+      if (node.raw) return node.raw->pread(buf, offset);
+      return node.image->read(offset, buf, below_of(depth));
+    }
+  }
+  std::error_code read_at(size_t depth, uint64_t offset, std::span<std::byte> buf) {
+    return read_walk<false>(depth, offset, buf);
+  }
+  std::error_code read_at_nowait(size_t depth, uint64_t offset,
+                                 std::span<std::byte> buf) {
+    return read_walk<true>(depth, offset, buf);
   }
 
   std::error_code status_at(size_t depth, uint64_t offset, uint64_t length,

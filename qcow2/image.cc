@@ -176,6 +176,18 @@ std::error_code Image::read(uint64_t offset, std::span<std::byte> buf,
   }
 }
 
+std::error_code Image::read_nowait(uint64_t offset, std::span<std::byte> buf,
+                                   BelowReader below) {
+  Impl& I = *impl_;
+  if (!range_ok(offset, buf.size(), I.h.virtual_size)) return einval();
+  std::shared_lock lk(I.mu, std::try_to_lock);
+  if (!lk.owns_lock())
+    return std::make_error_code(std::errc::resource_unavailable_try_again);
+  bool nl = false;
+  uint64_t li = 0;
+  return I.read_locked(offset, buf, below, &nl, &li, /*nowait=*/true);
+}
+
 std::error_code Image::write(uint64_t offset, std::span<const std::byte> data,
                              BelowReader below, bool fua) {
   Impl& I = *impl_;

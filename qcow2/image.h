@@ -294,6 +294,15 @@ class Image {
   std::error_code read(uint64_t offset, std::span<std::byte> buf,
                        BelowReader below);
 
+  // Like read(), but never waits: returns
+  // errc::resource_unavailable_try_again (with `buf` partly filled) when it
+  // would have to wait for the disk (an uncached L2 table, data not in the
+  // page cache, a compressed cluster) or for the metadata lock. `below`
+  // must not block either. Lets the server answer cached reads on its I/O
+  // thread.
+  std::error_code read_nowait(uint64_t offset, std::span<std::byte> buf,
+                              BelowReader below);
+
   // Writes `data`, allocating clusters and copying the rest of partially
   // written clusters from `below` (or from the old zero/compressed/shared
   // cluster). With `fua` the write and its metadata are durable on return.

@@ -174,9 +174,13 @@ struct Image::Impl {
   // cached (then nothing else is set).
   std::error_code lookup(uint64_t pos, CType* type, uint64_t* host,
                          uint64_t* e0, uint64_t* avail, bool* need_load);
+  // Reads what is mapped, stopping with `*need_load` at an uncached L2
+  // table. With `nowait`, anything that would wait for the disk (data not
+  // in the page cache, a compressed cluster, an uncached table) returns
+  // errc::resource_unavailable_try_again instead.
   std::error_code read_locked(uint64_t& offset, std::span<std::byte>& buf,
                               BelowReader& below, bool* need_load,
-                              uint64_t* load_index);
+                              uint64_t* load_index, bool nowait = false);
   std::error_code read_compressed(uint64_t e0, std::span<std::byte> out);
   void compressed_span(uint64_t e0, uint64_t* off, uint64_t* len) const;
   std::error_code fill_below(uint64_t guest, std::span<std::byte> buf,

@@ -203,12 +203,14 @@ std::error_code Image::Impl::fill_below(uint64_t guest, std::span<std::byte> buf
 std::error_code Image::Impl::read_locked(uint64_t& offset,
                                          std::span<std::byte>& buf,
                                          BelowReader& below, bool* need_load,
-                                         uint64_t* load_index) {
+                                         uint64_t* load_index, bool nowait) {
+  const auto would_block = std::make_error_code(std::errc::resource_unavailable_try_again);
   while (!buf.empty()) {
     CType type;
     uint64_t host, e0, avail;
     bool nl = false;
     if (auto ec = lookup(offset, &type, &host, &e0, &avail, &nl)) return ec;
+    if (nl && nowait) return would_block;
     if (nl) {
       *need_load = true;
       *load_index = (offset >> cb) >> l2_bits;
@@ -216,6 +218,7 @@ std::error_code Image::Impl::read_locked(uint64_t& offset,
     }
     uint64_t run = std::min<uint64_t>(avail, buf.size());
     if (type == CType::Compressed) {
+      if (nowait) return would_block;
       thread_local std::vector<std::byte> cbuf;
       if (cbuf.size() < cs) cbuf.resize(cs);
       if (auto ec = read_compressed(e0, std::span(cbuf.data(), cs))) return ec;
@@ -236,7 +239,8 @@ std::error_code Image::Impl::read_locked(uint64_t& offset,
       std::error_code ec;
       switch (type) {
         case CType::Data:
-          ec = data_file->pread(part, host);
+          ec = nowait ? data_file->pread_nowait(part, host)
+                      : data_file->pread(part, host);
           break;
         case CType::Zero:
           std::memset(part.data(), 0, part.size());
