@@ -116,8 +116,11 @@ Status Image::Impl::check_locked(Repair repair, CheckReport* rep) {
           continue;
         }
         uint64_t host = e0 & fmt::kL2OffsetMask;
+        // As classify() reads it: in an external data file, offset 0 with
+        // the COPIED flag is the data file's first cluster.
+        const bool mapped = host || (external && (e0 & fmt::kOflagCopied));
         if (active && guest < h.virtual_size &&
-            (host || (words == 2 && (fmt::load64(&raw[k * 16 + 8]) & 0xffffffffu))))
+            (mapped || (words == 2 && (fmt::load64(&raw[k * 16 + 8]) & 0xffffffffu))))
           ++rep->allocated_clusters;
         if (!host || external) continue;
         if (host % cs) {

@@ -187,8 +187,10 @@ enum class ExtentKind {
 struct MapExtent {
   uint64_t length = 0;
   ExtentKind kind = ExtentKind::Unallocated;
-  // For Data (and preallocated Zero) extents: where the bytes live in the
-  // image file (or the external data file). Contiguous across `length`.
+  // Where the extent's host cluster lives in the image file (or the
+  // external data file), contiguous across `length`: always for Data; for
+  // Zero and (with subclusters) Unallocated extents inside a cluster that
+  // has a host cluster, as QEMU's ZERO_ALLOC and UNALLOCATED_ALLOC.
   bool has_host_offset = false;
   uint64_t host_offset = 0;
   bool compressed = false;  // Data that is a compressed cluster

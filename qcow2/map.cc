@@ -271,14 +271,21 @@ std::error_code Image::Impl::status_locked(uint64_t offset, uint64_t length,
     *load_index = (offset >> cb) >> l2_bits;
     return {};
   }
+  // Zero and unallocated units inside a cluster that has a host cluster
+  // (preallocated zeros; subclusters of an allocated cluster) keep their
+  // host offset, as QEMU reports them (ZERO_ALLOC, UNALLOCATED_ALLOC).
+  auto has_offset = [&](CType t, uint64_t entry) {
+    return t == CType::Data || ((entry & fmt::kL2OffsetMask) != 0 &&
+                                (t == CType::Zero || (t == CType::Unalloc && words == 2)));
+  };
   MapExtent m;
   m.length = std::min(avail, length);
+  m.has_host_offset = has_offset(type, e0);
+  m.host_offset = m.has_host_offset ? host : 0;
+  m.in_data_file = external && m.has_host_offset;
   switch (type) {
     case CType::Data:
       m.kind = ExtentKind::Data;
-      m.has_host_offset = true;
-      m.host_offset = host;
-      m.in_data_file = external;
       break;
     case CType::Compressed:
       m.kind = ExtentKind::Data;
@@ -292,10 +299,6 @@ std::error_code Image::Impl::status_locked(uint64_t offset, uint64_t length,
       break;
     case CType::Zero:
       m.kind = ExtentKind::Zero;
-      if (words == 1 && (e0 & fmt::kL2OffsetMask)) {
-        m.has_host_offset = true;
-        m.host_offset = host;
-      }
       break;
     case CType::Unalloc:
       m.kind = ExtentKind::Unallocated;
@@ -308,12 +311,8 @@ std::error_code Image::Impl::status_locked(uint64_t offset, uint64_t length,
       bool nl2 = false;
       if (auto ec = lookup(offset + m.length, &t2, &h2, &e2, &a2, &nl2))
         return ec;
-      if (nl2 || t2 != type) break;
-      if (type == CType::Data && h2 != host + m.length) break;
-      if (type == CType::Zero &&
-          (m.has_host_offset != (words == 1 && (e2 & fmt::kL2OffsetMask) != 0) ||
-           (m.has_host_offset && h2 != host + m.length)))
-        break;
+      if (nl2 || t2 != type || has_offset(t2, e2) != m.has_host_offset) break;
+      if (m.has_host_offset && h2 != host + m.length) break;
       m.length += std::min(a2, length - m.length);
     }
   }

@@ -571,21 +571,20 @@ TEST_F(LayerctlTest, CheckOfRawExits63LikeQemuImg) {
   EXPECT_EQ(qemu_img({"check", path("d.raw")}).exit_code, 63);
 }
 
-// Engine bug (qcow2/check.cc): with an external data file, a cluster at
-// data-file offset 0 has an L2 entry with offset 0 and the COPIED flag; the
-// check does not count it as allocated (qemu-img says 2/64, we say 1/64).
-TEST_F(LayerctlTest, DISABLED_CheckCountsExternalDataClusterAtOffsetZero) {
+// With an external data file, a cluster at data-file offset 0 has an L2
+// entry with offset 0 and the COPIED flag: it is allocated (qemu-img says
+// 2/64 here).
+TEST_F(LayerctlTest, CheckCountsExternalDataClusterAtOffsetZero) {
   std::string ext = make_qemu_image("e.qcow2", "4M", {"-o", "data_file=" + path("e.data")});
   qemu_io(ext, {"write -P 1 0 128k"});
   for (const char* out : {"--output=human", "--output=json"})
     expect_same_as_qemu({"check", out, ext});
 }
 
-// Engine gap (qcow2/map.cc, MapExtent): with extended L2, QEMU reports a
-// host offset for zero and unallocated subclusters of an allocated cluster
-// (ZERO_ALLOC, UNALLOCATED_ALLOC); Image::block_status gives none, so
-// those map entries lack "offset" and merge differently.
-TEST_F(LayerctlTest, DISABLED_MapReportsHostOffsetsOfSubclustersInAllocatedClusters) {
+// With extended L2, zero and unallocated subclusters of an allocated
+// cluster keep their host offset (QEMU's ZERO_ALLOC, UNALLOCATED_ALLOC), so
+// map entries carry "offset" and merge as qemu-img's do.
+TEST_F(LayerctlTest, MapReportsHostOffsetsOfSubclustersInAllocatedClusters) {
   std::string img = make_qemu_image("x.qcow2", "4M", {"-o", "extended_l2=on"});
   qemu_io(img, {"write -P 1 4k 8k", "write -z 100k 4k", "write -P 2 1M 200k"});
   expect_same_as_qemu({"map", "--output=json", img});
