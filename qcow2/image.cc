@@ -158,22 +158,33 @@ std::vector<SnapshotInfo> Image::snapshots() const {
   return impl_->snaps;
 }
 
+// Runs `step` under the shared metadata lock; when it stops at an L2 table
+// that is not cached (setting *need_load and *load_index), loads that
+// table under the exclusive lock and runs it again (a step resumes where
+// it stopped).
+template <typename Step>
+std::error_code with_tables_loaded(Image::Impl& I, Step&& step) {
+  for (;;) {
+    bool need_load = false;
+    uint64_t load_index = 0;
+    {
+      std::shared_lock lk(I.mu);
+      if (auto ec = step(&need_load, &load_index)) return ec;
+      if (!need_load) return {};
+    }
+    std::unique_lock lk(I.mu);
+    L2Table* table;
+    if (auto ec = I.load_l2(load_index, &table)) return ec;
+  }
+}
+
 std::error_code Image::read(uint64_t offset, std::span<std::byte> buf,
                             BelowReader below) {
   Impl& I = *impl_;
   if (!range_ok(offset, buf.size(), I.h.virtual_size)) return einval();
-  for (;;) {
-    bool nl = false;
-    uint64_t li = 0;
-    {
-      std::shared_lock lk(I.mu);
-      if (auto ec = I.read_locked(offset, buf, below, &nl, &li)) return ec;
-      if (!nl) return {};
-    }
-    std::unique_lock lk(I.mu);
-    L2Table* t;
-    if (auto ec = I.load_l2(li, &t)) return ec;
-  }
+  return with_tables_loaded(I, [&](bool* need_load, uint64_t* load_index) {
+    return I.read_locked(offset, buf, below, need_load, load_index);
+  });
 }
 
 std::error_code Image::read_nowait(uint64_t offset, std::span<std::byte> buf,
@@ -263,18 +274,9 @@ std::error_code Image::block_status(uint64_t offset, uint64_t length,
   Impl& I = *impl_;
   if (length == 0 || !range_ok(offset, length, I.h.virtual_size))
     return einval();
-  for (;;) {
-    bool nl = false;
-    uint64_t li = 0;
-    {
-      std::shared_lock lk(I.mu);
-      if (auto ec = I.status_locked(offset, length, out, &nl, &li)) return ec;
-      if (!nl) return {};
-    }
-    std::unique_lock lk(I.mu);
-    L2Table* t;
-    if (auto ec = I.load_l2(li, &t)) return ec;
-  }
+  return with_tables_loaded(I, [&](bool* need_load, uint64_t* load_index) {
+    return I.status_locked(offset, length, out, need_load, load_index);
+  });
 }
 
 std::error_code Image::flush() {
