@@ -323,15 +323,8 @@ Status Image::Impl::load_tables() {
       return Status::Invalid("snapshot table extends beyond end of file");
     if (auto ec = file->pread(fixed, pos))
       return Status::IoError(ec, "reading snapshot table");
-    SnapshotInfo si;
-    si.l1_table_offset = fmt::load64(fixed);
-    si.l1_size = fmt::load32(fixed + 8);
     uint16_t id_len = fmt::load16(fixed + 12);
     uint16_t name_len = fmt::load16(fixed + 14);
-    si.date_sec = fmt::load32(fixed + 16);
-    si.date_nsec = fmt::load32(fixed + 20);
-    si.vm_clock_nsec = fmt::load64(fixed + 24);
-    si.vm_state_size = fmt::load32(fixed + 32);
     uint32_t extra = fmt::load32(fixed + 36);
     if (extra > fmt::kMaxSnapshotExtraData)
       return Status::Invalid("snapshot " + std::to_string(s) +
@@ -342,17 +335,13 @@ Status Image::Impl::load_tables() {
     if (pos + var > fsize ||
         pos + var - snapshots_offset > fmt::kMaxSnapshotTableBytes)
       return Status::Invalid("snapshot table extends beyond end of file");
-    std::vector<std::byte> v(var);
+    std::vector<std::byte> raw(fixed, fixed + sizeof fixed);
+    raw.resize(sizeof fixed + var);
     if (var) {
-      if (auto ec = file->pread(v, pos))
+      if (auto ec = file->pread(std::span(raw).subspan(sizeof fixed), pos))
         return Status::IoError(ec, "reading snapshot table");
     }
-    si.virtual_size = h.virtual_size;
-    if (extra >= 8) si.vm_state_size = fmt::load64(&v[0]);
-    if (extra >= 16) si.virtual_size = fmt::load64(&v[8]);
-    si.id.assign(reinterpret_cast<const char*>(v.data() + extra), id_len);
-    si.name.assign(reinterpret_cast<const char*>(v.data() + extra + id_len),
-                   name_len);
+    SnapshotInfo si = decode_snapshot(raw, h.virtual_size);
     pos = fmt::round_up(pos + var, 8);
     if (si.l1_size > fmt::kMaxL1Bytes / 8)
       return Status::Invalid("snapshot '" + si.name + "' L1 table too large");
@@ -362,8 +351,6 @@ Status Image::Impl::load_tables() {
       return Status::Invalid("snapshot '" + si.name + "' L1 table offset " +
                              hex(si.l1_table_offset) + " invalid");
     snaps.push_back(std::move(si));
-    std::vector<std::byte> raw(fixed, fixed + sizeof fixed);
-    raw.insert(raw.end(), v.begin(), v.end());
     snap_raw.push_back(std::move(raw));
   }
   snapshot_table_bytes = pos - snapshots_offset;

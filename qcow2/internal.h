@@ -79,6 +79,13 @@ struct ClusterPlan {
 // What a guest cluster (or subcluster) is, from its L2 entry.
 enum class CType { Unalloc, Zero, Data, Compressed };
 
+// Decodes one snapshot table entry: the fixed part followed by its extra
+// data, id and name, exactly as stored (lengths already validated).
+// `default_size` is the image size, for entries without a size in their
+// extra data.
+SnapshotInfo decode_snapshot(const std::vector<std::byte>& raw,
+                             uint64_t default_size);
+
 struct Image::Impl {
   // --- Set up at open -----------------------------------------------------
   std::shared_ptr<File> file;

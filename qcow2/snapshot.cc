@@ -11,8 +11,6 @@
 
 namespace layerd::qcow2 {
 
-namespace {
-
 SnapshotInfo decode_snapshot(const std::vector<std::byte>& raw,
                              uint64_t default_size) {
   SnapshotInfo si;
@@ -35,7 +33,6 @@ SnapshotInfo decode_snapshot(const std::vector<std::byte>& raw,
   return si;
 }
 
-}  // namespace
 
 std::error_code Image::Impl::write_snapshot_table(
     std::vector<std::vector<std::byte>> entries) {
