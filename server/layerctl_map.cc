@@ -113,6 +113,14 @@ bool mergeable(const Entry& a, const Entry& b) {
   return !a.has_offset || a.offset + a.length == b.offset;
 }
 
+// Where an extent's bytes live: its host offset, in the image or in the
+// external data file.
+void set_host(Entry& e, const qcow2::MapExtent& m, const OpenedImage& img) {
+  e.has_offset = true;
+  e.offset = m.host_offset;
+  e.filename = m.in_data_file && img.data_file ? img.data_file_path : img.filename;
+}
+
 // The extent at `offset` (at most `length` bytes), asked top to bottom.
 // preallocated[d]: -1 not known yet, else looks_preallocated(chain[d]).
 Entry status_at(const std::vector<OpenedImage>& chain, std::vector<int>& preallocated,
@@ -145,13 +153,10 @@ Entry status_at(const std::vector<OpenedImage>& chain, std::vector<int>& preallo
       e.present = true;
       e.data = true;
       if (m.has_host_offset && !m.compressed) {
-        e.has_offset = true;
-        e.offset = m.host_offset;
-        const bool ext = m.in_data_file && img.data_file;
-        e.filename = ext ? img.data_file_path : img.filename;
+        set_host(e, m, img);
         if (preallocated[d] < 0) preallocated[d] = looks_preallocated(img);
         if (preallocated[d]) {
-          File& host = ext ? *img.data_file : *img.file;
+          File& host = m.in_data_file && img.data_file ? *img.data_file : *img.file;
           bool is_data = true;
           uint64_t n = host.extent_at(m.host_offset, length, &is_data);
           if (!is_data) e.zero = true;
@@ -164,12 +169,7 @@ Entry status_at(const std::vector<OpenedImage>& chain, std::vector<int>& preallo
     if (m.kind == qcow2::ExtentKind::Zero) {
       e.present = true;
       e.zero = true;
-      if (m.has_host_offset) {
-        e.has_offset = true;
-        e.offset = m.host_offset;
-        e.filename = m.in_data_file && img.data_file ? img.data_file_path
-                                                      : img.filename;
-      }
+      if (m.has_host_offset) set_host(e, m, img);
       e.length = length;
       return e;
     }
@@ -179,12 +179,7 @@ Entry status_at(const std::vector<OpenedImage>& chain, std::vector<int>& preallo
     if (d + 1 == chain.size() || offset >= chain[d + 1].size) {
       e.zero = true;
       e.length = length;
-      if (m.has_host_offset) {
-        e.has_offset = true;
-        e.offset = m.host_offset;
-        e.filename = m.in_data_file && img.data_file ? img.data_file_path
-                                                      : img.filename;
-      }
+      if (m.has_host_offset) set_host(e, m, img);
       return e;
     }
     length = std::min(length, chain[d + 1].size - offset);
