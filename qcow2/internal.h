@@ -133,6 +133,9 @@ struct Image::Impl {
   std::vector<uint64_t> rb_resident;  // reftable indices with a block
   uint64_t rb_max_blocks = 1;
   std::vector<uint64_t> pending_free;  // host offsets to decrement after L2s
+  // Reftable indices of refcount blocks created since the last
+  // persist_refcounts(): set in `reftable`, not yet on disk.
+  std::vector<uint64_t> reftable_pending;
   uint64_t free_hint = 0;              // cluster index
   uint64_t end_cluster = 0;            // clusters in use or allocated
   const std::vector<uint32_t>* reserved = nullptr;  // during repair
@@ -235,6 +238,10 @@ struct Image::Impl {
   std::error_code free_cluster_now(uint64_t host,
                                    std::vector<uint64_t>* punch = nullptr);
   std::error_code write_refblocks();
+  // Writes dirty refcount blocks, then (after a flush, so the blocks are
+  // durable first) the reftable entries of new ones. Callers flush before
+  // writing L2 tables that may use the counted clusters.
+  std::error_code persist_refcounts();
   std::error_code write_l2s();
   std::error_code write_l1();
   std::error_code flush_locked(bool sync);

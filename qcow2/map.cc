@@ -34,7 +34,7 @@ void Image::Impl::evict_l2_if_needed() {
     if (t->dirty) {
       // The table may point at clusters whose refcounts are still only in
       // the cache: those go first.
-      if (write_refblocks() || file->flush()) return;  // keep it; retry later
+      if (persist_refcounts() || file->flush()) return;  // keep it; retry later
       std::vector<std::byte> raw(cs);
       for (uint64_t k = 0; k < t->words.size(); ++k)
         fmt::store64(&raw[k * 8], t->words[k]);

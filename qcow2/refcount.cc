@@ -3,7 +3,9 @@
 //
 // Ordering rules (see image.h):
 //  1. refcount blocks holding increments are written and synced before any
-//     L2 table that may point at the newly counted clusters;
+//     L2 table that may point at the newly counted clusters; a new refcount
+//     block is written and synced before the reftable entry that points at
+//     it, and that entry before such L2 tables (persist_refcounts);
 //  2. L2 tables are written (and synced) before the L1 table points at them;
 //  3. decrements for clusters that L2 tables stopped pointing at (COW,
 //     discard) wait in `pending_free` until those L2 tables are on disk.
@@ -126,12 +128,12 @@ std::error_code Image::Impl::create_refblock(uint64_t idx, uint64_t cluster) {
   b->offset = cluster << cb;
   b->raw.assign(cs, std::byte{0});
   if (cluster / rb_entries == idx) rb_set(*b, cluster % rb_entries, 1);
-  if (auto ec = file->pwrite(b->raw, b->offset)) return ec;
-  if (auto ec = file->flush()) return ec;
-  std::byte e[8];
-  fmt::store64(e, b->offset);
-  if (auto ec = file->pwrite(e, h.refcount_table_offset + idx * 8)) return ec;
+  // Written at the next persist_refcounts(): the block first, then (after
+  // a flush) its reftable entry. Nothing on disk refers to the clusters it
+  // counts before then, so a crash in between leaves unused clusters.
+  b->dirty = true;
   reftable[idx] = b->offset;
+  reftable_pending.push_back(idx);
   note_end(b->offset + cs);
   b->last_use = clock.fetch_add(1, std::memory_order_relaxed);
   refblocks[idx] = std::move(b);
@@ -238,6 +240,7 @@ std::error_code Image::Impl::grow_reftable(uint64_t need_index) {
   h.refcount_table_clusters = static_cast<uint32_t>(T);
   rebuild_meta_ranges();
   reftable = std::move(table);
+  reftable_pending.clear();  // the new table holds their entries
   refblocks.resize(new_n);
   for (uint64_t k = 0; k < B; ++k) {
     evict_refblocks_if_needed();
@@ -314,6 +317,19 @@ std::error_code Image::Impl::free_cluster_now(uint64_t host,
   return {};
 }
 
+std::error_code Image::Impl::persist_refcounts() {
+  if (auto ec = write_refblocks()) return ec;
+  if (reftable_pending.empty()) return {};
+  if (auto ec = file->flush()) return ec;
+  for (uint64_t idx : reftable_pending) {
+    std::byte e[8];
+    fmt::store64(e, reftable[idx]);
+    if (auto ec = file->pwrite(e, h.refcount_table_offset + idx * 8)) return ec;
+  }
+  reftable_pending.clear();
+  return {};
+}
+
 std::error_code Image::Impl::write_refblocks() {
   for (uint64_t idx : rb_resident) {
     RefBlock* b = refblocks[idx].get();
@@ -355,8 +371,8 @@ std::error_code Image::Impl::flush_locked(bool sync) {
   if (external && (any_l2 || l1_dirty)) {
     if (auto ec = data_file->flush()) return ec;
   }
-  if (any_rb) {
-    if (auto ec = write_refblocks()) return ec;
+  if (any_rb || !reftable_pending.empty()) {
+    if (auto ec = persist_refcounts()) return ec;
     if (any_l2 || l1_dirty) {
       if (auto ec = file->flush()) return ec;
     }
