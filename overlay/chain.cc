@@ -58,7 +58,8 @@ class ChainLayer final : public Layer {
                            .trim = true,
                            .fast_zero = true,
                            .cheap_block_status = true,
-                           .multi_conn_safe = true}),
+                           .multi_conn_safe = true,
+                           .buffered_writes = true}),
         nodes_(std::move(nodes)),
         zero_granularity_(nodes_.front().image->subcluster_size()),
         zero_clusters_(nodes_.front().image->has_zero_clusters()) {}

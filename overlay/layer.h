@@ -39,6 +39,8 @@ struct Capabilities {
   bool cheap_block_status = false;  // block status needs no I/O: reads may
                                     // answer zero ranges as holes
   bool multi_conn_safe = true;  // a flush is visible to every connection
+  bool buffered_writes = false;  // writes land in the page cache and rarely
+                                 // wait for the disk (no O_DIRECT)
 };
 
 struct ZeroFlags {

@@ -28,7 +28,8 @@ class RawLayer final : public Layer {
                            .trim = true,
                            .fast_zero = true,
                            .cheap_block_status = false,
-                           .multi_conn_safe = true}),
+                           .multi_conn_safe = true,
+                           .buffered_writes = options.direct_alignment == 0}),
         file_(std::move(file)),
         align_(options.direct_alignment) {}
 

@@ -41,6 +41,14 @@ constexpr size_t kMaxReadChunks = 64;
 // READs up to this size may be answered on the I/O thread when their data
 // is cached; larger copies are better spread over the workers.
 constexpr uint32_t kMaxInlineRead = 64 * 1024;
+// Likewise for WRITE, WRITE_ZEROES and TRIM served on the loop thread:
+// while a large write is copied, a worker-served stream would already be
+// reading the next payload.
+constexpr uint32_t kMaxInlineWrite = 64 * 1024;
+// Replies to requests served on the loop thread are held back until the
+// reader runs out of buffered requests, or this many are waiting.
+constexpr size_t kMaxHeldReplies = 32;
+constexpr size_t kMaxHeldBytes = 256 * 1024;
 
 size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
@@ -112,15 +120,17 @@ class Connection::BufferPool {
 
 // Buffered reads from the socket: one recv usually brings several
 // pipelined request headers. Large payloads are read straight into their
-// destination.
+// destination. Before it waits for the socket, held replies go out.
 class Connection::ReadBuffer {
  public:
-  explicit ReadBuffer(Socket& socket) : socket_(socket), buf_(kReadBufferSize) {}
+  ReadBuffer(Socket& socket, Connection& connection)
+      : socket_(socket), connection_(connection), buf_(kReadBufferSize) {}
 
   asio::awaitable<void> read_exact(std::span<std::byte> out) {
     size_t got = take(out);
     while (got < out.size()) {
       auto rest = out.subspan(got);
+      connection_.flush_held_replies();
       if (rest.size() >= buf_.size() / 2) {
         got += co_await socket_.async_read_some(
             asio::buffer(rest.data(), rest.size()), use_awaitable);
@@ -136,6 +146,7 @@ class Connection::ReadBuffer {
   asio::awaitable<void> skip(uint64_t n) {
     while (n > 0) {
       if (begin_ == end_) {
+        connection_.flush_held_replies();
         begin_ = 0;
         end_ = co_await socket_.async_read_some(asio::buffer(buf_),
                                                 use_awaitable);
@@ -155,6 +166,7 @@ class Connection::ReadBuffer {
   }
 
   Socket& socket_;
+  Connection& connection_;
   std::vector<std::byte> buf_;
   size_t begin_ = 0;
   size_t end_ = 0;
@@ -185,12 +197,13 @@ std::span<std::byte> read_scratch(size_t n) {
 }  // namespace
 
 Connection::Connection(Socket socket, const ExportRegistry& exports,
-                       WorkerPool& workers, ConnectionLimits limits,
-                       std::string peer)
+                       WorkerPool& workers, LoopThreads& loop,
+                       ConnectionLimits limits, std::string peer)
     : socket_(std::move(socket)),
       fd_(socket_.native_handle()),
       exports_(exports),
       workers_(workers),
+      loop_(loop),
       limits_(limits),
       peer_(std::move(peer)),
       buffers_(std::make_unique<BufferPool>()),
@@ -236,8 +249,10 @@ asio::awaitable<void> Connection::run() {
   } catch (const std::exception& e) {
     log_error("{}: connection failed: {}", peer_, e.what());
   }
+  flush_held_replies();
   co_await wait_until_idle();
   if (export_ && wrote_.load()) {
+    auto section = loop_.enter_blocking();
     if (auto ec = export_->layer->flush())
       log_error("{}: flush at disconnect failed: {}", peer_, ec.message());
   }
@@ -320,6 +335,7 @@ asio::awaitable<void> Connection::wait_for_room(uint64_t bytes) {
   // Dekker-style handshake with finish_request(): set the flag, then look
   // again, so a worker either sees the flag or we see its decrement.
   while (!has_room()) {
+    flush_held_replies();
     reader_waiting_.store(true);
     if (has_room()) {
       reader_waiting_.store(false);
@@ -351,55 +367,32 @@ void Connection::finish_request(uint64_t bytes) {
   }
 }
 
-asio::awaitable<bool> Connection::try_read_inline(const nbd::RequestHeader& r) {
-  auto lock = sender_.try_begin_inline();
-  if (!lock.owns_lock()) co_return false;
-  std::span<std::byte> data = read_scratch(r.length);
-  if (export_->layer->try_read_nowait(r.offset, data)) co_return false;
-
-  std::array<std::byte, nbd::kStructuredChunkHeaderSize + 8> header;
-  size_t header_size;
+bool Connection::try_read_inline(const nbd::RequestHeader& r) {
+  const size_t header_size = state_.structured_replies
+                                 ? nbd::kStructuredChunkHeaderSize + 8
+                                 : nbd::kSimpleReplySize;
+  std::span<std::byte> reply = sender_.hold_space(header_size + r.length);
+  if (export_->layer->try_read_nowait(r.offset, reply.subspan(header_size))) {
+    sender_.drop_held();
+    return false;
+  }
   if (state_.structured_replies) {
-    header = nbd::encode_offset_data_header(r.cookie, nbd::kReplyFlagDone,
-                                            r.offset, r.length);
-    header_size = header.size();
+    auto header = nbd::encode_offset_data_header(r.cookie, nbd::kReplyFlagDone,
+                                                 r.offset, r.length);
+    std::memcpy(reply.data(), header.data(), header.size());
   } else {
-    auto simple = nbd::encode_simple_reply(r.cookie, nbd::Error::Ok);
-    std::memcpy(header.data(), simple.data(), simple.size());
-    header_size = simple.size();
+    auto header = nbd::encode_simple_reply(r.cookie, nbd::Error::Ok);
+    std::memcpy(reply.data(), header.data(), header.size());
   }
-  iovec iov[2] = {iov_of(header.data(), header_size),
-                  iov_of(data.data(), data.size())};
-  if (!sender_.send_inline(lock, iov, 2)) co_return true;
-
-  // The socket took only part of the reply: finish it before reading more
-  // requests of this connection (other connections carry on). A client
-  // that takes nothing for kSendStall is dropped, as on the worker side.
-  using namespace asio::experimental::awaitable_operators;
-  auto stalled = std::chrono::milliseconds(0);
-  for (;;) {
-    auto state = sender_.flush_pending();
-    if (state == ReplySender::Flush::Done) break;
-    if (state == ReplySender::Flush::Busy) {  // a worker is writing it
-      asio::steady_timer pause(socket_.get_executor(), std::chrono::milliseconds(1));
-      co_await pause.async_wait(asio::as_tuple(use_awaitable));
-      continue;
-    }
-    asio::steady_timer slice(socket_.get_executor(), std::chrono::seconds(1));
-    auto woke = co_await (socket_.async_wait(Socket::wait_write, use_awaitable) ||
-                          slice.async_wait(use_awaitable));
-    if (woke.index() == 0) {
-      stalled = {};
-    } else if ((stalled += std::chrono::seconds(1)) >= ReplySender::kSendStall) {
-      sender_.abandon("client stopped reading replies");
-      break;
-    }
-  }
-  co_return true;
+  sender_.commit_held();
+  if (sender_.held_replies() >= kMaxHeldReplies ||
+      sender_.held_bytes() >= kMaxHeldBytes)
+    flush_held_replies();
+  return true;
 }
 
 asio::awaitable<void> Connection::transmission() {
-  ReadBuffer reader(socket_);
+  ReadBuffer reader(socket_, *this);
   std::array<std::byte, nbd::kRequestHeaderSize> header;
   auto self = shared_from_this();
   while (!sender_.broken()) {
@@ -441,7 +434,7 @@ asio::awaitable<void> Connection::transmission() {
       break;
     }
     if (r.type == static_cast<uint16_t>(nbd::Cmd::Read) &&
-        r.length <= kMaxInlineRead && co_await try_read_inline(r))
+        r.length <= kMaxInlineRead && try_read_inline(r))
       continue;
     const bool is_write = r.type == static_cast<uint16_t>(nbd::Cmd::Write);
     const uint64_t payload_bytes = is_write ? r.length : 0;
@@ -458,13 +451,39 @@ asio::awaitable<void> Connection::transmission() {
     }
     in_flight_.fetch_add(1);
     in_flight_bytes_.fetch_add(payload_bytes);
+    if (may_serve_inline(r)) {
+      if (auto section = loop_.try_enter_blocking()) {
+        serve(r, payload, /*hold_reply=*/true);
+        if (sender_.held_replies() >= kMaxHeldReplies) sender_.send_held();
+        continue;
+      }
+    }
     workers_.post([self, r, payload] { self->serve(r, payload); });
   }
 }
 
-// --- Worker side -----------------------------------------------------------
+bool Connection::may_serve_inline(const nbd::RequestHeader& r) const {
+  const auto cmd = static_cast<nbd::Cmd>(r.type);
+  if (cmd != nbd::Cmd::Write && cmd != nbd::Cmd::WriteZeroes &&
+      cmd != nbd::Cmd::Trim)
+    return false;
+  // FUA means a flush: that waits for the disk, so it goes to a worker.
+  if ((r.flags & nbd::kCmdFlagFua) || export_->policy.flush_every_write)
+    return false;
+  if (r.length > kMaxInlineWrite) return false;
+  return export_->layer->capabilities().buffered_writes;
+}
 
-void Connection::serve(const nbd::RequestHeader& r, Buffer* payload) {
+// --- Worker side (and inline writes) ----------------------------------------
+
+void Connection::flush_held_replies() {
+  if (!sender_.held_replies()) return;
+  auto section = loop_.enter_blocking();
+  sender_.send_held();
+}
+
+void Connection::serve(const nbd::RequestHeader& r, Buffer* payload,
+                       bool hold_reply) {
   const uint64_t payload_bytes = payload ? r.length : 0;
   try {
     Layer& layer = *export_->layer;
@@ -475,10 +494,10 @@ void Connection::serve(const nbd::RequestHeader& r, Buffer* payload) {
         serve_read(r);
         break;
       case nbd::Cmd::Write:
-        reply_simple(r.cookie, serve_write(r, payload->span(r.length)));
+        reply_simple(r.cookie, serve_write(r, payload->span(r.length)), hold_reply);
         break;
       case nbd::Cmd::WriteZeroes:
-        reply_simple(r.cookie, serve_write_zeroes(r));
+        reply_simple(r.cookie, serve_write_zeroes(r), hold_reply);
         break;
       case nbd::Cmd::Trim: {
         std::error_code ec;
@@ -488,7 +507,7 @@ void Connection::serve(const nbd::RequestHeader& r, Buffer* payload) {
         } else if (fua && !policy.ignore_flush) {
           ec = layer.flush();
         }
-        reply_simple(r.cookie, ec);
+        reply_simple(r.cookie, ec, hold_reply);
         break;
       }
       case nbd::Cmd::Flush:
@@ -692,11 +711,14 @@ void Connection::serve_block_status(const nbd::RequestHeader& r) {
   sender_.send(iov.data(), static_cast<int>(iov.size()));
 }
 
-void Connection::reply_simple(uint64_t cookie, std::error_code ec) {
+void Connection::reply_simple(uint64_t cookie, std::error_code ec, bool hold) {
   auto header = nbd::encode_simple_reply(
       cookie, ec ? nbd::to_wire_error(ec) : nbd::Error::Ok);
   iovec iov[1] = {iov_of(header.data(), header.size())};
-  sender_.send(iov, 1);
+  if (hold)
+    sender_.hold(iov, 1);
+  else
+    sender_.send(iov, 1);
 }
 
 void Connection::reply_structured_error(uint64_t cookie, std::error_code ec) {

@@ -1,17 +1,22 @@
 // One client connection: the handshake, then the transmission phase.
 //
-// Threading model. All socket reads happen in one coroutine on the server's
-// I/O thread: it reads request headers (many per recv when the client
-// pipelines), validates them, reads WRITE payloads into pooled buffers and
-// posts each request to the worker pool. A worker runs the request against
-// the export's Layer (blocking pread/pwrite) and sends the reply itself in
-// one gathered sendmsg (ReplySender serializes them), so replies leave in
-// completion order and a slow request never holds up the others. Small
-// READs whose data is already in memory (Layer::try_read_nowait) are
-// answered by the I/O thread itself, saving two thread switches. The
-// reader stops reading when too many requests or payload bytes are in
-// flight (back-pressure), and the connection closes only after every
-// in-flight request has replied.
+// Threading model. All socket reads happen in one coroutine on the
+// connection's strand of the server's event loop: it reads request headers
+// (many per recv when the client pipelines), validates them, reads WRITE
+// payloads into pooled buffers and posts each request to the worker pool.
+// A worker runs the request against the export's Layer (blocking
+// pread/pwrite) and sends the reply itself in one gathered sendmsg
+// (ReplySender serializes them), so replies leave in completion order and
+// a slow request never holds up the others. Two kinds of request skip the
+// hand-off, which costs more than they do: small READs whose data is
+// already in memory (Layer::try_read_nowait) and, when the layer writes
+// to the page cache, WRITE, WRITE_ZEROES and TRIM without FUA. The loop
+// thread serves those itself, the writes inside a LoopThreads blocking
+// section, so that if one does block another thread takes over the loop
+// and the worker pool gets the writes for a while. The reader stops
+// reading when too many requests or payload bytes are in flight
+// (back-pressure), and the connection closes only after every in-flight
+// request has replied.
 #pragma once
 
 #include <atomic>
@@ -26,6 +31,7 @@
 #include "nbd/codec.h"
 #include "nbd/handshake.h"
 #include "server/export.h"
+#include "server/loop_threads.h"
 #include "server/meta_context.h"
 #include "server/reply_sender.h"
 #include "server/worker_pool.h"
@@ -43,8 +49,10 @@ class Connection : public std::enable_shared_from_this<Connection>,
  public:
   using Socket = boost::asio::generic::stream_protocol::socket;
 
+  // `socket` should have a strand as its executor: the connection's
+  // handlers run there.
   Connection(Socket socket, const ExportRegistry& exports,
-             WorkerPool& workers, ConnectionLimits limits,
+             WorkerPool& workers, LoopThreads& loop, ConnectionLimits limits,
              std::string peer);
   ~Connection() override;
 
@@ -53,8 +61,10 @@ class Connection : public std::enable_shared_from_this<Connection>,
   boost::asio::awaitable<void> run();
 
   // Asks the connection to finish: no more requests are read, in-flight
-  // ones complete and reply. Call on the I/O thread.
+  // ones complete and reply. Call on executor().
   void stop();
+
+  Socket::executor_type executor() { return socket_.get_executor(); }
 
   const std::string& peer() const { return peer_; }
 
@@ -73,19 +83,26 @@ class Connection : public std::enable_shared_from_this<Connection>,
   boost::asio::awaitable<void> transmission();
   boost::asio::awaitable<void> wait_for_room(uint64_t bytes);
   boost::asio::awaitable<void> wait_until_idle();
-  // Answers a READ on the I/O thread if it can without blocking; false if
-  // a worker must serve it.
-  boost::asio::awaitable<bool> try_read_inline(const nbd::RequestHeader& r);
+  // Answers a READ on the loop thread if it can without blocking (the
+  // reply is held, see ReplySender); false if a worker must serve it.
+  bool try_read_inline(const nbd::RequestHeader& r);
+  // Whether `r` (a valid request) may be served on the loop thread in a
+  // blocking section rather than by a worker.
+  bool may_serve_inline(const nbd::RequestHeader& r) const;
 
   // Worker side.
-  void serve(const nbd::RequestHeader& r, Buffer* payload);
+  // Runs `r` and replies; with `hold_reply` (on the connection's strand)
+  // a simple reply is held back for flush_held_replies().
+  void serve(const nbd::RequestHeader& r, Buffer* payload, bool hold_reply = false);
+  // Sends replies held by serve(); before the reader waits for anything.
+  void flush_held_replies();
   void serve_read(const nbd::RequestHeader& r);
   void serve_sparse_read(const nbd::RequestHeader& r);
   void serve_block_status(const nbd::RequestHeader& r);
   std::error_code serve_write(const nbd::RequestHeader& r,
                               std::span<const std::byte> data);
   std::error_code serve_write_zeroes(const nbd::RequestHeader& r);
-  void reply_simple(uint64_t cookie, std::error_code ec);
+  void reply_simple(uint64_t cookie, std::error_code ec, bool hold = false);
   void reply_structured_error(uint64_t cookie, std::error_code ec);
   void finish_request(uint64_t bytes);
 
@@ -93,6 +110,7 @@ class Connection : public std::enable_shared_from_this<Connection>,
   int fd_;
   const ExportRegistry& exports_;
   WorkerPool& workers_;
+  LoopThreads& loop_;
   ConnectionLimits limits_;
   std::string peer_;
 

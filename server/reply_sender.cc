@@ -3,6 +3,7 @@
 #include <poll.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -12,6 +13,8 @@ namespace layerd {
 namespace {
 
 constexpr int kPollSliceMs = 1000;
+// The held buffer keeps its memory between bursts up to this size.
+constexpr size_t kKeptHeldBytes = 1 << 20;
 
 }  // namespace
 
@@ -74,63 +77,43 @@ void ReplySender::abandon(const char* why) {
 void ReplySender::send(iovec* iov, int count) {
   std::lock_guard lock(mutex_);
   if (broken_.load()) return;
-  if (pending_sent_ < pending_.size()) {
-    iovec rest{pending_.data() + pending_sent_, pending_.size() - pending_sent_};
-    if (!send_blocking(&rest, 1)) return mark_broken();
-    pending_.clear();
-    pending_sent_ = 0;
-  }
   if (!send_blocking(iov, count)) mark_broken();
 }
 
-std::unique_lock<std::mutex> ReplySender::try_begin_inline() {
-  std::unique_lock lock(mutex_, std::try_to_lock);
-  if (lock.owns_lock() && (pending_sent_ < pending_.size() || broken_.load()))
-    lock.unlock();
-  return lock;
+std::span<std::byte> ReplySender::hold_space(size_t n) {
+  held_reserved_ = held_size_;
+  if (held_size_ + n > held_capacity_) {
+    size_t capacity = std::max(held_capacity_ * 2, held_size_ + n);
+    std::unique_ptr<std::byte[]> bigger(new std::byte[capacity]);
+    if (held_size_) std::memcpy(bigger.get(), held_.get(), held_size_);
+    held_ = std::move(bigger);
+    held_capacity_ = capacity;
+  }
+  held_reserved_ = held_size_ + n;
+  return {held_.get() + held_size_, n};
 }
 
-bool ReplySender::send_inline(std::unique_lock<std::mutex>& lock, iovec* iov,
-                              int count) {
-  ssize_t n = send_some(iov, count);
-  if (n < 0) {
-    mark_broken();
-    lock.unlock();
-    return false;
-  }
-  advance(iov, count, static_cast<size_t>(n));
+void ReplySender::hold(const iovec* iov, int count) {
+  size_t n = 0;
+  for (int i = 0; i < count; ++i) n += iov[i].iov_len;
+  std::span<std::byte> out = hold_space(n);
   for (int i = 0; i < count; ++i) {
-    auto* p = static_cast<const std::byte*>(iov[i].iov_base);
-    pending_.insert(pending_.end(), p, p + iov[i].iov_len);
+    std::memcpy(out.data(), iov[i].iov_base, iov[i].iov_len);
+    out = out.subspan(iov[i].iov_len);
   }
-  bool pending = !pending_.empty();
-  lock.unlock();
-  return pending;
+  commit_held();
 }
 
-ReplySender::Flush ReplySender::flush_pending() {
-  std::unique_lock lock(mutex_, std::try_to_lock);
-  if (!lock.owns_lock()) return Flush::Busy;
-  if (broken_.load()) {
-    pending_.clear();
-    pending_sent_ = 0;
-    return Flush::Done;
+void ReplySender::send_held() {
+  if (held_size_ == 0) return;
+  iovec iov{held_.get(), held_size_};
+  send(&iov, 1);
+  held_size_ = held_reserved_ = held_replies_ = 0;
+  // A burst of large reads may have grown the buffer: do not keep that.
+  if (held_capacity_ > kKeptHeldBytes) {
+    held_.reset();
+    held_capacity_ = 0;
   }
-  if (pending_sent_ < pending_.size()) {
-    iovec rest{pending_.data() + pending_sent_, pending_.size() - pending_sent_};
-    ssize_t n = send_some(&rest, 1);
-    if (n < 0) {
-      mark_broken();
-      pending_.clear();
-      pending_sent_ = 0;
-      return Flush::Done;
-    }
-    pending_sent_ += static_cast<size_t>(n);
-  }
-  if (pending_sent_ < pending_.size()) return Flush::Pending;
-  pending_.clear();
-  pending_sent_ = 0;
-  return Flush::Done;
 }
 
 }  // namespace layerd

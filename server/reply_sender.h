@@ -1,20 +1,24 @@
 // Serializes replies onto one connection's socket from many threads.
 //
 // Workers send with send(), which blocks until every byte is out (polling
-// while the socket buffer is full). The I/O thread must never block, so it
-// uses try_begin_inline() / send_inline(): if the socket is free it sends
-// with MSG_DONTWAIT and, should the kernel take only part, keeps the rest
-// in a pending buffer that the next sender (or flush_pending()) writes
-// before anything else. Replies therefore never interleave on the wire.
+// while the socket buffer is full). Requests served on the event loop
+// (cached reads, page-cache writes) do not send one by one: their replies
+// are held in a buffer and go out together with send_held(), one sendmsg
+// (and one wake-up of the client) for a whole burst of pipelined requests.
+// The held buffer belongs to the connection's strand, so it needs no lock;
+// send_held() itself takes the socket like send(). Replies never
+// interleave on the wire.
 #pragma once
 
 #include <sys/uio.h>
 
 #include <atomic>
 #include <chrono>
+#include <cstddef>
+#include <memory>
 #include <mutex>
+#include <span>
 #include <string>
-#include <vector>
 
 namespace layerd {
 
@@ -30,23 +34,18 @@ class ReplySender {
   // broken and shuts the socket down.
   void send(iovec* iov, int count);
 
-  // For the I/O thread: a lock on the socket if it is free right now and
-  // nothing is pending; otherwise an unlocked lock (hand the work to a
-  // worker instead).
-  std::unique_lock<std::mutex> try_begin_inline();
-
-  // Sends without blocking under a lock from try_begin_inline(); what the
-  // socket does not take is copied to the pending buffer. Returns true if
-  // output is now pending (call flush_pending() when the socket is
-  // writable).
-  bool send_inline(std::unique_lock<std::mutex>& lock, iovec* iov, int count);
-
-  enum class Flush { Done, Pending, Busy };
-  // For the I/O thread: writes pending output without blocking. Pending:
-  // wait until the socket is writable and call again. Busy: a worker holds
-  // the socket (and will write the pending output before its own); call
-  // again a little later.
-  Flush flush_pending();
+  // Held replies (connection strand only). hold_space() returns `n` bytes
+  // at the end of the held buffer for the caller to fill with one reply;
+  // commit_held() keeps them, drop_held() gives them back. hold() copies a
+  // reply in whole.
+  std::span<std::byte> hold_space(size_t n);
+  void commit_held() { held_size_ = held_reserved_, ++held_replies_; }
+  void drop_held() { held_reserved_ = held_size_; }
+  void hold(const iovec* iov, int count);
+  size_t held_replies() const { return held_replies_; }
+  size_t held_bytes() const { return held_size_; }
+  // Blocking send of everything held (see send()).
+  void send_held();
 
   bool broken() const { return broken_.load(); }
 
@@ -63,10 +62,14 @@ class ReplySender {
 
   int fd_;
   std::string peer_;
-  std::mutex mutex_;
-  std::vector<std::byte> pending_;  // guarded by mutex_
-  size_t pending_sent_ = 0;         // guarded by mutex_
+  std::mutex mutex_;  // the socket's send side
   std::atomic<bool> broken_{false};
+
+  std::unique_ptr<std::byte[]> held_;
+  size_t held_capacity_ = 0;
+  size_t held_size_ = 0;      // committed bytes
+  size_t held_reserved_ = 0;  // committed + handed out by hold_space()
+  size_t held_replies_ = 0;
 };
 
 }  // namespace layerd

@@ -15,12 +15,16 @@
 #include <boost/asio/detached.hpp>
 #include <boost/asio/generic/stream_protocol.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/bind_executor.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
 #include "server/connection.h"
 #include "server/log.h"
+#include "server/loop_threads.h"
 #include "server/worker_pool.h"
 
 namespace layerd {
@@ -53,30 +57,36 @@ std::string describe_peer(const asio::generic::stream_protocol::socket& s,
   return fmt::format("client {} ({}:{})", serial, host, port);
 }
 
+// The loop may run on more than one thread at a time (see LoopThreads):
+// the server's own state is touched only on strand_, each connection's
+// only on its own strand.
 class ServerLoop {
  public:
   ServerLoop(const ServerConfig& config, ExportRegistry& exports)
       : config_(config),
         exports_(exports),
         workers_(config.worker_threads),
-        signals_(io_, SIGINT, SIGTERM),
-        slot_freed_(io_) {}
+        loop_threads_(io_, config.worker_threads),
+        strand_(asio::make_strand(io_)),
+        signals_(strand_, SIGINT, SIGTERM),
+        slot_freed_(strand_) {}
 
   int run(std::vector<ListeningSocket>& listeners) {
     for (auto& l : listeners) {
-      auto acceptor = std::make_unique<GenericAcceptor>(io_);
+      auto acceptor = std::make_unique<GenericAcceptor>(strand_);
       acceptor->assign(asio::generic::stream_protocol(l.family, SOCK_STREAM),
                        l.fd);
       l.fd = -1;  // owned by the acceptor now
-      asio::co_spawn(io_, accept_loop(*acceptor, l.family), asio::detached);
+      asio::co_spawn(strand_, accept_loop(*acceptor, l.family), asio::detached);
       acceptors_.push_back(std::move(acceptor));
     }
-    signals_.async_wait([this](const boost::system::error_code& ec, int sig) {
-      if (ec) return;
-      log_info("signal {}: shutting down", sig);
-      shutdown();
-    });
-    io_.run();
+    signals_.async_wait(asio::bind_executor(
+        strand_, [this](const boost::system::error_code& ec, int sig) {
+          if (ec) return;
+          log_info("signal {}: shutting down", sig);
+          shutdown();
+        }));
+    loop_threads_.run();
     workers_.join();
     int status = 0;
     for (auto& e : exports_.all()) {
@@ -98,7 +108,7 @@ class ServerLoop {
         co_await slot_freed_.async_wait(asio::as_tuple(use_awaitable));
       }
       if (stopping_) break;
-      asio::generic::stream_protocol::socket socket(io_);
+      asio::generic::stream_protocol::socket socket(asio::make_strand(io_));
       auto [ec] = co_await acceptor.async_accept(socket,
                                                  asio::as_tuple(use_awaitable));
       if (ec) {
@@ -120,12 +130,15 @@ class ServerLoop {
       std::string peer = describe_peer(socket, family, ++serial_);
       log_info("{}: connected", peer);
       auto conn = std::make_shared<Connection>(
-          std::move(socket), exports_, workers_,
+          std::move(socket), exports_, workers_, loop_threads_,
           ConnectionLimits{.handshake_limit_seconds = config_.handshake_limit_seconds},
           std::move(peer));
       connections_.insert(conn);
-      asio::co_spawn(io_, conn->run(),
-                     [this, conn](std::exception_ptr) { on_closed(conn); });
+      auto executor = conn->executor();
+      asio::co_spawn(executor, conn->run(),
+                     asio::bind_executor(strand_, [this, conn](std::exception_ptr) {
+                       on_closed(conn);
+                     }));
     }
   }
 
@@ -145,13 +158,16 @@ class ServerLoop {
     for (auto& a : acceptors_) a->close(ignored);
     signals_.cancel(ignored);
     slot_freed_.cancel();
-    for (auto& c : connections_) c->stop();
+    for (auto& c : connections_)
+      asio::post(c->executor(), [c] { c->stop(); });
   }
 
   const ServerConfig& config_;
   ExportRegistry& exports_;
-  asio::io_context io_{1};
+  asio::io_context io_;
   WorkerPool workers_;
+  LoopThreads loop_threads_;
+  asio::strand<asio::io_context::executor_type> strand_;
   asio::signal_set signals_;
   asio::steady_timer slot_freed_;
   std::vector<std::unique_ptr<GenericAcceptor>> acceptors_;
