@@ -1,6 +1,10 @@
 #include "server/loop_threads.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cstring>
 
 namespace layerd {
 namespace {
@@ -14,10 +18,26 @@ thread_local std::atomic<int64_t>* tl_slot = nullptr;
 
 int64_t to_ns(std::chrono::nanoseconds d) { return d.count(); }
 
+// Whether the thread whose /proc stat file is open as `fd` is asleep in
+// the kernel (waiting for the disk, a lock, dirty-page throttling) rather
+// than running or waiting for a CPU. Without /proc, assume asleep.
+bool thread_sleeps(int fd) {
+  if (fd < 0) return true;
+  char buf[512];
+  ssize_t n = ::pread(fd, buf, sizeof(buf) - 1, 0);
+  if (n <= 0) return true;
+  buf[n] = '\0';
+  const char* paren = std::strrchr(buf, ')');  // the name may hold spaces
+  if (!paren || paren[1] != ' ') return true;
+  return paren[2] != 'R';
+}
+
 }  // namespace
 
 LoopThreads::LoopThreads(boost::asio::io_context& io, unsigned max_threads)
-    : io_(io), max_threads_(std::clamp(max_threads, 1u, kMaxThreads)) {}
+    : io_(io), max_threads_(std::clamp(max_threads, 1u, kMaxThreads)) {
+  stat_fd_.fill(-1);
+}
 
 LoopThreads::~LoopThreads() {
   // run() joins everything; this only covers a run() that threw.
@@ -94,6 +114,10 @@ bool LoopThreads::should_park_locked() const {
 void LoopThreads::loop(unsigned index) {
   tl_owner = this;
   tl_slot = &since_[index];
+  {
+    std::lock_guard lock(mutex_);
+    stat_fd_[index] = ::open("/proc/thread-self/stat", O_RDONLY | O_CLOEXEC);
+  }
   for (;;) {
     if (io_.run_one() == 0 || io_.stopped()) {
       std::lock_guard lock(mutex_);
@@ -113,6 +137,9 @@ void LoopThreads::loop(unsigned index) {
   }
   tl_owner = nullptr;
   tl_slot = nullptr;
+  std::lock_guard lock(mutex_);
+  if (stat_fd_[index] >= 0) ::close(stat_fd_[index]);
+  stat_fd_[index] = -1;
 }
 
 void LoopThreads::monitor() {
@@ -134,13 +161,25 @@ void LoopThreads::monitor() {
       int64_t since = since_[i].load(std::memory_order_relaxed);
       if (since == 0) continue;
       ++open;
-      if (now - since > to_ns(kStallLimit)) ++stalled;
+      // A thread that is merely preempted (two busy cores) is not stuck:
+      // another thread on the loop would only compete for the same CPUs.
+      if (now - since > to_ns(kStallLimit) && thread_sleeps(stat_fd_[i])) ++stalled;
     }
     idle_ticks = open ? 0 : idle_ticks + 1;
-    if (stalled == 0 || stalled < running_) continue;
-    // Every thread on the loop is stuck: put another one on it.
-    stall_until_.store(now + to_ns(kStallMemory), std::memory_order_relaxed);
-    stalls_.fetch_add(1, std::memory_order_relaxed);
+    if (stalled == 0) continue;
+    if (stalled >= running_) {
+      // Every thread on the loop is stuck: a stall. Put another thread on
+      // the loop (below), and decline blocking for longer if stalls keep
+      // coming.
+      stall_memory_ = now - last_stall_ < 2 * stall_memory_
+                          ? std::min(2 * stall_memory_, to_ns(kStallMemoryMax))
+                          : to_ns(kStallMemoryMin);
+      last_stall_ = now;
+      stalls_.fetch_add(1, std::memory_order_relaxed);
+    }
+    // Decline blocking while any thread is stuck, and for a while after.
+    stall_until_.store(now + stall_memory_, std::memory_order_relaxed);
+    if (stalled < running_) continue;
     if (running_ < threads) {  // some are parked
       ++unpark_tokens_;
       ++running_;

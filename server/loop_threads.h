@@ -6,12 +6,15 @@
 // was half of the server's CPU time for small writes on 2 cores. Such work
 // is wrapped in a BlockingSection. A monitor thread looks every
 // millisecond: when every thread running the loop has been inside one
-// section for longer than kStallLimit (the disk is slow, the kernel is
-// throttling dirty pages), it puts another thread on the loop, so the
-// other connections keep being served. Surplus threads go back to standby
-// after their current handler once no section is open. For kStallMemory
-// after a stall, try_enter_blocking() declines, and callers send their
-// blocking work to the worker pool as before.
+// section for longer than kStallLimit and is asleep in the kernel (the
+// disk is slow, the kernel is throttling dirty pages; a thread that is
+// only waiting for a CPU does not count), it puts another thread on the
+// loop, so the other connections keep being served. Surplus threads go
+// back to standby after their current handler once no section is open.
+// For a while after a stall (see kStallMemoryMin), try_enter_blocking()
+// declines, and callers send their blocking work to the worker pool; the
+// while grows when stalls keep coming (a slow disk), so that blocking
+// work then stays with the workers.
 //
 // Handlers may therefore run on any of these threads (never two at once on
 // the same strand): state shared between handlers must live behind a
@@ -34,7 +37,10 @@ namespace layerd {
 class LoopThreads {
  public:
   static constexpr std::chrono::milliseconds kStallLimit{1};
-  static constexpr std::chrono::milliseconds kStallMemory{100};
+  // After a stall try_enter_blocking() declines for a while: 10 ms, doubled
+  // for each stall that follows within twice the current while, up to 1 s.
+  static constexpr std::chrono::milliseconds kStallMemoryMin{10};
+  static constexpr std::chrono::milliseconds kStallMemoryMax{1000};
   static constexpr unsigned kMaxThreads = 16;
 
   // `max_threads` (1..kMaxThreads) bounds how many threads may run the
@@ -65,7 +71,7 @@ class LoopThreads {
   };
 
   // Enters a section if blocking here is a good idea: on a loop thread and
-  // no stall within kStallMemory. Otherwise an inactive section: hand the
+  // not declining after a stall. Otherwise an inactive section: hand the
   // work to another thread.
   BlockingSection try_enter_blocking();
   // Enters a section unconditionally (inactive off loop threads): for work
@@ -89,8 +95,13 @@ class LoopThreads {
   // since_[i]: when loop thread i entered its open section (steady clock,
   // ns), or 0.
   std::array<std::atomic<int64_t>, kMaxThreads> since_{};
+  // stat_fd_[i]: loop thread i's /proc/thread-self/stat, or -1; guarded by
+  // mutex_.
+  std::array<int, kMaxThreads> stat_fd_;
   std::atomic<int64_t> stall_until_{0};  // try_enter_blocking declines until
   std::atomic<uint64_t> stalls_{0};
+  int64_t last_stall_ = 0;                   // monitor only
+  int64_t stall_memory_ = 0;                 // monitor only
   std::atomic<bool> monitor_idle_{false};
 
   mutable std::mutex mutex_;

@@ -88,6 +88,9 @@ class ServerLoop {
         }));
     loop_threads_.run();
     workers_.join();
+    if (loop_threads_.stalls())
+      log_info("event loop: {} stalls handed over, {} threads used",
+               loop_threads_.stalls(), loop_threads_.threads_started());
     int status = 0;
     for (auto& e : exports_.all()) {
       if (auto ec = e->layer->flush()) {

@@ -63,6 +63,23 @@ TEST(LoopThreads, AnotherThreadServesTheLoopWhileAHandlerBlocks) {
   EXPECT_GE(loop.stalls(), 1u);
 }
 
+TEST(LoopThreads, AHandlerThatComputesIsNotTakenForAStuckOne) {
+  // Long but running (or waiting for a CPU): another loop thread would
+  // only compete for the same cores.
+  asio::io_context io;
+  LoopThreads loop(io, 4);
+  asio::post(io, [&] {
+    auto section = loop.try_enter_blocking();
+    ASSERT_TRUE(section);
+    const auto end = Clock::now() + milliseconds(60);
+    volatile uint64_t spins = 0;
+    while (Clock::now() < end) spins = spins + 1;
+  });
+  loop.run();
+  EXPECT_EQ(loop.stalls(), 0u);
+  EXPECT_EQ(loop.threads_started(), 1u);
+}
+
 TEST(LoopThreads, BlockingIsDeclinedForAWhileAfterAStall) {
   asio::io_context io;
   LoopThreads loop(io, 4);
@@ -76,7 +93,7 @@ TEST(LoopThreads, BlockingIsDeclinedForAWhileAfterAStall) {
     declined_right_after = !loop.try_enter_blocking();
     // An unconditional section is still possible (work that must be here).
     EXPECT_TRUE(loop.enter_blocking());
-    std::this_thread::sleep_for(LoopThreads::kStallMemory + milliseconds(50));
+    std::this_thread::sleep_for(LoopThreads::kStallMemoryMin + milliseconds(50));
     allowed_later = static_cast<bool>(loop.try_enter_blocking());
   });
   loop.run();
