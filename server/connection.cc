@@ -38,7 +38,7 @@ constexpr size_t kMaxExtents = 1024;
 // most this many chunks: zero ranges as OFFSET_HOLE (no data on the wire),
 // the rest as OFFSET_DATA; whatever lies past the last one is sent as data.
 constexpr size_t kMaxReadChunks = 64;
-// READs up to this size may be answered on the I/O thread when their data
+// READs up to this size may be answered on the loop thread when their data
 // is cached; larger copies are better spread over the workers.
 constexpr uint32_t kMaxInlineRead = 64 * 1024;
 // Likewise for WRITE, WRITE_ZEROES and TRIM served on the loop thread:
