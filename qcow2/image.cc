@@ -220,9 +220,8 @@ std::error_code Image::write(uint64_t offset, std::span<const std::byte> data,
     // (other requests proceed; overlapping metadata changes wait), then
     // map the new clusters under the lock again.
     uint64_t first = offset >> I.cb, last = (offset + data.size() - 1) >> I.cb;
-    std::unique_lock lk(I.mu);
-    if ((ec = I.begin_write())) return ec;
-    I.inflight_cv.wait(lk, [&] { return !I.inflight_overlaps(first, last); });
+    std::unique_lock<WriterPreferringMutex> lk;
+    if ((ec = I.lock_for_change(lk, first, last))) return ec;
     std::vector<ClusterPlan> plans;
     if ((ec = I.plan_write(offset, data, &plans))) return ec;
     I.inflight.push_back({first, last});
@@ -248,9 +247,8 @@ std::error_code Image::write_zeroes(uint64_t offset, uint64_t length,
   if (length == 0) return {};
   {
     uint64_t first = offset >> I.cb, last = (offset + length - 1) >> I.cb;
-    std::unique_lock lk(I.mu);
-    if (auto ec = I.begin_write()) return ec;
-    I.inflight_cv.wait(lk, [&] { return !I.inflight_overlaps(first, last); });
+    std::unique_lock<WriterPreferringMutex> lk;
+    if (auto ec = I.lock_for_change(lk, first, last)) return ec;
     if (auto ec = I.zero_locked(offset, length, may_unmap, below)) return ec;
   }
   return fua ? flush() : std::error_code{};
@@ -263,9 +261,8 @@ std::error_code Image::discard(uint64_t offset, uint64_t length,
   if (!range_ok(offset, length, I.h.virtual_size)) return einval();
   if (length == 0) return {};
   uint64_t first = offset >> I.cb, last = (offset + length - 1) >> I.cb;
-  std::unique_lock lk(I.mu);
-  if (auto ec = I.begin_write()) return ec;
-  I.inflight_cv.wait(lk, [&] { return !I.inflight_overlaps(first, last); });
+  std::unique_lock<WriterPreferringMutex> lk;
+  if (auto ec = I.lock_for_change(lk, first, last)) return ec;
   return I.discard_locked(offset, length, below);
 }
 

@@ -213,6 +213,18 @@ struct Image::Impl {
   std::vector<std::pair<uint64_t, uint64_t>> inflight;
   std::condition_variable_any inflight_cv;
   bool inflight_overlaps(uint64_t first, uint64_t last) const;
+  // Takes mu exclusively for a metadata change to guest clusters
+  // [first, last]: runs begin_write(), then waits until no allocating
+  // write overlapping them is between plan and apply.
+  std::error_code lock_for_change(std::unique_lock<WriterPreferringMutex>& lk,
+                                  uint64_t first, uint64_t last);
+  // The bytes [a, b) of guest cluster `gc` (at guest offset guest0) that a
+  // zero or discard request ending at `end` covers from `pos`. The tail of
+  // the last cluster, beyond the disk, counts as covered.
+  struct ClusterSpan {
+    uint64_t gc, guest0, a, b;
+  };
+  ClusterSpan covered_span(uint64_t pos, uint64_t end) const;
   bool try_write_in_place(uint64_t offset, std::span<const std::byte> data,
                           std::error_code* ec, bool* need_load,
                           uint64_t* load_index);

@@ -266,9 +266,9 @@ Status Image::create_snapshot(const std::string& name, SnapshotInfo* created) {
   if (I.is_view || I.ro)
     return {std::make_error_code(std::errc::operation_not_permitted),
             "image is read-only"};
-  std::unique_lock lk(I.mu);
-  if (auto ec = I.begin_write()) return Status::IoError(ec, "snapshot");
-  I.inflight_cv.wait(lk, [&] { return I.inflight.empty(); });
+  std::unique_lock<WriterPreferringMutex> lk;
+  if (auto ec = I.lock_for_change(lk, 0, UINT64_MAX))
+    return Status::IoError(ec, "snapshot");
   Status st = I.create_snapshot_locked(name);
   if (st.ok() && created) *created = I.snaps.back();
   return st;
@@ -279,9 +279,9 @@ Status Image::delete_snapshot(std::string_view id_or_name) {
   if (I.is_view || I.ro)
     return {std::make_error_code(std::errc::operation_not_permitted),
             "image is read-only"};
-  std::unique_lock lk(I.mu);
-  if (auto ec = I.begin_write()) return Status::IoError(ec, "snapshot");
-  I.inflight_cv.wait(lk, [&] { return I.inflight.empty(); });
+  std::unique_lock<WriterPreferringMutex> lk;
+  if (auto ec = I.lock_for_change(lk, 0, UINT64_MAX))
+    return Status::IoError(ec, "snapshot");
   return I.delete_snapshot_locked(std::string(id_or_name));
 }
 

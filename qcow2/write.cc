@@ -356,6 +356,26 @@ bool Image::Impl::inflight_overlaps(uint64_t first, uint64_t last) const {
   return false;
 }
 
+std::error_code Image::Impl::lock_for_change(
+    std::unique_lock<WriterPreferringMutex>& lk, uint64_t first, uint64_t last) {
+  lk = std::unique_lock(mu);
+  if (auto ec = begin_write()) return ec;
+  inflight_cv.wait(lk, [&] { return !inflight_overlaps(first, last); });
+  return {};
+}
+
+Image::Impl::ClusterSpan Image::Impl::covered_span(uint64_t pos,
+                                                   uint64_t end) const {
+  ClusterSpan s;
+  s.gc = pos >> cb;
+  s.guest0 = s.gc << cb;
+  s.a = pos - s.guest0;
+  s.b = std::min<uint64_t>(cs, end - s.guest0);
+  if (end >= h.virtual_size && s.guest0 + cs == fmt::round_up(h.virtual_size, cs))
+    s.b = cs;
+  return s;
+}
+
 std::error_code Image::Impl::zero_locked(uint64_t offset, uint64_t length,
                                          bool may_unmap, BelowReader& below) {
   static const std::vector<std::byte> zeros(2u << 20);
@@ -370,14 +390,8 @@ std::error_code Image::Impl::zero_locked(uint64_t offset, uint64_t length,
     return {};
   };
   if (h.version < 3) return write_zero_bytes(offset, end);
-  uint64_t vs_end = fmt::round_up(h.virtual_size, cs);
   for (uint64_t pos = offset; pos < end;) {
-    uint64_t gc = pos >> cb;
-    uint64_t guest0 = gc << cb;
-    uint64_t a = pos - guest0;
-    uint64_t b = std::min<uint64_t>(cs, end - guest0);
-    // The tail of the last cluster lies beyond the disk: count it covered.
-    if (end >= h.virtual_size && guest0 + cs == vs_end) b = cs;
+    const auto [gc, guest0, a, b] = covered_span(pos, end);
     uint32_t u0 = static_cast<uint32_t>(fmt::div_round_up(a, sc_size));
     uint32_t u1 = static_cast<uint32_t>(b / sc_size);
     if (u0 >= u1) {  // no whole unit covered
@@ -465,13 +479,8 @@ std::error_code Image::Impl::reclaim_if_many() {
 std::error_code Image::Impl::discard_locked(uint64_t offset, uint64_t length,
                                             BelowReader& /*below*/) {
   uint64_t end = offset + length;
-  uint64_t vs_end = fmt::round_up(h.virtual_size, cs);
   for (uint64_t pos = offset; pos < end;) {
-    uint64_t gc = pos >> cb;
-    uint64_t guest0 = gc << cb;
-    uint64_t a = pos - guest0;
-    uint64_t b = std::min<uint64_t>(cs, end - guest0);
-    if (end >= h.virtual_size && guest0 + cs == vs_end) b = cs;
+    const auto [gc, guest0, a, b] = covered_span(pos, end);
     pos = std::min(end, guest0 + cs);
     uint64_t i = gc >> l2_bits;
     if (i >= l1.size()) return mark_corrupt("discard beyond the L1 table");

@@ -385,9 +385,17 @@ bool Connection::try_read_inline(const nbd::RequestHeader& r) {
     std::memcpy(reply.data(), header.data(), header.size());
   }
   sender_.commit_held();
-  if (sender_.held_replies() >= kMaxHeldReplies ||
-      sender_.held_bytes() >= kMaxHeldBytes)
-    flush_held_replies();
+  flush_held_replies_if_full();
+  return true;
+}
+
+bool Connection::try_serve_inline(const nbd::RequestHeader& r, Buffer* payload) {
+  {
+    auto section = loop_.try_enter_blocking();
+    if (!section) return false;
+    serve(r, payload, /*hold_reply=*/true);
+  }
+  flush_held_replies_if_full();
   return true;
 }
 
@@ -451,13 +459,7 @@ asio::awaitable<void> Connection::transmission() {
     }
     in_flight_.fetch_add(1);
     in_flight_bytes_.fetch_add(payload_bytes);
-    if (may_serve_inline(r)) {
-      if (auto section = loop_.try_enter_blocking()) {
-        serve(r, payload, /*hold_reply=*/true);
-        if (sender_.held_replies() >= kMaxHeldReplies) sender_.send_held();
-        continue;
-      }
-    }
+    if (may_serve_inline(r) && try_serve_inline(r, payload)) continue;
     workers_.post([self, r, payload] { self->serve(r, payload); });
   }
 }
@@ -480,6 +482,12 @@ void Connection::flush_held_replies() {
   if (!sender_.held_replies()) return;
   auto section = loop_.enter_blocking();
   sender_.send_held();
+}
+
+void Connection::flush_held_replies_if_full() {
+  if (sender_.held_replies() >= kMaxHeldReplies ||
+      sender_.held_bytes() >= kMaxHeldBytes)
+    flush_held_replies();
 }
 
 void Connection::serve(const nbd::RequestHeader& r, Buffer* payload,

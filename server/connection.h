@@ -89,6 +89,9 @@ class Connection : public std::enable_shared_from_this<Connection>,
   // Whether `r` (a valid request) may be served on the loop thread in a
   // blocking section rather than by a worker.
   bool may_serve_inline(const nbd::RequestHeader& r) const;
+  // Serves `r` on the loop thread in a blocking section, its reply held;
+  // false (nothing done) if blocking here is declined right now.
+  bool try_serve_inline(const nbd::RequestHeader& r, Buffer* payload);
 
   // Worker side.
   // Runs `r` and replies; with `hold_reply` (on the connection's strand)
@@ -96,6 +99,8 @@ class Connection : public std::enable_shared_from_this<Connection>,
   void serve(const nbd::RequestHeader& r, Buffer* payload, bool hold_reply = false);
   // Sends replies held by serve(); before the reader waits for anything.
   void flush_held_replies();
+  // The same once enough replies or bytes are held.
+  void flush_held_replies_if_full();
   void serve_read(const nbd::RequestHeader& r);
   void serve_sparse_read(const nbd::RequestHeader& r);
   void serve_block_status(const nbd::RequestHeader& r);

@@ -163,8 +163,10 @@ Limits (layerd only):
       --max-request-size=SIZE  largest READ or WRITE (default 32M)
       --handshake-limit=SECS   drop clients that have not finished the
                                handshake after SECS seconds (default 10)
-      --threads=N              I/O worker threads (default: 2 per core,
-                               at least 4; raise it for slow storage)
+      --threads=N              I/O worker threads, and the most threads
+                               that may run the event loop while a write
+                               blocks (default: 2 per core, at least 4;
+                               raise it for slow storage)
 
 Socket activation: started by systemd with LISTEN_FDS set, layerd serves on
 the passed sockets (then -p, -b and -k must not be given).
