@@ -1,8 +1,9 @@
-// A backing chain as one Layer: the top image over its backing images.
+// Opening a backing chain: the top image and every image below it, through
+// the ImageRegistry, as the nodes of a Graph.
 //
-// Each qcow2 image answers only for itself; the chain asks the next image
-// down for whatever an image does not hold, and reads zeros below the
-// bottom or past the end of a backing image shorter than its overlay.
+// Backing names resolve against the directory of the image naming them,
+// the backing format comes from the image's header extension (never
+// probed; a missing one is an error), `json:` names and loops are refused.
 // Backing images are opened read-only and never written, so other readers
 // may share them. Only the top image is written.
 #pragma once
@@ -11,14 +12,11 @@
 #include <string>
 #include <vector>
 
+#include "overlay/graph.h"
+#include "overlay/image_registry.h"
 #include "overlay/layer.h"
 
 namespace layerd {
-
-enum class ImageFormat { Raw, Qcow2 };
-
-// Parses "raw" or "qcow2"; false for anything else.
-bool parse_image_format(const std::string& name, ImageFormat* out);
 
 struct ChainOptions {
   bool read_only = false;   // the top image too
@@ -32,25 +30,36 @@ struct ChainOptions {
   // them against its working directory).
   bool allow_data_files = false;
   size_t max_depth = 4096;
+  // Serve this internal snapshot (id or name) of the top image instead of
+  // its active state; read-only.
+  SnapshotSelector snapshot;
+  // Where images are shared; nullptr: the process's registry.
+  ImageRegistry* registry = nullptr;
 };
 
-// What one image of an opened chain is, for logs and `layerctl info`.
-struct ChainMember {
-  std::string path;
-  ImageFormat format;
-  uint64_t size;
-};
+// The process's registry, shared by every export of a server.
+ImageRegistry& process_registry();
+
+// Opens `path` as `format` and, for qcow2, its whole backing chain
+// (`nodes[0]` is the top, or the snapshot view of it). On failure returns
+// false and sets `error` to a message naming the image at fault.
+bool open_chain_nodes(const std::string& path, ImageFormat format,
+                      const ChainOptions& options,
+                      std::vector<std::shared_ptr<BlockNode>>* nodes,
+                      std::string* error);
+
+// The Layer that serves `nodes` as they are: a raw file alone is served
+// directly, anything else through a GraphLayer.
+std::shared_ptr<Layer> serve_nodes(std::vector<std::shared_ptr<BlockNode>> nodes,
+                                   bool writable, bool copy_on_read,
+                                   uint32_t direct_alignment);
 
 struct OpenedChain {
   std::shared_ptr<Layer> layer;
-  std::vector<ChainMember> members;  // [0] is the top
+  std::vector<std::shared_ptr<BlockNode>> nodes;  // [0] is the top
 };
 
-// Opens `path` as `format` and, for qcow2, its whole backing chain: backing
-// names resolve against the directory of the image naming them, the
-// backing format comes from the image's header extension (never probed; a
-// missing one is an error), `json:` names and loops are refused. On failure
-// returns false and sets `error` to a message naming the image at fault.
+// open_chain_nodes() and serve_nodes() in one step.
 bool open_chain(const std::string& path, ImageFormat format,
                 const ChainOptions& options, OpenedChain* out,
                 std::string* error);

@@ -99,7 +99,7 @@ class RawLayer final : public Layer {
         out[n - 1].length += len;
       } else {
         out[n++] = Extent{.length = len, .hole = !is_data, .zero = !is_data,
-                          .depth = is_data ? 1u : 0u};
+                          .depth = 1};  // as qemu: a raw image holds every byte
       }
       offset += len;
       length -= len;

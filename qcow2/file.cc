@@ -283,6 +283,31 @@ std::error_code File::pread_nowait(std::span<std::byte>, uint64_t) {
   return would_block();
 }
 
+std::unique_ptr<File> open_temp_file(const std::string& dir, int* fd_out,
+                                     std::error_code& ec) {
+  int fd = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+  if (fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)) {
+    std::string name = dir + "/layerd-overlay-XXXXXX";
+    fd = ::mkostemp(name.data(), O_CLOEXEC);
+    if (fd >= 0) ::unlink(name.c_str());
+  }
+  if (fd < 0) {
+    ec = errno_code();
+    return nullptr;
+  }
+  ec.clear();
+  *fd_out = fd;
+  return std::make_unique<PosixFile>(fd, true, false, false, 0);
+}
+
+std::error_code link_temp_file(int fd, const std::string& path) {
+  std::string proc = "/proc/self/fd/" + std::to_string(fd);
+  if (::linkat(AT_FDCWD, proc.c_str(), AT_FDCWD, path.c_str(),
+               AT_SYMLINK_FOLLOW) != 0)
+    return errno_code();
+  return {};
+}
+
 std::unique_ptr<File> make_memory_file(uint64_t initial_size) {
   return std::make_unique<MemoryFile>(initial_size);
 }

@@ -77,6 +77,19 @@ std::unique_ptr<File> open_posix_file(const std::string& path,
                                       const FileOptions& options,
                                       std::error_code& ec);
 
+// A file with no name in directory `dir`, for throwaway overlays: made with
+// O_TMPFILE where the file system has it (so it can be given a name later,
+// see link_temp_file), else created and unlinked at once. Either way it
+// disappears when it is closed or the process dies, even on kill -9.
+// `*fd` is the file's descriptor, valid while the File lives.
+std::unique_ptr<File> open_temp_file(const std::string& dir, int* fd,
+                                     std::error_code& ec);
+
+// Gives the temporary file open on `fd` the name `path` (linkat through
+// /proc/self/fd), so it outlives the process. Fails with EEXIST if `path`
+// exists, and with ENOENT for files that were not made with O_TMPFILE.
+std::error_code link_temp_file(int fd, const std::string& path);
+
 // A growable file held in memory, for tests.
 std::unique_ptr<File> make_memory_file(uint64_t initial_size = 0);
 

@@ -224,19 +224,32 @@ std::error_code Image::write(uint64_t offset, std::span<const std::byte> data,
     if ((ec = I.lock_for_change(lk, first, last))) return ec;
     std::vector<ClusterPlan> plans;
     if ((ec = I.plan_write(offset, data, &plans))) return ec;
-    I.inflight.push_back({first, last});
-    lk.unlock();
-    ec = I.execute_write(plans, below);
-    lk.lock();
-    auto it = std::find(I.inflight.begin(), I.inflight.end(),
-                        std::make_pair(first, last));
-    I.inflight.erase(it);
-    if (!ec) ec = I.apply_write(plans);
-    lk.unlock();
-    I.inflight_cv.notify_all();
+    ec = I.execute_and_apply(lk, first, last, plans, below);
   }
   if (ec) return ec;
   return fua ? flush() : std::error_code{};
+}
+
+std::error_code Image::populate(uint64_t offset,
+                               std::span<const std::byte> data) {
+  Impl& I = *impl_;
+  const uint64_t end = fmt::round_up(I.h.virtual_size, I.cs);
+  if (offset % I.cs || data.size() % I.cs || offset > end ||
+      data.size() > end - offset)
+    return einval();
+  if (data.empty()) return {};
+  if (I.external) return std::make_error_code(std::errc::not_supported);
+  if (I.corrupt) return eio();
+  if (I.ro || I.is_view)
+    return std::make_error_code(std::errc::operation_not_permitted);
+  uint64_t first = offset >> I.cb, last = first + data.size() / I.cs - 1;
+  std::unique_lock<WriterPreferringMutex> lk;
+  if (auto ec = I.lock_for_change(lk, first, last)) return ec;
+  std::vector<ClusterPlan> plans;
+  if (auto ec = I.plan_populate(offset, data, &plans)) return ec;
+  if (plans.empty()) return {};
+  BelowReader below = zero_below();  // every plan covers whole clusters
+  return I.execute_and_apply(lk, first, last, plans, below);
 }
 
 std::error_code Image::write_zeroes(uint64_t offset, uint64_t length,

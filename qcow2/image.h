@@ -311,6 +311,16 @@ class Image {
   std::error_code write(uint64_t offset, std::span<const std::byte> data,
                         BelowReader below, bool fua = false);
 
+  // Copy-on-read and streaming: writes `data` into those clusters of
+  // [offset, offset + data.size()) that are wholly unallocated here, and
+  // leaves every other cluster alone, so that a write racing with it on
+  // the same cluster always wins, whichever starts first. `offset` and
+  // data.size() are multiples of the cluster size (the last cluster may
+  // reach past the virtual size; its tail is ignored). Clusters whose data
+  // is all zeros become zero clusters (v3) or are skipped (v2): they take
+  // no space. ENOTSUP for images with an external data file.
+  std::error_code populate(uint64_t offset, std::span<const std::byte> data);
+
   // Makes the range read as zeros. Whole clusters become zero clusters
   // (v3; with `may_unmap` their host clusters are freed, otherwise
   // preallocated ones are kept); partial clusters get written zeros.

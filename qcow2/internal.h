@@ -207,6 +207,17 @@ struct Image::Impl {
   std::error_code execute_write(std::vector<ClusterPlan>& plans,
                                 BelowReader& below);
   std::error_code apply_write(const std::vector<ClusterPlan>& plans);
+  // Plans populate(): zero clusters are marked at once, the others get
+  // fresh host clusters; clusters not wholly unallocated are skipped.
+  std::error_code plan_populate(uint64_t offset, std::span<const std::byte> data,
+                                std::vector<ClusterPlan>* plans);
+  // Runs planned allocating writes of guest clusters [first, last): the
+  // data I/O without the lock `lk` (overlapping changes wait), then maps
+  // the clusters under it. `lk` is held on entry and released on return.
+  std::error_code execute_and_apply(std::unique_lock<WriterPreferringMutex>& lk,
+                                    uint64_t first, uint64_t last,
+                                    std::vector<ClusterPlan>& plans,
+                                    BelowReader& below);
   // Guest cluster ranges [first, last] whose allocating writes are between
   // plan and apply, with the lock released for their data I/O. Other
   // metadata changes to those clusters wait on `inflight_cv`.

@@ -43,6 +43,19 @@ class Coalescer {
   uint64_t len_ = 0;
 };
 
+bool all_zero(std::span<const std::byte> data) {
+  const std::byte* p = data.data();
+  size_t n = data.size();
+  for (; n >= 8; p += 8, n -= 8) {
+    uint64_t w;
+    std::memcpy(&w, p, 8);
+    if (w) return false;
+  }
+  for (; n; ++p, --n)
+    if (*p != std::byte{0}) return false;
+  return true;
+}
+
 uint32_t unit_mask(uint32_t u0, uint32_t u1) {  // units [u0, u1)
   uint64_t m = ((1ull << (u1 - u0)) - 1) << u0;
   return static_cast<uint32_t>(m);
@@ -338,6 +351,55 @@ std::error_code Image::Impl::apply_write(const std::vector<ClusterPlan>& plans) 
     }
   }
   return {};
+}
+
+std::error_code Image::Impl::plan_populate(uint64_t offset,
+                                           std::span<const std::byte> data,
+                                           std::vector<ClusterPlan>* plans) {
+  plans->clear();
+  for (uint64_t done = 0; done < data.size(); done += cs) {
+    const std::byte* src = data.data() + done;
+    const bool zeros = all_zero(std::span(src, cs));
+    if (zeros && h.version < 3) continue;  // reads as zeros from below too
+    ClusterPlan p;
+    p.gc = (offset + done) >> cb;
+    L2Table* t;
+    if (auto ec = l2_for_write(p.gc >> l2_bits, &t)) return ec;
+    uint64_t k = (p.gc & (l2_size - 1)) * words;
+    if (t->words[k] != 0 || (words == 2 && t->words[k + 1] != 0)) continue;
+    if (zeros) {
+      if (words == 2)
+        t->words[k + 1] = uint64_t{0xffffffff} << 32;  // every unit zero
+      else
+        t->words[k] = fmt::kOflagZero;
+      t->dirty = true;
+      continue;
+    }
+    p.a = 0;
+    p.b = cs;
+    p.src = src;
+    if (auto ec = alloc_clusters(1, &p.host)) return ec;
+    if (auto ec = check_data_write(p.host, cs)) return ec;
+    p.fresh = true;
+    note_end(p.host + cs);
+    plans->push_back(p);
+  }
+  return {};
+}
+
+std::error_code Image::Impl::execute_and_apply(
+    std::unique_lock<WriterPreferringMutex>& lk, uint64_t first, uint64_t last,
+    std::vector<ClusterPlan>& plans, BelowReader& below) {
+  inflight.push_back({first, last});
+  lk.unlock();
+  std::error_code ec = execute_write(plans, below);
+  lk.lock();
+  inflight.erase(std::find(inflight.begin(), inflight.end(),
+                           std::make_pair(first, last)));
+  if (!ec) ec = apply_write(plans);
+  lk.unlock();
+  inflight_cv.notify_all();
+  return ec;
 }
 
 std::error_code Image::Impl::write_locked(uint64_t offset,

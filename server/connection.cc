@@ -12,6 +12,7 @@
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/this_coro.hpp>
 #include <boost/asio/read.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
@@ -66,6 +67,10 @@ bool all_zero(std::span<const std::byte> data) {
 }
 
 iovec iov_of(const void* p, size_t n) { return {const_cast<void*>(p), n}; }
+
+bool offers(const Export& e, const MetaContext& c) {
+  return c.name != kAllocationDepthContext || e.policy.allocation_depth;
+}
 
 }  // namespace
 
@@ -213,9 +218,11 @@ Connection::Connection(Socket socket, const ExportRegistry& exports,
 Connection::~Connection() = default;
 
 std::optional<nbd::ExportInfo> Connection::find_export(std::string_view name) {
-  auto e = exports_.find(name);
+  std::string session;
+  auto e = exports_.resolve(name, &session);
   if (!e) return std::nullopt;
-  return e->info();
+  negotiated_[std::string(name)] = e;
+  return e->info(session);
 }
 
 std::vector<nbd::ExportInfo> Connection::list_exports() {
@@ -224,9 +231,12 @@ std::vector<nbd::ExportInfo> Connection::list_exports() {
   return v;
 }
 
-std::vector<std::string> Connection::meta_contexts(const nbd::ExportInfo&) {
+std::vector<std::string> Connection::meta_contexts(const nbd::ExportInfo& info) {
   std::vector<std::string> v;
-  for (const auto& c : layerd::meta_contexts()) v.emplace_back(c.name);
+  auto it = negotiated_.find(info.name);
+  if (it == negotiated_.end()) return v;
+  for (const auto& c : layerd::meta_contexts())
+    if (offers(*it->second, c)) v.emplace_back(c.name);
   return v;
 }
 
@@ -251,10 +261,16 @@ asio::awaitable<void> Connection::run() {
   }
   flush_held_replies();
   co_await wait_until_idle();
-  if (export_ && wrote_.load()) {
+  if (layer_ && wrote_.load()) {
     auto section = loop_.enter_blocking();
-    if (auto ec = export_->layer->flush())
+    if (auto ec = layer_->flush())
       log_error("{}: flush at disconnect failed: {}", peer_, ec.message());
+  }
+  if (session_) {
+    // Dropping the last user of a per-client overlay closes (or keeps) it.
+    auto section = loop_.enter_blocking();
+    layer_.reset();
+    session_.reset();
   }
   boost::system::error_code ignored;
   socket_.shutdown(Socket::shutdown_both, ignored);
@@ -304,10 +320,23 @@ asio::awaitable<bool> Connection::handshake() {
     log_info("{}: handshake ended: {}", peer_, hs.close_reason());
     co_return false;
   }
-  export_ = exports_.find(hs.chosen_export().name);
-  if (!export_) co_return false;  // removed while negotiating
+  auto negotiated = negotiated_.find(hs.chosen_export().name);
+  if (negotiated == negotiated_.end()) co_return false;
+  export_ = negotiated->second;
+  negotiated_.clear();
+  layer_ = export_->layer;
+  if (export_->per_client) {
+    std::string session, error;
+    exports_.resolve(hs.chosen_export().name, &session);
+    session_ = co_await open_session(session, &error);
+    if (!session_) {
+      log_error("{}: cannot serve export '{}': {}", peer_, export_->name, error);
+      co_return false;
+    }
+    layer_ = session_->layer;
+  }
 
-  nbd::ExportInfo info = export_->info();
+  const nbd::ExportInfo& info = hs.chosen_export();
   state_.export_size = info.size;
   state_.transmission_flags = info.transmission_flags;
   if (!hs.structured_replies())
@@ -324,6 +353,29 @@ asio::awaitable<bool> Connection::handshake() {
   log_info("{}: serving export '{}'{}", peer_, export_->name,
            state_.structured_replies ? " (structured replies)" : "");
   co_return true;
+}
+
+asio::awaitable<std::shared_ptr<Session>> Connection::open_session(
+    std::string id, std::string* error) {
+  auto strand = co_await asio::this_coro::executor;
+  co_return co_await asio::async_initiate<decltype(use_awaitable),
+                                          void(std::shared_ptr<Session>)>(
+      [&](auto handler) {
+        struct Work {
+          decltype(handler) resume;
+          std::shared_ptr<const Export> e;
+          std::string id;
+          std::string* error;
+          decltype(strand) executor;
+        };
+        auto w = std::make_shared<Work>(
+            Work{std::move(handler), export_, std::move(id), error, strand});
+        workers_.post([w] {
+          auto s = w->e->open_session(w->id, w->error);
+          asio::post(w->executor, [w, s] { std::move(w->resume)(s); });
+        });
+      },
+      use_awaitable);
 }
 
 asio::awaitable<void> Connection::wait_for_room(uint64_t bytes) {
@@ -372,7 +424,7 @@ bool Connection::try_read_inline(const nbd::RequestHeader& r) {
                                  ? nbd::kStructuredChunkHeaderSize + 8
                                  : nbd::kSimpleReplySize;
   std::span<std::byte> reply = sender_.hold_space(header_size + r.length);
-  if (export_->layer->try_read_nowait(r.offset, reply.subspan(header_size))) {
+  if (layer_->try_read_nowait(r.offset, reply.subspan(header_size))) {
     sender_.drop_held();
     return false;
   }
@@ -473,7 +525,7 @@ bool Connection::may_serve_inline(const nbd::RequestHeader& r) const {
   if ((r.flags & nbd::kCmdFlagFua) || export_->policy.flush_every_write)
     return false;
   if (r.length > kMaxInlineWrite) return false;
-  return export_->layer->capabilities().buffered_writes;
+  return layer_->capabilities().buffered_writes;
 }
 
 // --- Worker side (and inline writes) ----------------------------------------
@@ -494,7 +546,7 @@ void Connection::serve(const nbd::RequestHeader& r, Buffer* payload,
                        bool hold_reply) {
   const uint64_t payload_bytes = payload ? r.length : 0;
   try {
-    Layer& layer = *export_->layer;
+    Layer& layer = *layer_;
     const auto& policy = export_->policy;
     const bool fua = (r.flags & nbd::kCmdFlagFua) || policy.flush_every_write;
     switch (static_cast<nbd::Cmd>(r.type)) {
@@ -550,9 +602,9 @@ std::error_code Connection::serve_write(const nbd::RequestHeader& r,
                             policy.discard_unmap,
                 .fast_only = false,
                 .fua = fua};
-    return export_->layer->write_zeroes(r.offset, data.size(), f);
+    return layer_->write_zeroes(r.offset, data.size(), f);
   }
-  return export_->layer->write(r.offset, data, fua);
+  return layer_->write(r.offset, data, fua);
 }
 
 std::error_code Connection::serve_write_zeroes(const nbd::RequestHeader& r) {
@@ -561,15 +613,15 @@ std::error_code Connection::serve_write_zeroes(const nbd::RequestHeader& r) {
               .fast_only = (r.flags & nbd::kCmdFlagFastZero) != 0,
               .fua = (r.flags & nbd::kCmdFlagFua) || policy.flush_every_write};
   wrote_.store(true);
-  return export_->layer->write_zeroes(r.offset, r.length, f);
+  return layer_->write_zeroes(r.offset, r.length, f);
 }
 
 void Connection::serve_read(const nbd::RequestHeader& r) {
   if (state_.structured_replies && !(r.flags & nbd::kCmdFlagDf) &&
-      r.length > 0 && export_->layer->capabilities().cheap_block_status)
+      r.length > 0 && layer_->capabilities().cheap_block_status)
     return serve_sparse_read(r);
   std::span<std::byte> data = read_scratch(r.length);
-  std::error_code ec = export_->layer->read(r.offset, data);
+  std::error_code ec = layer_->read(r.offset, data);
   if (!state_.structured_replies) {
     auto header = nbd::encode_simple_reply(
         r.cookie, ec ? nbd::to_wire_error(ec) : nbd::Error::Ok);
@@ -606,7 +658,7 @@ void Connection::serve_sparse_read(const nbd::RequestHeader& r) {
   thread_local std::vector<Chunk> chunks;
   thread_local std::vector<std::array<std::byte, 32>> headers;
   thread_local std::vector<iovec> iov;
-  Layer& layer = *export_->layer;
+  Layer& layer = *layer_;
 
   // Split the range into zero and data runs; merge neighbours of a kind.
   chunks.clear();
@@ -674,7 +726,7 @@ void Connection::serve_block_status(const nbd::RequestHeader& r) {
   uint64_t remaining = r.length;
   while (remaining > 0 && total < extents.size()) {
     size_t n = 0;
-    std::error_code ec = export_->layer->block_status(
+    std::error_code ec = layer_->block_status(
         offset, remaining, std::span(extents).subspan(total), &n);
     if (ec) {
       reply_structured_error(r.cookie, ec);

@@ -20,6 +20,7 @@
 #pragma once
 
 #include <atomic>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -79,6 +80,9 @@ class Connection : public std::enable_shared_from_this<Connection>,
   std::vector<std::string> meta_contexts(const nbd::ExportInfo& e) override;
 
   boost::asio::awaitable<bool> handshake();
+  // The export's session `id` (per-client overlays), made on a worker.
+  boost::asio::awaitable<std::shared_ptr<Session>> open_session(
+      std::string id, std::string* error);
   boost::asio::awaitable<void> handshake_steps(nbd::Handshake& hs);
   boost::asio::awaitable<void> transmission();
   boost::asio::awaitable<void> wait_for_room(uint64_t bytes);
@@ -119,7 +123,12 @@ class Connection : public std::enable_shared_from_this<Connection>,
   ConnectionLimits limits_;
   std::string peer_;
 
+  // Every export the handshake looked up, by the name the client used, so
+  // the connection serves exactly the export it was told about.
+  std::map<std::string, std::shared_ptr<const Export>, std::less<>> negotiated_;
   std::shared_ptr<const Export> export_;
+  std::shared_ptr<Session> session_;  // per-client overlays only
+  std::shared_ptr<Layer> layer_;      // what this connection serves
   nbd::TransmissionState state_;
   std::vector<const MetaContext*> contexts_;  // by context id
 

@@ -139,10 +139,6 @@ uint64_t allocated_size(const std::string& path) {
   return static_cast<uint64_t>(st.st_blocks) * 512;
 }
 
-std::string format_name(ImageFormat f) {
-  return f == ImageFormat::Qcow2 ? "qcow2" : "raw";
-}
-
 ImageFormat parse_format_arg(const std::string& name, const std::string& file) {
   ImageFormat f;
   if (!parse_image_format(name, &f))

@@ -54,7 +54,6 @@ uint64_t allocated_size(const std::string& path);
 // files too short to tell). Fails if the file cannot be opened.
 ImageFormat probe_format(const std::string& path);
 
-std::string format_name(ImageFormat f);
 // Parses -f / -F values ("raw", "qcow2"); fails with qemu-img's message.
 ImageFormat parse_format_arg(const std::string& name, const std::string& file);
 

@@ -4,7 +4,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 
 #include <fmt/format.h>
@@ -49,24 +51,108 @@ bool detect_format(const std::string& path, ImageFormat* format,
   return true;
 }
 
-std::shared_ptr<Layer> open_image(const ServerOptions& o, std::string& error) {
+ExportPolicy policy_of(const ServerOptions& o, const ExportSpec& spec) {
+  ExportPolicy p;
+  p.read_only = spec.read_only ||
+                (!spec.snapshot.empty() && spec.overlay == OverlayMode::None);
+  p.discard_unmap = o.discard_unmap;
+  p.detect_zeroes = o.detect_zeroes;
+  p.flush_every_write =
+      o.cache == CacheMode::Writethrough || o.cache == CacheMode::DirectSync;
+  p.ignore_flush = o.cache == CacheMode::Unsafe;
+  p.multi_conn = o.max_connections != 1;
+  p.max_request_size = o.max_request_size;
+  p.allocation_depth = spec.allocation_depth;
+  return p;
+}
+
+// Opens the chain of `spec` and builds its export: served as it is, with
+// one throwaway overlay (-s), or with an overlay per client.
+std::shared_ptr<Export> open_export(const ServerOptions& o, const ExportSpec& spec,
+                                    std::string& error) {
   ImageFormat format;
-  if (o.format.empty()) {
-    if (!detect_format(o.file, &format, error)) return nullptr;
-  } else if (!parse_image_format(o.format, &format)) {
-    error = fmt::format("unknown format '{}'", o.format);
+  if (spec.format.empty()) {
+    if (!detect_format(spec.file, &format, error)) return nullptr;
+  } else if (!parse_image_format(spec.format, &format)) {
+    error = fmt::format("unknown format '{}'", spec.format);
+    return nullptr;
+  }
+  const bool direct = o.cache == CacheMode::None || o.cache == CacheMode::DirectSync;
+  if (direct && spec.overlay != OverlayMode::None) {
+    error = "--cache=none and directsync cannot be combined with throwaway "
+            "overlays (-s, --overlay)";
     return nullptr;
   }
   ChainOptions co;
-  co.read_only = o.read_only;
-  co.direct = o.cache == CacheMode::None || o.cache == CacheMode::DirectSync;
+  co.read_only = spec.read_only || spec.overlay != OverlayMode::None;
+  co.direct = direct;
   co.allow_data_files = o.allow_data_file;
   co.l2_cache_bytes = o.l2_cache_bytes;
-  OpenedChain chain;
-  if (!open_chain(o.file, format, co, &chain, &error)) return nullptr;
-  for (size_t i = 1; i < chain.members.size(); ++i)
-    log_info("backing image {}: {}", i, chain.members[i].path);
-  return chain.layer;
+  co.snapshot = spec.snapshot;
+  std::vector<std::shared_ptr<BlockNode>> nodes;
+  if (!open_chain_nodes(spec.file, format, co, &nodes, &error)) return nullptr;
+  for (size_t i = 1; i < nodes.size(); ++i)
+    log_info("export '{}': backing image {}: {}", spec.name, i, nodes[i]->path);
+
+  auto e = std::make_shared<Export>();
+  e->name = spec.name;
+  e->description = spec.description;
+  e->policy = policy_of(o, spec);
+  TempOverlayOptions overlay{
+      .dir = o.temp_dir.empty() ? default_temp_dir() : o.temp_dir,
+      .keep_dir = o.keep_overlay_dir,
+      .keep_name = spec.name.empty()
+                       ? std::filesystem::path(spec.file).stem().string()
+                       : spec.name};
+  switch (spec.overlay) {
+    case OverlayMode::None:
+      e->layer = serve_nodes(std::move(nodes), !e->policy.read_only,
+                             spec.copy_on_read, direct ? 4096 : 0);
+      break;
+    case OverlayMode::Temp: {
+      auto session = std::make_shared<Session>();
+      session->overlay = TempOverlay::create(nodes, overlay, &error);
+      if (!session->overlay) return nullptr;
+      nodes.insert(nodes.begin(), session->overlay->node());
+      session->layer = serve_nodes(std::move(nodes), true, spec.copy_on_read, 0);
+      e->layer = session->layer;
+      e->temp = std::move(session);
+      break;
+    }
+    case OverlayMode::PerClient: {
+      // Fail now, not at the first client, if overlays cannot be made.
+      std::unique_ptr<TempOverlay> probe = TempOverlay::create(
+          nodes, TempOverlayOptions{.dir = overlay.dir, .keep_dir = {}, .keep_name = {}}, &error);
+      if (!probe) return nullptr;
+      e->per_client = std::make_unique<Export::PerClient>();
+      e->per_client->base = nodes;
+      e->per_client->overlay = overlay;
+      e->per_client->copy_on_read = spec.copy_on_read;
+      e->layer = serve_nodes(std::move(nodes), false, false, 0);
+      break;
+    }
+  }
+  return e;
+}
+
+// Opens every export; writable ones first, so that a read-only export of
+// the same file shares the writable image (see ImageRegistry).
+bool open_exports(const ServerOptions& o, ExportRegistry& exports,
+                  std::string& error) {
+  std::vector<const ExportSpec*> order;
+  for (const auto& spec : o.exports) order.push_back(&spec);
+  std::stable_partition(order.begin(), order.end(), [&](const ExportSpec* s) {
+    return !policy_of(o, *s).read_only && s->overlay == OverlayMode::None;
+  });
+  for (const ExportSpec* spec : order) {
+    auto e = open_export(o, *spec, error);
+    if (!e) {
+      if (o.exports.size() > 1) error = fmt::format("export '{}': {}", spec->name, error);
+      return false;
+    }
+    exports.add(std::move(e));
+  }
+  return true;
 }
 
 bool write_pid_file(const std::string& path, std::string& error) {
@@ -101,7 +187,7 @@ int daemonize() {
 
 // Tells the waiting parent how start-up went and detaches from its
 // terminal (stderr stays open with -v).
-void report_ready_to_parent(int ready_fd, char status) {
+void report_ready_to_parent(int ready_fd, char status, bool keep_stderr) {
   ssize_t ignored = ::write(ready_fd, &status, 1);
   (void)ignored;
   ::close(ready_fd);
@@ -109,7 +195,7 @@ void report_ready_to_parent(int ready_fd, char status) {
   if (null >= 0) {
     ::dup2(null, STDIN_FILENO);
     ::dup2(null, STDOUT_FILENO);
-    if (!g_verbose.load()) ::dup2(null, STDERR_FILENO);
+    if (!keep_stderr) ::dup2(null, STDERR_FILENO);
     ::close(null);
   }
 }
@@ -121,7 +207,7 @@ int run(int argc, char** argv) {
     return parsed.exit_status;
   }
   const ServerOptions& o = *parsed.options;
-  g_verbose.store(o.verbose);
+  g_verbose.store(o.log == LogLevel::Info);
   ::signal(SIGPIPE, SIG_IGN);
 
   if (o.list) return list_exports_of_server(o);
@@ -133,23 +219,8 @@ int run(int argc, char** argv) {
       (!o.socket_path.empty() || o.port_given || o.bind_given))
     return fail("-k, -p and -b cannot be used with socket activation");
 
-  auto layer = open_image(o, error);
-  if (!layer) return fail(error);
-
-  auto e = std::make_shared<Export>();
-  e->name = o.export_name;
-  e->description = o.description;
-  e->layer = layer;
-  e->policy.read_only = o.read_only;
-  e->policy.discard_unmap = o.discard_unmap;
-  e->policy.detect_zeroes = o.detect_zeroes;
-  e->policy.flush_every_write =
-      o.cache == CacheMode::Writethrough || o.cache == CacheMode::DirectSync;
-  e->policy.ignore_flush = o.cache == CacheMode::Unsafe;
-  e->policy.multi_conn = o.max_connections != 1;
-  e->policy.max_request_size = o.max_request_size;
   ExportRegistry exports;
-  exports.add(e);
+  if (!open_exports(o, exports, error)) return fail(error);
 
   if (listeners.empty()) {
     listeners = open_listeners(o, error);
@@ -159,10 +230,10 @@ int run(int argc, char** argv) {
   int ready_fd = o.fork ? daemonize() : -1;
   if (!o.pid_file.empty() && !write_pid_file(o.pid_file, error)) {
     int status = fail(error);
-    if (ready_fd >= 0) report_ready_to_parent(ready_fd, 1);
+    if (ready_fd >= 0) report_ready_to_parent(ready_fd, 1, true);
     return status;
   }
-  if (ready_fd >= 0) report_ready_to_parent(ready_fd, 0);
+  if (ready_fd >= 0) report_ready_to_parent(ready_fd, 0, o.verbose || o.log == LogLevel::Info);
 
   ServerConfig config;
   config.max_connections = o.max_connections;

@@ -11,8 +11,13 @@ uint32_t base_allocation(const Extent& e) {
   return (e.hole ? nbd::kStateHole : 0u) | (e.zero ? nbd::kStateZero : 0u);
 }
 
+// qemu:allocation-depth (docs/interop/nbd.txt in qemu): the depth of the
+// image in the chain that provides the data, 1 for the top, 0 for none.
+uint32_t allocation_depth(const Extent& e) { return e.depth; }
+
 constexpr std::array kContexts{
     MetaContext{"base:allocation", &base_allocation},
+    MetaContext{kAllocationDepthContext, &allocation_depth},
 };
 
 }  // namespace

@@ -17,6 +17,8 @@ struct MetaContext {
   uint32_t (*flags_of)(const Extent& e);
 };
 
+inline constexpr std::string_view kAllocationDepthContext = "qemu:allocation-depth";
+
 // Every context the server knows, in a fixed order.
 std::span<const MetaContext> meta_contexts();
 

@@ -8,7 +8,10 @@
 #include <algorithm>
 #include <charconv>
 #include <thread>
+#include <cctype>
 #include <cstring>
+#include <fstream>
+#include <set>
 
 #include <fmt/format.h>
 
@@ -32,6 +35,13 @@ enum LongOnly {
   kOptTlsAuthz,
   kOptImageOpts,
   kOptSelinuxLabel,
+  kOptTempDir,
+  kOptOverlay,
+  kOptKeepOverlay,
+  kOptCopyOnRead,
+  kOptExport,
+  kOptConfig,
+  kOptLog,
 };
 
 const option kLongOptions[] = {
@@ -73,6 +83,13 @@ const option kLongOptions[] = {
     {"threads", required_argument, nullptr, kOptThreads},
     {"allow-data-file", no_argument, nullptr, kOptAllowDataFile},
     {"l2-cache-size", required_argument, nullptr, kOptL2CacheSize},
+    {"temp-dir", required_argument, nullptr, kOptTempDir},
+    {"overlay", required_argument, nullptr, kOptOverlay},
+    {"keep-overlay", required_argument, nullptr, kOptKeepOverlay},
+    {"copy-on-read", no_argument, nullptr, kOptCopyOnRead},
+    {"export", required_argument, nullptr, kOptExport},
+    {"config", required_argument, nullptr, kOptConfig},
+    {"log", required_argument, nullptr, kOptLog},
     {nullptr, 0, nullptr, 0},
 };
 
@@ -103,6 +120,79 @@ std::optional<uint64_t> parse_number(std::string_view s, uint64_t max) {
   return value;
 }
 
+bool parse_overlay_mode(std::string_view v, OverlayMode* out) {
+  if (v == "none") *out = OverlayMode::None;
+  else if (v == "temp") *out = OverlayMode::Temp;
+  else if (v == "per-client") *out = OverlayMode::PerClient;
+  else return false;
+  return true;
+}
+
+bool parse_on_off(std::string_view v, bool* out) {
+  if (v == "on" || v == "yes" || v == "true") *out = true;
+  else if (v == "off" || v == "no" || v == "false") *out = false;
+  else return false;
+  return true;
+}
+
+std::string_view trim(std::string_view s) {
+  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.front()))) s.remove_prefix(1);
+  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.remove_suffix(1);
+  return s;
+}
+
+// Sets one key of an export; an error message, or "" if it was fine.
+std::string set_export_key(std::string_view key, std::string_view value,
+                           ExportSpec* e) {
+  auto bad = [&](std::string_view expected) {
+    return fmt::format("invalid value '{}' for '{}' (expected {})", value, key,
+                       expected);
+  };
+  if (key == "name") {
+    if (value.size() > 4096) return "export name is longer than 4096 bytes";
+    e->name = std::string(value);
+  } else if (key == "file") {
+    e->file = std::string(value);
+  } else if (key == "format") {
+    if (value != "raw" && value != "qcow2") return bad("raw or qcow2");
+    e->format = std::string(value);
+  } else if (key == "snapshot") {
+    if (auto m = parse_snapshot_selector(value, &e->snapshot); !m.empty()) return m;
+  } else if (key == "overlay") {
+    if (!parse_overlay_mode(value, &e->overlay)) return bad("none, temp or per-client");
+  } else if (key == "read-only") {
+    if (!parse_on_off(value, &e->read_only)) return bad("on or off");
+  } else if (key == "copy-on-read") {
+    if (!parse_on_off(value, &e->copy_on_read)) return bad("on or off");
+  } else if (key == "allocation-depth") {
+    if (!parse_on_off(value, &e->allocation_depth)) return bad("on or off");
+  } else if (key == "description") {
+    if (value.size() > 4096) return "description is longer than 4096 bytes";
+    e->description = std::string(value);
+  } else {
+    return fmt::format("unknown export key '{}' (known: name, file, format, "
+                       "snapshot, overlay, read-only, copy-on-read, "
+                       "allocation-depth, description)", key);
+  }
+  return "";
+}
+
+// What an export must have and must not combine; "" if it is fine.
+std::string check_export(const ExportSpec& e) {
+  const std::string who = fmt::format("export '{}'", e.name);
+  if (e.file.empty()) return who + ": no file given";
+  if (e.overlay == OverlayMode::PerClient && e.read_only)
+    return who + ": per-client overlays are for writing; drop read-only";
+  if (e.overlay == OverlayMode::Temp && e.read_only)
+    return who + ": a throwaway overlay (-s) is for writing; drop read-only (-r)";
+  if (e.copy_on_read && e.overlay == OverlayMode::None &&
+      (e.read_only || !e.snapshot.empty()))
+    return who + ": copy-on-read needs a writable top image, and this export "
+                 "is read-only" + std::string(e.snapshot.empty() ? "" : " (an internal snapshot)") +
+                 "; add a throwaway overlay (-s) to copy into";
+  return "";
+}
+
 ParseResult fail(std::string message) {
   return ParseResult{std::nullopt,
                      fmt::format("layerd: {}\nTry 'layerd --help' for more "
@@ -112,6 +202,80 @@ ParseResult fail(std::string message) {
 }
 
 }  // namespace
+
+std::string parse_snapshot_selector(std::string_view text, SnapshotSelector* out) {
+  *out = {};
+  if (text.rfind("snapshot.", 0) != 0) {
+    if (text.empty()) return "empty snapshot name";
+    out->id_or_name = std::string(text);
+    return "";
+  }
+  while (!text.empty()) {
+    size_t comma = text.find(',');
+    std::string_view item = text.substr(0, comma);
+    text = comma == std::string_view::npos ? "" : text.substr(comma + 1);
+    size_t eq = item.find('=');
+    std::string_view key = item.substr(0, eq);
+    std::string_view value = eq == std::string_view::npos ? "" : item.substr(eq + 1);
+    if (key == "snapshot.id") out->id = std::string(value);
+    else if (key == "snapshot.name") out->name = std::string(value);
+    else return fmt::format("invalid snapshot option '{}' (expected "
+                            "snapshot.id=ID or snapshot.name=NAME)", key);
+  }
+  if (out->empty()) return "empty snapshot selector";
+  return "";
+}
+
+std::string parse_export_spec(std::string_view text, ExportSpec* out) {
+  *out = {};
+  while (!text.empty()) {
+    size_t comma = text.find(',');
+    std::string_view item = text.substr(0, comma);
+    text = comma == std::string_view::npos ? "" : text.substr(comma + 1);
+    size_t eq = item.find('=');
+    if (eq == std::string_view::npos)
+      return fmt::format("--export: '{}' is not KEY=VALUE", item);
+    if (auto m = set_export_key(item.substr(0, eq), item.substr(eq + 1), out);
+        !m.empty())
+      return "--export: " + m;
+  }
+  if (auto m = check_export(*out); !m.empty()) return "--export: " + m;
+  return "";
+}
+
+std::string read_export_config(const std::string& path,
+                               std::vector<ExportSpec>* out) {
+  std::ifstream in(path);
+  if (!in) return fmt::format("cannot read config file '{}'", path);
+  std::string line;
+  int number = 0;
+  ExportSpec* current = nullptr;
+  const size_t first = out->size();
+  while (std::getline(in, line)) {
+    ++number;
+    std::string_view l = line;
+    if (size_t hash = l.find('#'); hash != std::string_view::npos) l = l.substr(0, hash);
+    l = trim(l);
+    if (l.empty()) continue;
+    auto where = fmt::format("{}:{}", path, number);
+    if (l == "[export]") {
+      current = &out->emplace_back();
+      continue;
+    }
+    if (l.front() == '[') return fmt::format("{}: unknown section {}", where, l);
+    if (!current) return fmt::format("{}: '{}' outside an [export] section", where, l);
+    size_t eq = l.find('=');
+    if (eq == std::string_view::npos)
+      return fmt::format("{}: '{}' is not 'key = value'", where, l);
+    if (auto m = set_export_key(trim(l.substr(0, eq)), trim(l.substr(eq + 1)), current);
+        !m.empty())
+      return fmt::format("{}: {}", where, m);
+  }
+  for (size_t i = first; i < out->size(); ++i)
+    if (auto m = check_export((*out)[i]); !m.empty())
+      return fmt::format("{}: {}", path, m);
+  return "";
+}
 
 uint32_t default_worker_threads() {
   return std::max(4u, 2 * std::max(1u, std::thread::hardware_concurrency()));
@@ -132,18 +296,34 @@ Connection properties:
   -e, --shared=NUM          serve at most NUM clients at once (default 1,
                             0 = unlimited); more clients wait to be accepted
   -t, --persistent          don't exit when the last client disconnects
-  -v, --verbose             log connections and errors to stderr
+  -v, --verbose             as qemu-nbd's -v (layerd's own logs: --log)
   -x, --export-name=NAME    export name (default: the empty string)
   -D, --description=TEXT    human-readable description of the export
       --fork                run in the background once listening
       --pid-file=PATH       write the server's process ID to PATH
   -L, --list                list the exports of the NBD server at -k or -b/-p
+      --log=LEVEL           error (default) or info: also log connections
 
 Image options:
   -f, --format=FORMAT       image format: raw or qcow2 (without -f, the image
                             is checked for a qcow2 header; backing images
                             always use the format their overlay records)
   -r, --read-only           export read-only
+  -s, --snapshot            write to a throwaway overlay (in --temp-dir) and
+                            leave FILE and its backing images unchanged
+  -l, --load-snapshot=SNAP  export internal snapshot SNAP of FILE (an id or a
+                            name, or snapshot.id=ID,snapshot.name=NAME);
+                            read-only, or writable with -s
+  -A, --allocation-depth    expose the qemu:allocation-depth meta context
+      --overlay=MODE        none, temp (as -s) or per-client: every client
+                            gets a throwaway overlay of its own; clients that
+                            ask for export NAME@SESSION share one per SESSION
+      --copy-on-read        reads of data from below the top image also
+                            copy it into the top image (or the overlay)
+      --temp-dir=DIR        where throwaway overlays live (default $TMPDIR,
+                            else /var/tmp)
+      --keep-overlay=DIR    keep each throwaway overlay as a qcow2 file in DIR
+                            when its client leaves or layerd exits
   -n, --nocache             same as --cache=none
       --cache=MODE          none, writeback (default), writethrough,
                             directsync or unsafe
@@ -167,6 +347,14 @@ Limits (layerd only):
                                that may run the event loop while a write
                                blocks (default: 2 per core, at least 4;
                                raise it for slow storage)
+
+Several exports (layerd only):
+      --export=KEY=VALUE,...  one export (repeatable); keys: name, file,
+                            format, snapshot, overlay (none|temp|per-client),
+                            read-only, copy-on-read, allocation-depth (on|off),
+                            description; then FILE is not given
+      --config=FILE         exports from FILE: [export] sections of
+                            "key = value" lines with the same keys
 
 Socket activation: started by systemd with LISTEN_FDS set, layerd serves on
 the passed sockets (then -p, -b and -k must not be given).
@@ -277,12 +465,31 @@ ParseResult parse_command_line(int argc, char** argv) {
         o.threads = static_cast<uint32_t>(*n);
         break;
       }
-      case 's':
-        return fail("-s/--snapshot is not supported yet");
+      case 's': o.overlay = OverlayMode::Temp; break;
       case 'l':
-        return fail("-l/--load-snapshot is not supported yet");
-      case 'A':
-        return fail("-A/--allocation-depth is not supported yet");
+        if (auto m = parse_snapshot_selector(arg, &o.load_snapshot); !m.empty())
+          return fail(m);
+        break;
+      case 'A': o.allocation_depth = true; break;
+      case kOptOverlay:
+        if (!parse_overlay_mode(arg, &o.overlay))
+          return fail(fmt::format("invalid --overlay '{}' (none, temp or per-client)", arg));
+        break;
+      case kOptCopyOnRead: o.copy_on_read = true; break;
+      case kOptTempDir: o.temp_dir = std::string(arg); break;
+      case kOptKeepOverlay: o.keep_overlay_dir = std::string(arg); break;
+      case kOptExport: {
+        ExportSpec e;
+        if (auto m = parse_export_spec(arg, &e); !m.empty()) return fail(m);
+        o.exports.push_back(std::move(e));
+        break;
+      }
+      case kOptConfig: o.config_file = std::string(arg); break;
+      case kOptLog:
+        if (arg == "error") o.log = LogLevel::Error;
+        else if (arg == "info") o.log = LogLevel::Info;
+        else return fail(fmt::format("invalid --log '{}' (error or info)", arg));
+        break;
       case 'B':
         return fail("-B/--bitmap is not supported");
       case 'o':
@@ -315,13 +522,57 @@ ParseResult parse_command_line(int argc, char** argv) {
     if (!o.bind_given) o.bind_address = "localhost";
     return {o, "", 0};
   }
-  if (optind == argc) return fail("missing FILE argument");
-  if (optind + 1 != argc)
-    return fail(fmt::format("unexpected argument '{}'", argv[optind + 1]));
-  o.file = argv[optind];
   if (o.format_given && o.format != "raw" && o.format != "qcow2")
     return fail(fmt::format("unknown format '{}' (supported: raw, qcow2)",
                             o.format));
+  if (!o.config_file.empty()) {
+    if (auto m = read_export_config(o.config_file, &o.exports); !m.empty())
+      return fail(m);
+  }
+  if (!o.exports.empty()) {
+    if (optind != argc)
+      return fail(fmt::format("unexpected argument '{}': with --export or "
+                              "--config, every image is named there",
+                              argv[optind]));
+  } else {
+    if (optind == argc) return fail("missing FILE argument");
+    if (optind + 1 != argc)
+      return fail(fmt::format("unexpected argument '{}'", argv[optind + 1]));
+    o.file = argv[optind];
+    ExportSpec e;
+    e.name = o.export_name;
+    e.description = o.description;
+    e.file = o.file;
+    e.format = o.format;
+    e.snapshot = o.load_snapshot;
+    e.overlay = o.overlay;
+    e.read_only = o.read_only;
+    e.copy_on_read = o.copy_on_read;
+    e.allocation_depth = o.allocation_depth;
+    if (auto m = check_export(e); !m.empty()) {
+      // Say it in the options the user typed.
+      if (e.overlay == OverlayMode::PerClient && e.read_only)
+        return fail("--overlay=per-client cannot be combined with -r");
+      if (e.overlay == OverlayMode::Temp && e.read_only)
+        return fail("-s/--snapshot cannot be combined with -r");
+      if (e.copy_on_read)
+        return fail(e.snapshot.empty()
+                        ? "--copy-on-read cannot be used with -r: it writes "
+                          "into the top image (add -s to copy into a "
+                          "throwaway overlay)"
+                        : "--copy-on-read with -l needs -s: an internal "
+                          "snapshot is read-only, so the copies go into a "
+                          "throwaway overlay");
+      return fail(m);
+    }
+    o.exports.push_back(std::move(e));
+  }
+  {
+    std::set<std::string> names;
+    for (const auto& e : o.exports)
+      if (!names.insert(e.name).second)
+        return fail(fmt::format("two exports are named '{}'", e.name));
+  }
   if (!o.socket_path.empty() && (o.port_given || o.bind_given))
     return fail("-k cannot be combined with -p or -b");
   if (!o.bind_given) o.bind_address = "0.0.0.0";

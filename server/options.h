@@ -8,10 +8,30 @@
 #include <string>
 #include <vector>
 
+#include "overlay/image_registry.h"
+
 namespace layerd {
 
 enum class CacheMode { None, Writeback, Writethrough, DirectSync, Unsafe };
 enum class DetectZeroes { Off, On, Unmap };
+// Writes go to the image (None), to one throwaway overlay (Temp, -s), or
+// to a throwaway overlay per client or session (PerClient).
+enum class OverlayMode { None, Temp, PerClient };
+enum class LogLevel { Error, Info };
+
+// One export (the FILE argument with -x, -r, -s, -l, ..., or one
+// --export / config file entry).
+struct ExportSpec {
+  std::string name;
+  std::string description;
+  std::string file;
+  std::string format;  // empty: look at the image
+  SnapshotSelector snapshot;
+  OverlayMode overlay = OverlayMode::None;
+  bool read_only = false;
+  bool copy_on_read = false;
+  bool allocation_depth = false;
+};
 
 struct ServerOptions {
   // Where to listen. With none of socket/port/bind given, TCP 0.0.0.0:10809.
@@ -30,7 +50,8 @@ struct ServerOptions {
   bool format_given = false;
   std::string pid_file;             // --pid-file
   bool fork = false;                // --fork
-  bool verbose = false;             // -v
+  bool verbose = false;             // -v (prints what qemu-nbd -v prints)
+  LogLevel log = LogLevel::Error;   // --log: connection logs with info
   CacheMode cache = CacheMode::Writeback;
   bool discard_unmap = false;       // --discard=unmap
   DetectZeroes detect_zeroes = DetectZeroes::Off;
@@ -42,9 +63,36 @@ struct ServerOptions {
   uint32_t handshake_limit_seconds = 10;
   uint32_t threads = 0;             // --threads; 0: default_worker_threads()
 
+  // The FILE argument's export (turned into exports[0]).
+  OverlayMode overlay = OverlayMode::None;  // -s, --overlay
+  SnapshotSelector load_snapshot;   // -l
+  bool allocation_depth = false;    // -A
+  bool copy_on_read = false;        // --copy-on-read
+  std::string config_file;          // --config
+
+  std::string temp_dir;             // --temp-dir; empty: default_temp_dir()
+  std::string keep_overlay_dir;     // --keep-overlay
+
   bool list = false;                // -L: client mode
-  std::string file;                 // the image (absent with -L)
+  std::string file;                 // the FILE argument (absent with -L)
+  // Every export: the FILE argument's (with -x, -D, -r, -s, -l, -A,
+  // --overlay, --copy-on-read), or those of --export and --config.
+  std::vector<ExportSpec> exports;
 };
+
+// Parses "KEY=VALUE,..." of --export (the keys of ExportSpec: name, file,
+// format, snapshot, overlay, read-only, copy-on-read, allocation-depth,
+// description). An error message naming the key on failure, else "".
+std::string parse_export_spec(std::string_view text, ExportSpec* out);
+
+// Reads a config file of [export] sections with "key = value" lines (the
+// same keys); '#' starts a comment. Appends to `out`; an error naming the
+// file, line and key on failure, else "".
+std::string read_export_config(const std::string& path,
+                               std::vector<ExportSpec>* out);
+
+// Parses -l's argument.
+std::string parse_snapshot_selector(std::string_view text, SnapshotSelector* out);
 
 // Outcome of parsing: either options to run with, or something to print and
 // an exit status (--help, --version, errors).

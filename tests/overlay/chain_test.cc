@@ -165,7 +165,7 @@ class ChainTest : public ::testing::TestWithParam<ChainSpec> {
       ADD_FAILURE() << "open_chain: " << error;
       return nullptr;
     }
-    EXPECT_EQ(chain.members.size(), static_cast<size_t>(spec().images));
+    EXPECT_EQ(chain.nodes.size(), static_cast<size_t>(spec().images));
     return chain.layer;
   }
 

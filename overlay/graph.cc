@@ -1,0 +1,298 @@
+// The graph walk, top to bottom. Reads: each qcow2 image fills what it
+// holds and calls back for the rest ("read below"), which recurses to the
+// next node; raw images and the zeros below the bottom end the walk. Block
+// status: the first node that says anything but "not here" for a range
+// decides it, and its depth is the answer for qemu:allocation-depth.
+// Copy-on-read: before a read, the clusters of the range that the top does
+// not hold are read from below and handed to Image::populate, which
+// writes only clusters still unallocated, so a racing client write wins.
+#include "overlay/graph.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace layerd {
+namespace {
+
+std::error_code would_block() {
+  return std::make_error_code(std::errc::resource_unavailable_try_again);
+}
+
+template <bool nowait>
+std::error_code read_walk(const Graph& g, size_t depth, uint64_t offset,
+                          std::span<std::byte> buf);
+
+// The reader for what lies below node `depth`, handed to that image.
+template <bool nowait>
+struct Below {
+  const Graph* graph;
+  size_t depth;
+  std::error_code operator()(uint64_t offset, std::span<std::byte> buf) const {
+    // A nowait read must not answer from below the top of a copy-on-read
+    // graph: a worker reads it and copies it up.
+    if (nowait && depth == 0 && graph->copy_on_read) return would_block();
+    return read_walk<nowait>(*graph, depth + 1, offset, buf);
+  }
+};
+
+template <bool nowait>
+std::error_code read_walk(const Graph& g, size_t depth, uint64_t offset,
+                          std::span<std::byte> buf) {
+  if (depth >= g.nodes.size() || offset >= g.nodes[depth]->size) {
+    std::memset(buf.data(), 0, buf.size());
+    return {};
+  }
+  const BlockNode& node = *g.nodes[depth];
+  if (buf.size() > node.size - offset) {  // a shorter backing image
+    size_t inside = static_cast<size_t>(node.size - offset);
+    std::memset(buf.data() + inside, 0, buf.size() - inside);
+    buf = buf.first(inside);
+  }
+  if constexpr (nowait) {
+    if (node.raw) return node.raw->pread_nowait(buf, offset);
+    return node.image->read_nowait(offset, buf, Below<true>{&g, depth});
+  } else {
+    if (node.raw) return node.raw->pread(buf, offset);
+    return node.image->read(offset, buf, Below<false>{&g, depth});
+  }
+}
+
+std::error_code status_at(const Graph& g, size_t depth, uint64_t offset,
+                          uint64_t length, Extent* e) {
+  for (;; ++depth) {
+    if (depth >= g.nodes.size() || offset >= g.nodes[depth]->size) {
+      *e = Extent{.length = length, .hole = true, .zero = true, .depth = 0};
+      return {};
+    }
+    const BlockNode& node = *g.nodes[depth];
+    length = std::min(length, node.size - offset);
+    const uint32_t here = static_cast<uint32_t>(depth + 1);
+    if (node.raw) {
+      bool is_data = true;
+      uint64_t len = node.raw->extent_at(offset, length, &is_data);
+      if (len == 0 || len > length) len = length;
+      // A raw image holds every byte of its range (holes read as zeros):
+      // it is the depth whatever its sparseness.
+      *e = Extent{.length = len, .hole = !is_data, .zero = !is_data, .depth = here};
+      return {};
+    }
+    qcow2::MapExtent m;
+    if (auto ec = node.image->block_status(offset, length, &m)) return ec;
+    if (m.length == 0 || m.length > length)
+      return std::make_error_code(std::errc::io_error);
+    length = m.length;
+    if (m.kind == qcow2::ExtentKind::Data) {
+      *e = Extent{.length = length, .hole = false, .zero = false, .depth = here};
+      return {};
+    }
+    if (m.kind == qcow2::ExtentKind::Zero) {
+      *e = Extent{.length = length, .hole = true, .zero = true, .depth = here};
+      return {};
+    }
+    // Unallocated here: the same (possibly shortened) range, one down.
+  }
+}
+
+// Copies the clusters of [offset, offset + length) that the top does not
+// hold into the top. Runs the top leaves unallocated are copied whole
+// clusters at a time; a cluster the top holds part of is left alone. The
+// image end counts as a cluster end.
+void copy_up(const Graph& g, uint64_t offset, uint64_t length) {
+  qcow2::Image& top = *g.nodes.front()->image;
+  const uint64_t size = top.size();
+  const uint64_t cs = top.cluster_size();
+  const uint64_t end = std::min((offset + length + cs - 1) / cs * cs, size);
+  thread_local std::vector<std::byte> scratch;
+  for (uint64_t pos = offset / cs * cs; pos < end;) {
+    qcow2::MapExtent m;
+    if (top.block_status(pos, end - pos, &m) || m.length == 0) return;
+    const uint64_t run_end = pos + m.length;
+    const uint64_t first = (pos + cs - 1) / cs * cs;
+    const uint64_t last =
+        run_end == size ? (size + cs - 1) / cs * cs : run_end / cs * cs;
+    if (m.kind == qcow2::ExtentKind::Unallocated && first < last) {
+      scratch.resize(last - first);
+      std::span<std::byte> data(scratch);
+      const uint64_t inside = std::min(last, size) - first;
+      std::memset(data.data() + inside, 0, data.size() - inside);
+      if (!read_walk<false>(g, 1, first, data.first(inside)))
+        (void)top.populate(first, data);
+    }
+    pos = run_end;
+  }
+}
+
+Capabilities capabilities_of(bool writable) {
+  return Capabilities{.writable = writable,
+                      .trim = true,
+                      .fast_zero = true,
+                      .cheap_block_status = true,
+                      .multi_conn_safe = true,
+                      .buffered_writes = true};
+}
+
+}  // namespace
+
+std::shared_ptr<const Graph> Graph::make(
+    std::vector<std::shared_ptr<BlockNode>> nodes, bool copy_on_read) {
+  auto g = std::make_shared<Graph>();
+  g->nodes = std::move(nodes);
+  g->copy_on_read = copy_on_read;
+  const qcow2::Image& top = *g->nodes.front()->image;
+  g->zero_granularity = top.subcluster_size();
+  g->zero_clusters = top.has_zero_clusters();
+  return g;
+}
+
+// --- Gate ------------------------------------------------------------------
+
+void Gate::enter() {
+  while (!try_enter()) {
+    std::unique_lock lock(mutex_);
+    changed_.wait(lock, [&] { return !(state_.load() & kPaused); });
+  }
+}
+
+bool Gate::try_enter() {
+  uint64_t before = state_.fetch_add(1, std::memory_order_acquire);
+  if (!(before & kPaused)) return true;
+  leave();
+  return false;
+}
+
+void Gate::leave() {
+  uint64_t after = state_.fetch_sub(1, std::memory_order_release) - 1;
+  if (after == kPaused) {  // the last one out of a paused gate
+    std::lock_guard lock(mutex_);
+    changed_.notify_all();
+  }
+}
+
+void Gate::pause() {
+  state_.fetch_or(kPaused, std::memory_order_acq_rel);
+  std::unique_lock lock(mutex_);
+  changed_.wait(lock, [&] { return state_.load(std::memory_order_acquire) == kPaused; });
+}
+
+void Gate::resume() {
+  std::lock_guard lock(mutex_);
+  state_.fetch_and(~kPaused, std::memory_order_release);
+  changed_.notify_all();
+}
+
+// --- GraphLayer ------------------------------------------------------------
+
+class GraphLayer::Entered {
+ public:
+  explicit Entered(Gate& gate) : gate_(gate) { gate_.enter(); }
+  ~Entered() { gate_.leave(); }
+  Entered(const Entered&) = delete;
+  Entered& operator=(const Entered&) = delete;
+
+ private:
+  Gate& gate_;
+};
+
+GraphLayer::GraphLayer(std::shared_ptr<const Graph> graph, bool writable)
+    : Layer(graph->nodes.front()->size, capabilities_of(writable)),
+      graph_(std::move(graph)) {}
+
+std::shared_ptr<const Graph> GraphLayer::graph() const {
+  std::lock_guard lock(const_cast<std::mutex&>(change_mutex_));
+  return graph_;
+}
+
+std::error_code GraphLayer::change(const Builder& build) {
+  std::lock_guard lock(change_mutex_);
+  std::shared_ptr<const Graph> next;
+  gate_.pause();
+  std::error_code ec = build(*graph_, &next);
+  if (!ec && next) {
+    if (next->nodes.empty() || next->nodes.front()->size != size_)
+      ec = std::make_error_code(std::errc::invalid_argument);
+    else
+      std::swap(graph_, next);
+  }
+  gate_.resume();
+  return ec;  // `next` (the old graph, after a swap) goes here
+}
+
+std::error_code GraphLayer::do_read(uint64_t offset, std::span<std::byte> buf) {
+  Entered in(gate_);
+  const Graph& g = *graph_;
+  if (g.copy_on_read && g.nodes.size() > 1) copy_up(g, offset, buf.size());
+  return read_walk<false>(g, 0, offset, buf);
+}
+
+std::error_code GraphLayer::do_read_nowait(uint64_t offset,
+                                           std::span<std::byte> buf) {
+  if (!gate_.try_enter()) return would_block();
+  std::error_code ec = read_walk<true>(*graph_, 0, offset, buf);
+  gate_.leave();
+  return ec;
+}
+
+std::error_code GraphLayer::do_write(uint64_t offset,
+                                     std::span<const std::byte> data, bool fua) {
+  Entered in(gate_);
+  const Graph& g = *graph_;
+  return g.nodes.front()->image->write(offset, data, Below<false>{&g, 0}, fua);
+}
+
+std::error_code GraphLayer::do_write_zeroes(uint64_t offset, uint64_t length,
+                                            ZeroFlags f) {
+  Entered in(gate_);
+  const Graph& g = *graph_;
+  // Fast only when whole (sub)clusters become zero clusters: v3 metadata,
+  // no data written.
+  if (f.fast_only && (!g.zero_clusters || offset % g.zero_granularity != 0 ||
+                      length % g.zero_granularity != 0))
+    return std::make_error_code(std::errc::operation_not_supported);
+  return g.nodes.front()->image->write_zeroes(offset, length, f.may_trim,
+                                              Below<false>{&g, 0}, f.fua);
+}
+
+std::error_code GraphLayer::do_trim(uint64_t offset, uint64_t length, bool fua) {
+  Entered in(gate_);
+  const Graph& g = *graph_;
+  qcow2::Image& top = *g.nodes.front()->image;
+  // Over a backing image, a freed cluster must not show the older data
+  // below it again: it becomes a zero cluster instead.
+  auto mode = g.nodes.size() > 1 ? qcow2::DiscardMode::Zero
+                                 : qcow2::DiscardMode::Unallocate;
+  std::error_code ec = top.discard(offset, length, mode, Below<false>{&g, 0});
+  if (!ec && fua) ec = top.flush();
+  return ec;
+}
+
+std::error_code GraphLayer::do_flush() {
+  Entered in(gate_);
+  return graph_->nodes.front()->image->flush();
+}
+
+std::error_code GraphLayer::do_block_status(uint64_t offset, uint64_t length,
+                                            std::span<Extent> out,
+                                            size_t* count) {
+  Entered in(gate_);
+  const Graph& g = *graph_;
+  size_t n = 0;
+  while (length > 0 && n < out.size()) {
+    Extent e;
+    if (auto ec = status_at(g, 0, offset, length, &e)) {
+      if (n > 0) break;  // report what we have; the client asks again
+      return ec;
+    }
+    if (n > 0 && out[n - 1].hole == e.hole && out[n - 1].zero == e.zero &&
+        out[n - 1].depth == e.depth) {
+      out[n - 1].length += e.length;
+    } else {
+      out[n++] = e;
+    }
+    offset += e.length;
+    length -= e.length;
+  }
+  *count = n;
+  return {};
+}
+
+}  // namespace layerd

@@ -1,0 +1,255 @@
+// Opening one image file (raw or qcow2, with its external data file) and
+// sharing it: see image_registry.h for the rules.
+#include "overlay/image_registry.h"
+
+#include <sys/stat.h>
+
+#include <cstring>
+#include <filesystem>
+
+#include <fmt/format.h>
+
+namespace layerd {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr uint32_t kDirectAlignment = 4096;
+
+// A name an image records (a data file), relative to the image's own
+// directory unless absolute.
+std::string resolve_relative(const std::string& image_path,
+                             const std::string& name) {
+  if (!name.empty() && name[0] == '/') return name;
+  return (fs::path(image_path).parent_path() / name).string();
+}
+
+std::string cannot_open(const std::string& path, const NodeOptions& o,
+                        std::error_code ec) {
+  if (!o.named_by.empty())
+    return fmt::format("cannot open backing file '{}' of '{}': {}", path,
+                       o.named_by, ec.message());
+  std::string hint;
+  if (o.direct && ec == std::errc::invalid_argument)
+    hint = " (the filesystem does not support O_DIRECT; use --cache=writeback)";
+  return fmt::format("cannot open '{}': {}{}", path, ec.message(), hint);
+}
+
+// Opens the image for real (no sharing).
+std::shared_ptr<BlockNode> open_node(const std::string& path, ImageFormat format,
+                                     const NodeOptions& o, std::string* error) {
+  FileOptions fo;
+  fo.mode = o.writable ? OpenMode::ReadWrite : OpenMode::ReadOnly;
+  fo.direct = o.direct;
+  std::error_code ec;
+  std::shared_ptr<File> file = open_posix_file(path, fo, ec);
+  if (!file) {
+    *error = cannot_open(path, o, ec);
+    return nullptr;
+  }
+  auto node = std::make_shared<BlockNode>();
+  node->path = path;
+  node->format = format;
+  node->writable = o.writable;
+  if (o.direct && (format != ImageFormat::Raw || o.backing)) {
+    *error = "--cache=none and directsync are only supported for raw images";
+    return nullptr;
+  }
+  if (o.direct && file->size() % kDirectAlignment != 0) {
+    *error = fmt::format("'{}' is not a multiple of {} bytes long, which "
+                         "O_DIRECT needs; use --cache=writeback",
+                         path, kDirectAlignment);
+    return nullptr;
+  }
+  if (format == ImageFormat::Raw) {
+    node->raw = file;
+    node->size = file->size();
+    return node;
+  }
+
+  qcow2::OpenOptions qo;
+  qo.read_only = !o.writable;
+  qo.l2_cache_bytes = o.l2_cache_bytes;
+  qcow2::HeaderInfo header;
+  qcow2::Status st = qcow2::Image::probe(file, &header);
+  if (!st.ok()) {
+    *error = fmt::format("'{}': {}", path, st.message());
+    return nullptr;
+  }
+  if (header.has_data_file) {
+    if (!o.allow_data_files) {
+      *error = fmt::format("'{}' keeps its data in the external file '{}'; "
+                           "pass --allow-data-file to let layerd open it",
+                           path, header.data_file);
+      return nullptr;
+    }
+    if (header.data_file.empty()) {
+      *error = fmt::format("'{}' needs an external data file but does not "
+                           "name one", path);
+      return nullptr;
+    }
+    std::string data_path = resolve_relative(path, header.data_file);
+    qo.data_file = open_posix_file(data_path, fo, ec);
+    if (!qo.data_file) {
+      *error = fmt::format("cannot open data file '{}' of '{}': {}", data_path,
+                           path, ec.message());
+      return nullptr;
+    }
+  }
+  std::unique_ptr<qcow2::Image> image;
+  st = qcow2::Image::open(file, qo, &image);
+  if (!st.ok()) {
+    *error = fmt::format("'{}': {}", path, st.message());
+    return nullptr;
+  }
+  if (o.writable && image->read_only()) {
+    *error = fmt::format("'{}' is marked corrupt and can only be served "
+                         "read-only (-r); repair it with qemu-img check -r all",
+                         path);
+    return nullptr;
+  }
+  node->size = image->size();
+  node->image = std::move(image);
+  return node;
+}
+
+}  // namespace
+
+bool parse_image_format(const std::string& name, ImageFormat* out) {
+  if (name == "raw") *out = ImageFormat::Raw;
+  else if (name == "qcow2") *out = ImageFormat::Qcow2;
+  else return false;
+  return true;
+}
+
+const char* format_name(ImageFormat f) {
+  return f == ImageFormat::Raw ? "raw" : "qcow2";
+}
+
+std::shared_ptr<BlockNode> ImageRegistry::share(Entry& entry,
+                                                const std::string& path,
+                                                const NodeOptions& o,
+                                                std::string* error) {
+  std::shared_ptr<BlockNode> node = entry.node.lock();
+  if (!node) return nullptr;
+  if (o.writable && !node->writable) {
+    *error = entry.backing
+                 ? fmt::format("'{}' is the backing image of '{}', so layerd "
+                               "cannot also serve it writable",
+                               path, entry.backing_of)
+                 : fmt::format("'{}' is already open read-only in this "
+                               "server, so it cannot also be served writable",
+                               path);
+    return nullptr;
+  }
+  if (o.backing && node->writable) {
+    *error = fmt::format("'{}' is served writable, so it cannot also be the "
+                         "backing image of '{}'", path, o.named_by);
+    return nullptr;
+  }
+  return node;
+}
+
+std::shared_ptr<BlockNode> ImageRegistry::open(const std::string& path,
+                                               ImageFormat format,
+                                               const NodeOptions& o,
+                                               std::string* error) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    *error = cannot_open(path, o, std::error_code(errno, std::generic_category()));
+    return nullptr;
+  }
+  Key key{st.st_dev, st.st_ino, ""};
+  std::lock_guard lock(mutex_);
+  Entry& entry = entries_[key];
+  error->clear();
+  std::shared_ptr<BlockNode> node = share(entry, path, o, error);
+  if (!node) {
+    if (!error->empty()) return nullptr;
+    node = open_node(path, format, o, error);
+    if (!node) return nullptr;
+    entry = Entry{node, false, ""};
+  } else if (node->format != format) {
+    *error = fmt::format("'{}' is already open as {}, not {}", path,
+                         format_name(node->format), format_name(format));
+    return nullptr;
+  }
+  if (o.backing && !entry.backing) {
+    entry.backing = true;
+    entry.backing_of = o.named_by;
+  }
+  return node;
+}
+
+std::string SnapshotSelector::describe() const {
+  if (!id_or_name.empty()) return fmt::format("with id or name '{}'", id_or_name);
+  if (!id.empty() && !name.empty())
+    return fmt::format("with id '{}' and name '{}'", id, name);
+  return id.empty() ? fmt::format("with name '{}'", name)
+                    : fmt::format("with id '{}'", id);
+}
+
+std::shared_ptr<BlockNode> ImageRegistry::open_snapshot(
+    const std::shared_ptr<BlockNode>& active, const SnapshotSelector& which,
+    std::string* error) {
+  if (!active->image) {
+    *error = fmt::format("'{}' is a raw image, which has no internal snapshots",
+                         active->path);
+    return nullptr;
+  }
+  // Name the view by its id, so that "1" and the name of snapshot 1 share.
+  std::string id;
+  const auto snapshots = active->image->snapshots();
+  for (const auto& s : snapshots) {
+    bool match = which.id_or_name.empty()
+                     ? (which.id.empty() || s.id == which.id) &&
+                           (which.name.empty() || s.name == which.name)
+                     : s.id == which.id_or_name;
+    if (match) {
+      id = s.id;
+      break;
+    }
+  }
+  if (id.empty() && !which.id_or_name.empty())
+    for (const auto& s : snapshots)
+      if (s.name == which.id_or_name) id = s.id;
+  if (id.empty()) {
+    *error = fmt::format("'{}' has no internal snapshot {}", active->path,
+                         which.describe());
+    return nullptr;
+  }
+  struct stat st {};
+  if (::stat(active->path.c_str(), &st) != 0) {
+    *error = fmt::format("cannot open '{}': {}", active->path,
+                         std::strerror(errno));
+    return nullptr;
+  }
+  std::lock_guard lock(mutex_);
+  Entry& entry = entries_[Key{st.st_dev, st.st_ino, id}];
+  if (auto node = entry.node.lock()) return node;
+  std::unique_ptr<qcow2::Image> view;
+  qcow2::Status s = active->image->open_snapshot(id, &view);
+  if (!s.ok()) {
+    *error = fmt::format("'{}': snapshot {}: {}", active->path, id, s.message());
+    return nullptr;
+  }
+  auto node = std::make_shared<BlockNode>();
+  node->path = active->path;
+  node->format = ImageFormat::Qcow2;
+  node->size = view->size();
+  node->snapshot_id = id;
+  node->snapshot_of = active;
+  node->image = std::move(view);
+  entry = Entry{node, false, ""};
+  return node;
+}
+
+size_t ImageRegistry::open_count() const {
+  std::lock_guard lock(mutex_);
+  size_t n = 0;
+  for (const auto& [_, e] : entries_)
+    if (!e.node.expired()) ++n;
+  return n;
+}
+
+}  // namespace layerd

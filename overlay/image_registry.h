@@ -1,0 +1,108 @@
+// One open image per file.
+//
+// Every graph, export, view and (later) job that uses a file gets the same
+// BlockNode, and so the same qcow2::Image with its caches: the registry
+// keys open images by device and inode, so two names of one file (a
+// symlink, a relative and an absolute path) are one node. Internal
+// snapshot views are nodes of their own, keyed by file and snapshot id.
+//
+// Access rules between users of one file inside the process:
+//   - a file opened writable is shared by every later writable or
+//     read-only export of it (they see each other's writes);
+//   - a file that is the backing image of a graph must not change under
+//     its overlays, so it cannot also be opened writable, and a writable
+//     file cannot become a backing image;
+//   - a file opened read-only cannot later be opened writable (that needs
+//     an in-place reopen, which the live jobs bring).
+// Each refusal names the file and the user that holds it.
+//
+// Thread safety: open() and open_snapshot() may be called from any thread;
+// the registry holds only weak references, so a node closes when the last
+// graph using it goes away.
+#pragma once
+
+#include <sys/types.h>
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "qcow2/file.h"
+#include "qcow2/image.h"
+
+namespace layerd {
+
+enum class ImageFormat { Raw, Qcow2 };
+
+// Parses "raw" or "qcow2"; false for anything else.
+bool parse_image_format(const std::string& name, ImageFormat* out);
+const char* format_name(ImageFormat f);
+
+// Which internal snapshot to open: "ID_OR_NAME" (an id, else a name), or
+// qemu-nbd's "snapshot.id=ID,snapshot.name=NAME" forms, where every given
+// field must match.
+struct SnapshotSelector {
+  std::string id_or_name;
+  std::string id;
+  std::string name;
+  bool empty() const { return id_or_name.empty() && id.empty() && name.empty(); }
+  std::string describe() const;
+};
+
+// One opened image: a qcow2 Image (possibly a snapshot view) or a raw file.
+struct BlockNode {
+  std::string path;  // as first named (resolved for backing images)
+  ImageFormat format = ImageFormat::Raw;
+  uint64_t size = 0;  // virtual size
+  bool writable = false;
+  std::string snapshot_id;  // set for an internal snapshot view
+  std::shared_ptr<const BlockNode> snapshot_of;  // the view's active image
+  std::shared_ptr<qcow2::Image> image;  // qcow2
+  std::shared_ptr<File> raw;            // raw
+};
+
+struct NodeOptions {
+  bool writable = false;
+  bool backing = false;  // opened as a backing image of `named_by`
+  std::string named_by;  // for messages
+  bool direct = false;   // O_DIRECT (raw only)
+  uint64_t l2_cache_bytes = 128ull << 20;
+  bool allow_data_files = false;
+};
+
+class ImageRegistry {
+ public:
+  // The node for `path` opened as `format`, shared if the file is open
+  // already. On failure returns nullptr and sets `error`.
+  std::shared_ptr<BlockNode> open(const std::string& path, ImageFormat format,
+                                  const NodeOptions& options,
+                                  std::string* error);
+
+  // A read-only view of the internal snapshot `which` of the qcow2 node
+  // `active`.
+  std::shared_ptr<BlockNode> open_snapshot(
+      const std::shared_ptr<BlockNode>& active, const SnapshotSelector& which,
+      std::string* error);
+
+  // The number of files (and views) open now, for tests and logs.
+  size_t open_count() const;
+
+ private:
+  struct Entry {
+    std::weak_ptr<BlockNode> node;
+    bool backing = false;  // some user has it as a backing image
+    std::string backing_of;
+  };
+  using Key = std::tuple<dev_t, ino_t, std::string>;  // snapshot id or ""
+
+  std::shared_ptr<BlockNode> share(Entry& entry, const std::string& path,
+                                   const NodeOptions& options,
+                                   std::string* error);
+
+  mutable std::mutex mutex_;
+  std::map<Key, Entry> entries_;
+};
+
+}  // namespace layerd
