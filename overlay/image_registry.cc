@@ -35,9 +35,12 @@ std::string cannot_open(const std::string& path, const NodeOptions& o,
   return fmt::format("cannot open '{}': {}{}", path, ec.message(), hint);
 }
 
-// Opens the image for real (no sharing).
-std::shared_ptr<BlockNode> open_node(const std::string& path, ImageFormat format,
-                                     const NodeOptions& o, std::string* error) {
+}  // namespace
+
+std::shared_ptr<BlockNode> open_block_node(const std::string& path,
+                                           ImageFormat format,
+                                           const NodeOptions& o,
+                                           std::string* error) {
   FileOptions fo;
   fo.mode = o.writable ? OpenMode::ReadWrite : OpenMode::ReadOnly;
   fo.direct = o.direct;
@@ -51,6 +54,7 @@ std::shared_ptr<BlockNode> open_node(const std::string& path, ImageFormat format
   node->path = path;
   node->format = format;
   node->writable = o.writable;
+  node->file = file;
   if (o.direct && (format != ImageFormat::Raw || o.backing)) {
     *error = "--cache=none and directsync are only supported for raw images";
     return nullptr;
@@ -70,6 +74,7 @@ std::shared_ptr<BlockNode> open_node(const std::string& path, ImageFormat format
   qcow2::OpenOptions qo;
   qo.read_only = !o.writable;
   qo.l2_cache_bytes = o.l2_cache_bytes;
+  qo.repair_dirty_on_open = o.repair_dirty_on_open;
   qcow2::HeaderInfo header;
   qcow2::Status st = qcow2::Image::probe(file, &header);
   if (!st.ok()) {
@@ -88,13 +93,14 @@ std::shared_ptr<BlockNode> open_node(const std::string& path, ImageFormat format
                            "name one", path);
       return nullptr;
     }
-    std::string data_path = resolve_relative(path, header.data_file);
-    qo.data_file = open_posix_file(data_path, fo, ec);
-    if (!qo.data_file) {
-      *error = fmt::format("cannot open data file '{}' of '{}': {}", data_path,
-                           path, ec.message());
+    node->data_file_path = resolve_relative(path, header.data_file);
+    node->data_file = open_posix_file(node->data_file_path, fo, ec);
+    if (!node->data_file) {
+      *error = fmt::format("cannot open data file '{}' of '{}': {}",
+                           node->data_file_path, path, ec.message());
       return nullptr;
     }
+    qo.data_file = node->data_file;
   }
   std::unique_ptr<qcow2::Image> image;
   st = qcow2::Image::open(file, qo, &image);
@@ -102,7 +108,7 @@ std::shared_ptr<BlockNode> open_node(const std::string& path, ImageFormat format
     *error = fmt::format("'{}': {}", path, st.message());
     return nullptr;
   }
-  if (o.writable && image->read_only()) {
+  if (o.writable && o.refuse_corrupt && image->read_only()) {
     *error = fmt::format("'{}' is marked corrupt and can only be served "
                          "read-only (-r); repair it with qemu-img check -r all",
                          path);
@@ -112,8 +118,6 @@ std::shared_ptr<BlockNode> open_node(const std::string& path, ImageFormat format
   node->image = std::move(image);
   return node;
 }
-
-}  // namespace
 
 bool parse_image_format(const std::string& name, ImageFormat* out) {
   if (name == "raw") *out = ImageFormat::Raw;
@@ -166,7 +170,7 @@ std::shared_ptr<BlockNode> ImageRegistry::open(const std::string& path,
   std::shared_ptr<BlockNode> node = share(entry, path, o, error);
   if (!node) {
     if (!error->empty()) return nullptr;
-    node = open_node(path, format, o, error);
+    node = open_block_node(path, format, o, error);
     if (!node) return nullptr;
     entry = Entry{node, false, ""};
   } else if (node->format != format) {

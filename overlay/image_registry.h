@@ -61,6 +61,9 @@ struct BlockNode {
   std::shared_ptr<const BlockNode> snapshot_of;  // the view's active image
   std::shared_ptr<qcow2::Image> image;  // qcow2
   std::shared_ptr<File> raw;            // raw
+  std::shared_ptr<File> file;           // the image file itself (both)
+  std::shared_ptr<File> data_file;      // qcow2 with an external data file
+  std::string data_file_path;
 };
 
 struct NodeOptions {
@@ -70,7 +73,19 @@ struct NodeOptions {
   bool direct = false;   // O_DIRECT (raw only)
   uint64_t l2_cache_bytes = 128ull << 20;
   bool allow_data_files = false;
+  // For check and repair tools: repair a dirty image at open (as a server
+  // does), and whether a writable open of a corrupt image is refused.
+  bool repair_dirty_on_open = true;
+  bool refuse_corrupt = true;
 };
+
+// Opens one image file (and its external data file) without sharing it,
+// for tools that own their images (layerctl). The registry opens through
+// this too. nullptr with `error` set on failure.
+std::shared_ptr<BlockNode> open_block_node(const std::string& path,
+                                           ImageFormat format,
+                                           const NodeOptions& options,
+                                           std::string* error);
 
 class ImageRegistry {
  public:

@@ -172,64 +172,57 @@ ImageFormat probe_format(const std::string& path) {
   return ImageFormat::Qcow2;
 }
 
+namespace {
+
+OpenedImage opened_from(std::shared_ptr<BlockNode> node, std::string filename) {
+  OpenedImage img;
+  img.filename = std::move(filename);
+  img.format = node->format;
+  img.file = node->file;
+  img.image = node->image;
+  img.data_file = node->data_file;
+  img.data_file_path = node->data_file_path;
+  // QEMU counts sizes in 512-byte sectors: a raw file's disk is its length
+  // rounded up (the tail reads as zeros).
+  img.size = node->raw ? (node->size + 511) & ~uint64_t{511} : node->size;
+  return img;
+}
+
+}  // namespace
+
+// Images are opened the way layerd opens them (overlay/): an external data
+// file's relative name is relative to the image's directory.
 OpenedImage open_image(const std::string& path, ImageFormat format,
                        OpenFlags flags) {
-  OpenedImage img;
-  img.filename = path;
-  img.format = format;
-  img.file = open_file(path, flags.writable);
-  if (format == ImageFormat::Raw) {
-    // QEMU counts sizes in 512-byte sectors: a raw file's disk is its
-    // length rounded up (the tail reads as zeros).
-    img.size = (img.file->size() + 511) & ~uint64_t{511};
-    return img;
-  }
-  qcow2::OpenOptions qo;
-  qo.read_only = !flags.writable;
-  qo.repair_dirty_on_open = flags.repair_dirty_on_open;
-  // An image with an external data file needs it open first. As QEMU does,
-  // the recorded name is used as it stands: a relative name is relative to
-  // the working directory, not to the image.
-  qcow2::HeaderInfo header;
-  qcow2::Status st = qcow2::Image::probe(img.file, &header);
-  if (!st.ok()) fail(fmt::format("Could not open '{}': {}", path, st.message()));
-  if (header.has_data_file) {
-    img.data_file_path = header.data_file;
-    img.data_file = open_file(img.data_file_path, flags.writable);
-    qo.data_file = img.data_file;
-  }
-  st = qcow2::Image::open(img.file, qo, &img.image);
-  if (!st.ok()) fail(fmt::format("Could not open '{}': {}", path, st.message()));
-  img.size = img.image->size();
-  return img;
+  NodeOptions o;
+  o.writable = flags.writable;
+  o.allow_data_files = true;
+  o.repair_dirty_on_open = flags.repair_dirty_on_open;
+  o.refuse_corrupt = false;
+  std::string error;
+  auto node = open_block_node(path, format, o, &error);
+  if (!node) fail(fmt::format("Could not open '{}': {}", path, error));
+  return opened_from(std::move(node), path);
 }
 
 std::vector<OpenedImage> open_image_chain(const std::string& path,
                                           ImageFormat format) {
+  ImageRegistry registry;
+  ChainOptions o;
+  o.read_only = true;
+  o.allow_data_files = true;
+  o.registry = &registry;
+  std::vector<std::shared_ptr<BlockNode>> nodes;
+  std::string error;
+  if (!open_chain_nodes(path, format, o, &nodes, &error))
+    fail(fmt::format("Could not open '{}': {}", path, error));
   std::vector<OpenedImage> chain;
-  std::set<std::string> seen;
-  std::string current = path;
-  for (;;) {
-    std::error_code ec;
-    std::string canonical = std::filesystem::weakly_canonical(current, ec).string();
-    if (ec) canonical = current;
-    if (!seen.insert(canonical).second)
-      fail(fmt::format("Backing file '{}' creates an infinite loop.", current));
-    chain.push_back(open_image(current, format));
-    const OpenedImage& img = chain.back();
-    if (!img.image || img.image->backing_file().empty()) break;
-    const std::string& backing = img.image->backing_file();
-    const std::string& bfmt = img.image->backing_format();
-    if (bfmt.empty())
-      fail(fmt::format("'{}' does not record the format of its backing file "
-                       "'{}'; record it with: qemu-img rebase -u -b '{}' -F "
-                       "<raw|qcow2> '{}'",
-                       current, backing, backing, current));
-    if (!parse_image_format(bfmt, &format))
-      fail(fmt::format("'{}': backing file '{}' has format '{}', which "
-                       "layerctl does not support",
-                       current, backing, bfmt));
-    current = combine_path(current, backing);
+  std::string filename = path;
+  for (auto& node : nodes) {
+    if (!chain.empty()) {
+      filename = combine_path(filename, chain.back().image->backing_file());
+    }
+    chain.push_back(opened_from(std::move(node), filename));
   }
   return chain;
 }

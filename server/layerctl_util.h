@@ -62,7 +62,7 @@ struct OpenedImage {
   std::string filename;  // as the user named it, or combined for backings
   ImageFormat format = ImageFormat::Raw;
   std::shared_ptr<File> file;
-  std::unique_ptr<qcow2::Image> image;  // qcow2 only
+  std::shared_ptr<qcow2::Image> image;  // qcow2 only
   std::shared_ptr<File> data_file;      // qcow2 with an external data file
   std::string data_file_path;
   uint64_t size = 0;  // virtual size
