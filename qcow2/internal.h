@@ -12,7 +12,6 @@
 //   create.cc    laying out new images
 //   compress.cc  deflate / zstd decompression
 //   rwlock.h     the writer-preferring metadata lock
-//   faulty_file  a File that fails on demand, for tests
 #pragma once
 
 #include <atomic>

@@ -6,7 +6,7 @@
 #include <cstring>
 #include <functional>
 
-#include "qcow2/faulty_file.h"
+#include "tests/qcow2/faulty_file.h"
 #include "test_util.h"
 
 namespace layerd::qcow2::test {

@@ -17,7 +17,7 @@
 #include <fstream>
 #include <iostream>
 
-#include "qcow2/faulty_file.h"
+#include "tests/qcow2/faulty_file.h"
 #include "test_util.h"
 
 namespace layerd::qcow2::test {

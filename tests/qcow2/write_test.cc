@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <thread>
 
-#include "qcow2/faulty_file.h"
+#include "tests/qcow2/faulty_file.h"
 #include "test_util.h"
 
 namespace layerd::qcow2::test {

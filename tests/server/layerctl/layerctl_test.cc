@@ -17,13 +17,13 @@ namespace {
 
 namespace json = boost::json;
 
-// $LAYERCTL_BIN if set by hand, else the layerctl next to $LAYERD_BIN
-// (which ctest sets).
+// $LAYERCTL_BIN if set by hand, else the build's layerctl, in the
+// layerctl/ folder beside $LAYERD_BIN (which ctest sets).
 std::string ctl_binary() {
   if (const char* bin = std::getenv("LAYERCTL_BIN"); bin && *bin) return bin;
   if (const char* server = std::getenv("LAYERD_BIN"); server && *server) {
-    fs::path sibling = fs::path(server).parent_path() / "layerctl";
-    if (fs::exists(sibling)) return sibling.string();
+    fs::path built = fs::path(server).parent_path() / "layerctl" / "layerctl";
+    if (fs::is_regular_file(built)) return built.string();
   }
   return "";
 }

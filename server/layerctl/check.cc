@@ -7,8 +7,8 @@
 #include <fmt/format.h>
 #include <fmt/printf.h>
 
-#include "server/layerctl_commands.h"
-#include "server/layerctl_util.h"
+#include "server/layerctl/commands.h"
+#include "server/layerctl/util.h"
 
 namespace layerd::ctl {
 namespace {

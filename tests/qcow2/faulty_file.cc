@@ -1,4 +1,4 @@
-#include "qcow2/faulty_file.h"
+#include "tests/qcow2/faulty_file.h"
 
 namespace layerd::qcow2 {
 

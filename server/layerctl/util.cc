@@ -1,4 +1,4 @@
-#include "server/layerctl_util.h"
+#include "server/layerctl/util.h"
 
 #include <sys/stat.h>
 
