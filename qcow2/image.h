@@ -295,9 +295,10 @@ class Image {
   // Calls close() if it was not called (ignoring its error).
   ~Image();
 
-  // Flushes and then, if this Image set the dirty bit (or made a dirty
-  // image consistent with a repairing check), clears it. Leaves it set
-  // when the flush fails or the image was marked corrupt. Later calls
+  // Writes the recording dirty bitmaps back (see above), flushes and then,
+  // if this Image set the dirty bit (or made a dirty image consistent with
+  // a repairing check), clears it. Leaves it set, and the bitmaps in use,
+  // when a write fails or the image was marked corrupt. Later calls
   // return {}; I/O after close() is not allowed.
   std::error_code close();
   Image(const Image&) = delete;
