@@ -213,6 +213,10 @@ Status Image::Impl::check_locked(Repair repair, CheckReport* rep) {
     if (auto ec = flush_locked(true)) return Status::IoError(ec, "flush");
     if (corrupt && rep->corruptions == rep->corruptions_fixed &&
         rep->check_errors == 0) {
+      // Writable from now on: the bitmaps must see the writes. (Before the
+      // flag goes: Image::write reads `recording` once it sees it clear.)
+      if (auto ec = start_recording_bitmaps())
+        return Status::IoError(ec, "marking the dirty bitmaps in use");
       corrupt = false;
       (void)set_incompat_bit(fmt::kIncompatCorrupt, false);
     }

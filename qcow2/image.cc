@@ -69,13 +69,13 @@ Status Image::open(std::shared_ptr<File> file, const OpenOptions& options,
   if (Status st = I.load_tables(); !st.ok()) return st;
   const bool writable = !I.ro && !I.corrupt;
   // Bitmaps QEMU would refuse (it then refuses the image) are left alone:
-  // no read-write open, so nothing records writes in them wrongly.
+  // no read-write open (not even of a corrupt image, which a repairing
+  // check could make writable), so no write can leave them stale.
   if (Status st = I.load_bitmaps(); !st.ok()) {
-    if (writable)
+    if (!I.ro)
       return Status(st.code(), st.message() +
                                    " (QEMU refuses this image too; open it "
                                    "read-only to read it)");
-    I.bitmaps.clear();
     I.bitmaps_status = std::move(st);
   }
   if (writable && I.h.version >= 3) {
@@ -264,11 +264,11 @@ std::error_code Image::write_zeroes(uint64_t offset, uint64_t length,
   Impl& I = *impl_;
   if (!range_ok(offset, length, I.h.virtual_size)) return einval();
   if (length == 0) return {};
-  I.note_guest_change(offset, length);
   {
     uint64_t first = offset >> I.cb, last = (offset + length - 1) >> I.cb;
     std::unique_lock<WriterPreferringMutex> lk;
     if (auto ec = I.lock_for_change(lk, first, last)) return ec;
+    I.note_guest_change(offset, length);
     if (auto ec = I.zero_locked(offset, length, may_unmap, below)) return ec;
   }
   return fua ? flush() : std::error_code{};
@@ -280,10 +280,10 @@ std::error_code Image::discard(uint64_t offset, uint64_t length,
   Impl& I = *impl_;
   if (!range_ok(offset, length, I.h.virtual_size)) return einval();
   if (length == 0) return {};
-  I.note_guest_change(offset, length);
   uint64_t first = offset >> I.cb, last = (offset + length - 1) >> I.cb;
   std::unique_lock<WriterPreferringMutex> lk;
   if (auto ec = I.lock_for_change(lk, first, last)) return ec;
+  I.note_guest_change(offset, length);
   return I.discard_locked(offset, length, below);
 }
 

@@ -183,8 +183,9 @@ struct Image::Impl {
   // Validates the directory and every bitmap table, and loads the bits of
   // the consistent bitmaps. Changes nothing on disk.
   Status load_bitmaps();
-  // Read-write open: marks the enabled, consistent bitmaps in use on disk
-  // and starts recording writes in them.
+  // When the image becomes writable (read-write open, a repair that clears
+  // the corrupt bit): marks the enabled, consistent bitmaps that are not
+  // recording yet in use on disk and starts recording writes in them.
   std::error_code start_recording_bitmaps();
   // Sets the bits of [offset, offset + length) in every recording bitmap.
   void note_guest_change(uint64_t offset, uint64_t length) {

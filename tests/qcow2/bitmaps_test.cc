@@ -473,6 +473,27 @@ TEST(Bitmaps, CrashAtAnyWriteLeavesExactRefcountsAndUsableBitmaps) {
   }
 }
 
+TEST(Bitmaps, RepairingACorruptImageStartsRecording) {
+  TempDir d;
+  std::string img = d / "a.qcow2";
+  make_three_bitmaps(img);
+  patch64(img, 72, 2);  // the corrupt bit
+  {
+    auto image = open_image(img, true);
+    ASSERT_TRUE(image);
+    EXPECT_FALSE(image->bitmaps()[0].recording);
+    CheckReport rep;
+    ASSERT_TRUE(image->check(Repair::All, &rep).ok());
+    ASSERT_FALSE(image->corrupt());
+    EXPECT_TRUE(image->bitmaps()[0].recording);
+    auto data = pattern(4096, 4);
+    ASSERT_FALSE(image->write(40 << 20, data, zero_below()));
+  }
+  qemu_check_clean(img);
+  EXPECT_EQ(qemu_dirty(img, "b0"),
+            expected_dirty({{20 << 20, 4096}, {40 << 20, 4096}}, 64 << 10, 64 << 20));
+}
+
 TEST(Bitmaps, ConcurrentWritesAndQueries) {
   TempDir d;
   std::string img = d / "a.qcow2";
