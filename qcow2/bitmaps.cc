@@ -260,36 +260,101 @@ bool Image::Impl::bitmaps_vouched() const {
          (h.autoclear_features & fmt::kAutoclearBitmaps);
 }
 
-Status Image::Impl::load_bitmaps() {
-  if (!bitmaps_vouched()) return Status::Ok();
-  const uint64_t fsize = file->size();
-  if (bitmaps_ext_length != fmt::kBitmapsExtLength || bitmaps_ext_reserved)
+namespace {
+
+// Whether the extension's own fields are what QEMU accepts.
+Status extension_problem(const Image::Impl& I) {
+  const uint64_t fsize = I.file->size();
+  if (I.bitmaps_ext_length != fmt::kBitmapsExtLength || I.bitmaps_ext_reserved)
     return Status::Invalid("bitmaps extension malformed (length " +
-                           std::to_string(bitmaps_ext_length) +
-                           ", reserved field " + hex(bitmaps_ext_reserved) + ")");
-  if (nb_bitmaps == 0 || nb_bitmaps > fmt::kMaxBitmaps)
+                           std::to_string(I.bitmaps_ext_length) +
+                           ", reserved field " + hex(I.bitmaps_ext_reserved) + ")");
+  if (I.nb_bitmaps == 0 || I.nb_bitmaps > fmt::kMaxBitmaps)
     return Status::Invalid("bitmaps extension names " +
-                           std::to_string(nb_bitmaps) + " bitmaps");
-  if (bitmaps_dir_size == 0 || bitmaps_dir_size > fmt::kMaxBitmapDirectoryBytes ||
-      bitmaps_dir_offset == 0 || bitmaps_dir_offset % cs ||
-      bitmaps_dir_offset > fsize || fsize - bitmaps_dir_offset < bitmaps_dir_size)
-    return Status::Invalid("bitmap directory (offset " + hex(bitmaps_dir_offset) +
-                           ", " + std::to_string(bitmaps_dir_size) +
-                           " bytes) invalid");
-  // Every cluster the bitmaps use, to catch overlaps with other metadata
-  // and among themselves.
-  std::vector<std::pair<uint64_t, uint64_t>> used;
-  auto claim = [&](uint64_t off, uint64_t len, const std::string& what) -> Status {
-    uint64_t end = off + fmt::round_up(len, cs);
-    if (overlaps(meta_ranges, off, end - off))
+                           std::to_string(I.nb_bitmaps) + " bitmaps");
+  const uint64_t off = I.bitmaps_dir_offset, size = I.bitmaps_dir_size;
+  if (size == 0 || size > fmt::kMaxBitmapDirectoryBytes || off == 0 ||
+      off % I.cs || off > fsize || fsize - off < size)
+    return Status::Invalid("bitmap directory (offset " + hex(off) + ", " +
+                           std::to_string(size) + " bytes) invalid");
+  return Status::Ok();
+}
+
+// The clusters the bitmaps use: each must stay clear of the image's other
+// metadata, and (checked once all are known) of each other.
+class BitmapClusters {
+ public:
+  explicit BitmapClusters(const Image::Impl& I) : I_(I) {}
+  Status claim(uint64_t off, uint64_t len, const std::string& what) {
+    uint64_t end = off + fmt::round_up(len, I_.cs);
+    if (overlaps(I_.meta_ranges, off, end - off))
       return Status::Invalid(what + " at " + hex(off) + " overlaps other metadata");
-    used.push_back({off, end});
+    used_.push_back({off, end});
     return Status::Ok();
-  };
-  if (Status st = claim(bitmaps_dir_offset, bitmaps_dir_size, "bitmap directory");
+  }
+  Status disjoint() {
+    std::sort(used_.begin(), used_.end());
+    for (size_t i = 1; i < used_.size(); ++i)
+      if (used_[i].first < used_[i - 1].second)
+        return Status::Invalid("bitmap clusters at " + hex(used_[i].first) +
+                               " used twice");
+    return Status::Ok();
+  }
+
+ private:
+  const Image::Impl& I_;
+  std::vector<std::pair<uint64_t, uint64_t>> used_;
+};
+
+// Reads and validates the table of `b` (a consistent bitmap) and loads its
+// bits.
+Status load_bits(Image::Impl& I, Image::Impl::Bitmap& b, BitmapClusters& clusters) {
+  const uint64_t fsize = I.file->size(), cs = I.cs;
+  const std::string what = "bitmap '" + b.entry.name + "'";
+  uint64_t tbytes = uint64_t(b.entry.table_size) * 8;
+  if (b.entry.table_offset > fsize || fsize - b.entry.table_offset < tbytes)
+    return Status::Invalid(what + ": table beyond end of file");
+  if (Status st = clusters.claim(b.entry.table_offset, tbytes, what + " table");
       !st.ok())
     return st;
+  if (auto ec = read_bitmap_table(*I.file, b.entry.table_offset,
+                                  b.entry.table_size, &b.table))
+    return Status::IoError(ec, "reading the table of " + what);
+  b.bits = std::make_unique<DirtyBitmap>(I.h.virtual_size, b.entry.granularity_bits);
+  const uint64_t bits_per_cluster = cs * 8;
+  std::vector<std::byte> chunk(cs);
+  for (uint64_t k = 0; k < b.table.size(); ++k) {
+    uint64_t t = b.table[k];
+    uint64_t off = t & fmt::kBitmapTableOffsetMask;
+    if (!bitmap_table_entry_valid(t, cs))
+      return Status::Invalid(what + ": table entry " + std::to_string(k) + " (" +
+                             hex(t) + ") invalid");
+    if (!off) {
+      if (t & fmt::kBitmapTableAllOnes)
+        b.bits->fill_chunk(k * bits_per_cluster, bits_per_cluster, true);
+      continue;
+    }
+    if (off > fsize || fsize - off < cs)
+      return Status::Invalid(what + ": data cluster " + hex(off) +
+                             " beyond end of file");
+    if (Status st = clusters.claim(off, cs, what + " data"); !st.ok()) return st;
+    if (auto ec = I.file->pread(chunk, off))
+      return Status::IoError(ec, "reading the data of " + what);
+    b.bits->load_chunk(k * bits_per_cluster, chunk);
+  }
+  return Status::Ok();
+}
 
+}  // namespace
+
+Status Image::Impl::load_bitmaps() {
+  if (!bitmaps_vouched()) return Status::Ok();
+  if (Status st = extension_problem(*this); !st.ok()) return st;
+  BitmapClusters clusters(*this);
+  if (Status st = clusters.claim(bitmaps_dir_offset, bitmaps_dir_size,
+                                 "bitmap directory");
+      !st.ok())
+    return st;
   std::vector<std::byte> raw(bitmaps_dir_size);
   if (auto ec = file->pread(raw, bitmaps_dir_offset))
     return Status::IoError(ec, "reading the bitmap directory");
@@ -298,54 +363,14 @@ Status Image::Impl::load_bitmaps() {
                                           &entries);
       !st.ok())
     return st;
-
-  std::vector<Bitmap> loaded;
-  std::vector<std::byte> chunk(cs);
-  for (BitmapDirEntry& e : entries) {
-    Bitmap b;
-    b.entry = std::move(e);
-    const std::string what = "bitmap '" + b.entry.name + "'";
+  std::vector<Bitmap> loaded(entries.size());
+  for (size_t i = 0; i < entries.size(); ++i) {
+    loaded[i].entry = std::move(entries[i]);
     // In use: a writer was killed while it recorded; QEMU does not read it.
-    if (b.entry.flags & fmt::kBitmapFlagInUse) {
-      loaded.push_back(std::move(b));
-      continue;
-    }
-    uint64_t tbytes = uint64_t(b.entry.table_size) * 8;
-    if (b.entry.table_offset > fsize || fsize - b.entry.table_offset < tbytes)
-      return Status::Invalid(what + ": table beyond end of file");
-    if (Status st = claim(b.entry.table_offset, tbytes, what + " table"); !st.ok())
-      return st;
-    if (auto ec = read_bitmap_table(*file, b.entry.table_offset,
-                                    b.entry.table_size, &b.table))
-      return Status::IoError(ec, "reading the table of " + what);
-    b.bits = std::make_unique<DirtyBitmap>(h.virtual_size, b.entry.granularity_bits);
-    const uint64_t bits_per_cluster = cs * 8;
-    for (uint64_t k = 0; k < b.table.size(); ++k) {
-      uint64_t t = b.table[k];
-      uint64_t off = t & fmt::kBitmapTableOffsetMask;
-      if (!bitmap_table_entry_valid(t, cs))
-        return Status::Invalid(what + ": table entry " + std::to_string(k) +
-                               " (" + hex(t) + ") invalid");
-      if (!off) {
-        if (t & fmt::kBitmapTableAllOnes)
-          b.bits->fill_chunk(k * bits_per_cluster, bits_per_cluster, true);
-        continue;
-      }
-      if (off > fsize || fsize - off < cs)
-        return Status::Invalid(what + ": data cluster " + hex(off) +
-                               " beyond end of file");
-      if (Status st = claim(off, cs, what + " data"); !st.ok()) return st;
-      if (auto ec = file->pread(chunk, off))
-        return Status::IoError(ec, "reading the data of " + what);
-      b.bits->load_chunk(k * bits_per_cluster, chunk);
-    }
-    loaded.push_back(std::move(b));
+    if (loaded[i].entry.flags & fmt::kBitmapFlagInUse) continue;
+    if (Status st = load_bits(*this, loaded[i], clusters); !st.ok()) return st;
   }
-  std::sort(used.begin(), used.end());
-  for (size_t i = 1; i < used.size(); ++i)
-    if (used[i].first < used[i - 1].second)
-      return Status::Invalid("bitmap clusters at " + hex(used[i].first) +
-                             " used twice");
+  if (Status st = clusters.disjoint(); !st.ok()) return st;
   bitmaps = std::move(loaded);
   bitmaps_valid = true;
   rebuild_meta_ranges();

@@ -11,6 +11,7 @@
 #include <sstream>
 #include <thread>
 
+#include "qcow2/bitmaps.h"
 #include "qcow2/faulty_file.h"
 #include "test_util.h"
 
@@ -147,6 +148,79 @@ void make_three_bitmaps(const std::string& img) {
   run("qemu-img bitmap --add -g 512K " + q(img) + " d0");
   run("qemu-io -f qcow2 -c 'write -P 3 20M 4k' " + q(img));
   run("qemu-img bitmap --disable " + q(img) + " d0");
+}
+
+TEST(DirtyBitmap, RunsStopAtStateChangesAndAtTheAskedLength) {
+  // 1000 granules of 512 bytes, the last one short (disk ends at 511,900).
+  const uint64_t disk = 999 * 512 + 412;
+  DirtyBitmap b(disk, 9);
+  EXPECT_EQ(b.bit_count(), 1000u);
+  b.mark(60 * 512 + 1, 512);        // granules 60 and 61
+  b.mark(64 * 512, 200 * 512);      // 64..263: crosses words
+  b.mark(disk - 1, 1);              // the short last granule
+  using Run = std::pair<bool, uint64_t>;  // dirty, bytes
+  auto run = [&](uint64_t off, uint64_t len) {
+    bool dirty;
+    uint64_t n;
+    b.dirty_run(off, len, &dirty, &n);
+    return Run(dirty, n);
+  };
+  EXPECT_EQ(run(0, disk), Run(false, 60 * 512));
+  EXPECT_EQ(run(60 * 512 + 7, disk), Run(true, 2 * 512 - 7));
+  EXPECT_EQ(run(62 * 512, disk), Run(false, 2 * 512));
+  EXPECT_EQ(run(64 * 512, disk), Run(true, 200 * 512));
+  EXPECT_EQ(run(64 * 512, 1000), Run(true, 1000));
+  EXPECT_EQ(run(264 * 512, disk), Run(false, (999 - 264) * 512));
+  EXPECT_EQ(run(999 * 512, 412), Run(true, 412));
+}
+
+TEST(DirtyBitmap, ChunksRoundTripAndKnowAllZerosAndAllOnes) {
+  DirtyBitmap b(100 * 4096, 12);  // 100 bits: one chunk of 512 bytes
+  std::vector<std::byte> chunk(512);
+  EXPECT_EQ(b.save_chunk(0, chunk), DirtyBitmap::ChunkKind::Zeros);
+  b.fill_chunk(0, 4096, true);
+  EXPECT_EQ(b.save_chunk(0, chunk), DirtyBitmap::ChunkKind::Ones);
+  EXPECT_EQ(chunk[12], std::byte{0x0f});  // bits 96..99, nothing past the end
+  EXPECT_EQ(chunk[13], std::byte{0});
+  DirtyBitmap c(100 * 4096, 12);
+  chunk.assign(512, std::byte{0});
+  chunk[1] = std::byte{0x81};  // bits 8 and 15
+  chunk[40] = std::byte{0xff};  // past the end: ignored
+  c.load_chunk(0, chunk);
+  bool dirty;
+  uint64_t n;
+  c.dirty_run(8 * 4096, 100 * 4096 - 8 * 4096, &dirty, &n);
+  EXPECT_TRUE(dirty);
+  EXPECT_EQ(n, 4096u);
+  c.dirty_run(16 * 4096, 84 * 4096, &dirty, &n);
+  EXPECT_FALSE(dirty);
+  EXPECT_EQ(n, 84u * 4096);
+  EXPECT_EQ(c.save_chunk(0, chunk), DirtyBitmap::ChunkKind::Mixed);
+}
+
+TEST(BitmapDirectory, DecodesWhatQemuWroteAndEncodesItBackByteForByte) {
+  TempDir d;
+  std::string img = d / "a.qcow2";
+  run("qemu-img create -q -f qcow2 " + q(img) + " 64M");
+  run("qemu-img bitmap --add " + q(img) + " first");
+  run("qemu-img bitmap --add -g 1M --disable " + q(img) + " a-longer-name-than-8");
+  uint64_t ext = bitmaps_ext_at(img);
+  auto file = slurp(img);
+  uint64_t off = peek(img, ext + 16, 8), size = peek(img, ext + 8, 8);
+  std::span<const std::byte> raw(file.data() + off, size);
+  std::vector<BitmapDirEntry> entries;
+  ASSERT_TRUE(decode_bitmap_directory(raw, 2, 64 << 20, 65536, &entries).ok());
+  ASSERT_EQ(entries.size(), 2u);
+  EXPECT_EQ(entries[1].name, "a-longer-name-than-8");
+  EXPECT_EQ(entries[1].granularity_bits, 20);
+  EXPECT_EQ(entries[0].flags, 2u);
+  auto back = encode_bitmap_directory(entries);
+  EXPECT_TRUE(std::equal(back.begin(), back.end(), raw.begin(), raw.end()));
+  // The header's count must match; the disk must fit the table.
+  EXPECT_FALSE(decode_bitmap_directory(raw, 3, 64 << 20, 65536, &entries).ok());
+  EXPECT_FALSE(decode_bitmap_directory(raw, 2, 1ull << 50, 65536, &entries).ok());
+  EXPECT_FALSE(decode_bitmap_directory(raw.first(raw.size() - 8), 2, 64 << 20, 65536,
+                                       &entries).ok());
 }
 
 TEST(Bitmaps, WritesZeroesAndDiscardsAreRecordedAndQemuReadsThem) {
