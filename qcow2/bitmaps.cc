@@ -402,21 +402,23 @@ std::error_code rewrite_directory_in_place(Image::Impl& I) {
 }  // namespace
 
 std::error_code Image::Impl::start_recording_bitmaps() {
-  bool any = false;
-  for (Bitmap& b : bitmaps) {
-    if (!b.bits || b.recording || !(b.entry.flags & fmt::kBitmapFlagAuto))
-      continue;
-    b.entry.flags |= fmt::kBitmapFlagInUse;
-    b.recording = any = true;
-  }
-  if (!any) return {};
+  std::vector<Bitmap*> starting;
+  for (Bitmap& b : bitmaps)
+    if (b.bits && !b.recording && (b.entry.flags & fmt::kBitmapFlagAuto))
+      starting.push_back(&b);
+  if (starting.empty()) return {};
   // Dirty first: a kill while the autoclear bit is off leaves the bitmap
   // clusters as leaks, which the next read-write open then repairs.
   if (auto ec = mark_dirty()) return ec;
-  if (auto ec = rewrite_directory_in_place(*this)) return ec;
-  recording.clear();
-  for (Bitmap& b : bitmaps)
-    if (b.recording) recording.push_back(b.bits.get());
+  for (Bitmap* b : starting) b->entry.flags |= fmt::kBitmapFlagInUse;
+  if (auto ec = rewrite_directory_in_place(*this)) {
+    for (Bitmap* b : starting) b->entry.flags &= ~fmt::kBitmapFlagInUse;
+    return ec;
+  }
+  for (Bitmap* b : starting) {
+    b->recording = true;
+    recording.push_back(b->bits.get());
+  }
   return {};
 }
 
