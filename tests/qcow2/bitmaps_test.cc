@@ -568,6 +568,47 @@ TEST(Bitmaps, RepairingACorruptImageStartsRecording) {
             expected_dirty({{20 << 20, 4096}, {40 << 20, 4096}}, 64 << 10, 64 << 20));
 }
 
+// Other layouts: tiny clusters with 1-bit refcounts, subclusters, and an
+// external data file (bitmap clusters live in the image file).
+class BitmapLayouts : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(BitmapLayouts, WritesAreRecordedAndQemuChecksClean) {
+  TempDir d;
+  std::string img = d / "l.qcow2";
+  std::string opts = GetParam();
+  if (auto at = opts.find("DIR/"); at != std::string::npos)
+    opts.replace(at, 3, d.path());  // qemu resolves names against its cwd
+  run("qemu-img create -q -f qcow2 -o " + opts + " " + q(img) + " 32M");
+  run("qemu-img bitmap --add -g 4K " + q(img) + " b0");
+  OpenOptions o;
+  std::unique_ptr<Image> image;
+  {
+    HeaderInfo h;
+    ASSERT_TRUE(Image::probe(open_file(img, false), &h).ok());
+    if (h.has_data_file) o.data_file = open_file(h.data_file, true);
+  }
+  std::vector<Extent> writes = {{12345, 6789}, {(20 << 20) - 1, 2}, {(32 << 20) - 4096, 4096}};
+  {
+    image = open_image(img, true, o);
+    ASSERT_TRUE(image);
+    auto data = pattern(6789, 3);
+    for (auto& w : writes)
+      ASSERT_FALSE(image->write(w.offset, std::span(data.data(), w.length), zero_below()));
+    ASSERT_FALSE(image->discard(1 << 20, 8192, DiscardMode::Zero, zero_below()));
+    ASSERT_FALSE(image->close());
+  }
+  writes.push_back({1 << 20, 8192});
+  qemu_check_clean(img);
+  EXPECT_EQ(qemu_info(img).find("in-use"), std::string::npos);
+  EXPECT_EQ(qemu_dirty(img, "b0"), expected_dirty(writes, 4096, 32 << 20));
+}
+
+INSTANTIATE_TEST_SUITE_P(All, BitmapLayouts,
+                         ::testing::Values("cluster_size=512,refcount_bits=1",
+                                           "cluster_size=128k,extended_l2=on",
+                                           "data_file=DIR/l.data"),
+                         [](const auto& p) { return std::to_string(p.index); });
+
 TEST(Bitmaps, ConcurrentWritesAndQueries) {
   TempDir d;
   std::string img = d / "a.qcow2";
