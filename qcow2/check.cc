@@ -53,33 +53,12 @@ Status Image::Impl::check_locked(Repair repair, CheckReport* rep) {
   }
   if (nb_snapshots) ref(snapshots_offset, snapshot_table_bytes, "snapshot table");
 
-  // Bitmaps: directory, bitmap tables, bitmap data clusters.
-  // Only while the autoclear bit vouches for them (as QEMU does: once a
-  // program without bitmap support cleared the bit, they are dropped and
-  // their clusters count as leaks).
-  if (has_bitmaps_ext && bitmaps_dir_size &&
-      (h.autoclear_features & fmt::kAutoclearBitmaps)) {
-    ref(bitmaps_dir_offset, bitmaps_dir_size, "bitmap directory");
-    std::vector<std::byte> dir(bitmaps_dir_size);
-    if (!file->pread(dir, bitmaps_dir_offset)) {
-      for (size_t p = 0; p + 24 <= dir.size();) {
-        uint64_t toff = fmt::load64(&dir[p]);
-        uint32_t tsize = fmt::load32(&dir[p + 8]);
-        uint16_t name = fmt::load16(&dir[p + 18]);
-        uint32_t extra = fmt::load32(&dir[p + 20]);
-        if (uint64_t(tsize) * 8 <= (64ull << 20) && toff % cs == 0) {
-          ref(toff, uint64_t(tsize) * 8, "bitmap table");
-          std::vector<std::byte> tab(uint64_t(tsize) * 8);
-          if (tsize && !file->pread(tab, toff))
-            for (uint32_t k = 0; k < tsize; ++k) {
-              uint64_t e = fmt::load64(&tab[k * 8]) & fmt::kL2OffsetMask;
-              if (e) ref(e, cs, "bitmap data");
-            }
-        }
-        p = fmt::round_up(p + 24 + extra + name, 8);
-      }
-    }
-  }
+  // Bitmaps: directory, bitmap tables, bitmap data clusters, while the
+  // autoclear bit vouches for them (as QEMU: once a program without bitmap
+  // support cleared it, they are dropped and their clusters are leaks).
+  count_bitmap_clusters(ref, [&](std::string msg) {
+    problem(&rep->corruptions, std::move(msg));
+  });
 
   // L1/L2 walk.
   std::vector<std::byte> raw(cs);
@@ -234,6 +213,10 @@ Status Image::Impl::check_locked(Repair repair, CheckReport* rep) {
     if (auto ec = flush_locked(true)) return Status::IoError(ec, "flush");
     if (corrupt && rep->corruptions == rep->corruptions_fixed &&
         rep->check_errors == 0) {
+      // Writable from now on: the bitmaps must see the writes. (Before the
+      // flag goes: Image::write reads `recording` once it sees it clear.)
+      if (auto ec = start_recording_bitmaps())
+        return Status::IoError(ec, "marking the dirty bitmaps in use");
       corrupt = false;
       (void)set_incompat_bit(fmt::kIncompatCorrupt, false);
     }

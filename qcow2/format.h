@@ -86,6 +86,26 @@ inline constexpr uint32_t kMaxSnapshotExtraData = 1024;
 
 inline constexpr size_t kSnapshotEntryFixed = 40;
 
+// Persistent dirty bitmaps: the extension, directory entries and bitmap
+// tables, with QEMU's limits (block/qcow2-bitmap.c), so that every image
+// one accepts the other accepts too.
+inline constexpr uint32_t kBitmapsExtLength = 24;
+inline constexpr uint32_t kMaxBitmaps = 65535;
+inline constexpr uint64_t kMaxBitmapDirectoryBytes = 64ull << 20;
+inline constexpr size_t kBitmapEntryFixed = 24;
+inline constexpr uint32_t kBitmapFlagInUse = 1u << 0;
+inline constexpr uint32_t kBitmapFlagAuto = 1u << 1;
+inline constexpr uint32_t kBitmapFlagsKnown = kBitmapFlagInUse | kBitmapFlagAuto;
+inline constexpr uint8_t kBitmapTypeDirtyTracking = 1;
+inline constexpr uint32_t kMinBitmapGranularityBits = 9;
+inline constexpr uint32_t kMaxBitmapGranularityBits = 31;
+inline constexpr uint32_t kMaxBitmapNameLength = 1023;
+inline constexpr uint64_t kMaxBitmapTableEntries = 0x8000000;
+inline constexpr uint64_t kMaxBitmapDataBytes = 512ull << 20;
+inline constexpr uint64_t kBitmapTableOffsetMask = 0x00fffffffffffe00ull;
+inline constexpr uint64_t kBitmapTableReservedMask = 0xff000000000001feull;
+inline constexpr uint64_t kBitmapTableAllOnes = 1ull << 0;
+
 // --- Big-endian loads and stores -----------------------------------------
 
 inline uint16_t load16(const std::byte* p) {

@@ -149,7 +149,10 @@ Status Image::Impl::parse_header() {
         case fmt::kExtBitmaps:
           if (len < 24) return Status::Invalid("bitmaps extension too short");
           has_bitmaps_ext = true;
+          bitmaps_ext_length = len;
+          bitmaps_ext_offset = h.header_length + pos;
           nb_bitmaps = fmt::load32(d);
+          bitmaps_ext_reserved = fmt::load32(d + 4);
           bitmaps_dir_size = fmt::load64(d + 8);
           bitmaps_dir_offset = fmt::load64(d + 16);
           break;
@@ -262,14 +265,6 @@ Status Image::Impl::parse_header() {
   if (h.has_data_file && nb_snapshots)
     return Status::Invalid("internal snapshots with an external data file");
 
-  // Bitmaps.
-  if (has_bitmaps_ext && (bitmaps_dir_offset % cs ||
-                          bitmaps_dir_offset > fsize ||
-                          bitmaps_dir_size > (64ull << 20) ||
-                          fsize - bitmaps_dir_offset < bitmaps_dir_size))
-    return Status::Invalid("bitmap directory offset " +
-                           hex(bitmaps_dir_offset) + " invalid");
-
   // Overlapping metadata.
   Range rs[] = {{0, cs, "header"},
                 {h.l1_table_offset, uint64_t(h.l1_size) * 8, "L1 table"},
@@ -379,7 +374,11 @@ void Image::Impl::rebuild_meta_ranges() {
   add(h.refcount_table_offset, uint64_t(h.refcount_table_clusters) * cs);
   if (nb_snapshots) add(snapshots_offset, snapshot_table_bytes);
   for (auto& s : snaps) add(s.l1_table_offset, uint64_t(s.l1_size) * 8);
-  if (has_bitmaps_ext) add(bitmaps_dir_offset, bitmaps_dir_size);
+  if (bitmaps_valid) {
+    add(bitmaps_dir_offset, bitmaps_dir_size);
+    for (auto& b : bitmaps)
+      add(b.entry.table_offset, uint64_t(b.entry.table_size) * 8);
+  }
   std::sort(meta_ranges.begin(), meta_ranges.end());
 }
 

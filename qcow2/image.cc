@@ -33,6 +33,7 @@ std::error_code Image::close() {
   if (I.closed) return {};
   I.closed = true;
   if (I.corrupt) return eio();
+  if (auto ec = I.store_bitmaps()) return ec;
   if (auto ec = I.flush_locked(true)) return ec;
   // Everything is on disk and synced: now the dirty bit may go (it is
   // written and synced on its own).
@@ -66,8 +67,21 @@ Status Image::open(std::shared_ptr<File> file, const OpenOptions& options,
     I.data_file = file;
   }
   if (Status st = I.load_tables(); !st.ok()) return st;
-  if (!I.ro && !I.corrupt && I.h.version >= 3) {
-    uint64_t keep = I.h.autoclear_features & fmt::kAutoclearDataFileRaw;
+  const bool writable = !I.ro && !I.corrupt;
+  // Bitmaps QEMU would refuse (it then refuses the image) are left alone:
+  // no read-write open (not even of a corrupt image, which a repairing
+  // check could make writable), so no write can leave them stale.
+  if (Status st = I.load_bitmaps(); !st.ok()) {
+    if (!I.ro)
+      return Status(st.code(), st.message() +
+                                   " (QEMU refuses this image too; open it "
+                                   "read-only to read it)");
+    I.bitmaps_status = std::move(st);
+  }
+  if (writable && I.h.version >= 3) {
+    uint64_t keep = I.h.autoclear_features &
+                    (fmt::kAutoclearDataFileRaw |
+                     (I.bitmaps_valid ? fmt::kAutoclearBitmaps : 0));
     if (keep != I.h.autoclear_features) {
       if (auto ec = I.write_header_u64(fmt::kOffAutoclear, keep))
         return Status::IoError(ec, "clearing autoclear features");
@@ -109,6 +123,10 @@ Status Image::open(std::shared_ptr<File> file, const OpenOptions& options,
       I.dirty_bit = false;
       I.dirty_set_by_us = false;
     }
+  }
+  if (writable) {
+    if (auto ec = I.start_recording_bitmaps())
+      return Status::IoError(ec, "marking the dirty bitmaps in use");
   }
   out->reset(new Image(std::move(impl)));
   return Status::Ok();
@@ -207,6 +225,7 @@ std::error_code Image::write(uint64_t offset, std::span<const std::byte> data,
   if (I.ro || I.is_view)
     return std::make_error_code(std::errc::operation_not_permitted);
   if (data.empty()) return {};
+  I.note_guest_change(offset, data.size());
   std::error_code ec;
   bool done = false;
   {
@@ -262,6 +281,7 @@ std::error_code Image::write_zeroes(uint64_t offset, uint64_t length,
     uint64_t first = offset >> I.cb, last = (offset + length - 1) >> I.cb;
     std::unique_lock<WriterPreferringMutex> lk;
     if (auto ec = I.lock_for_change(lk, first, last)) return ec;
+    I.note_guest_change(offset, length);
     if (auto ec = I.zero_locked(offset, length, may_unmap, below)) return ec;
   }
   return fua ? flush() : std::error_code{};
@@ -276,6 +296,7 @@ std::error_code Image::discard(uint64_t offset, uint64_t length,
   uint64_t first = offset >> I.cb, last = (offset + length - 1) >> I.cb;
   std::unique_lock<WriterPreferringMutex> lk;
   if (auto ec = I.lock_for_change(lk, first, last)) return ec;
+  I.note_guest_change(offset, length);
   return I.discard_locked(offset, length, below);
 }
 

@@ -32,6 +32,22 @@
 // 64 KiB clusters): a cost accepted because v2 images are rare and
 // usually small.
 //
+// Persistent dirty bitmaps (`qemu-img bitmap --add`) are kept as QEMU keeps
+// them. While the autoclear "bitmaps" bit vouches for them, a read-write
+// open loads every enabled, consistent bitmap, marks it in use on disk, and
+// from then on every write, write_zeroes and discard sets the bits covering
+// its guest range (before its data I/O); close() writes the bitmaps back to
+// new clusters, points the header at a new directory, frees the old
+// clusters and clears the in-use flags. Disabled bitmaps, and bitmaps found
+// in use (their writer was killed: QEMU calls them inconsistent), are left
+// on disk as they are. A kill before close() leaves the recording bitmaps
+// in use, which QEMU reads as inconsistent; refcounts stay exact (bitmap
+// clusters are counted by check, so the repair on open keeps them). A
+// directory QEMU would refuse (bad flags, sizes, offsets, tables: QEMU then
+// refuses the whole image) makes a read-write open fail, leaving the file
+// untouched; a read-only open reads the image and reports it in
+// bitmaps_status(). A read-only open changes nothing.
+//
 // Corrupt metadata found during I/O marks the image corrupt (the corrupt
 // bit is written when the image is writable), fails the request with EIO
 // and writes nothing else; later writes fail with EIO too.
@@ -45,7 +61,11 @@
 // (copy-on-write reads from below included) and retakes it to map the new
 // clusters; other metadata changes to the same guest clusters wait for it.
 // Zeroing, discard, flush, check and snapshots take the lock exclusively.
-// A read of a cached L2 mapping allocates nothing.
+// A read of a cached L2 mapping allocates nothing. Dirty bitmaps need no
+// lock on the data path: the set of bitmaps is fixed at open, bits are set
+// with atomic ORs (no allocation) and dirty_status() reads them the same
+// way; bitmaps() takes the metadata lock shared, and close() writes the
+// bitmaps back under it exclusively. No other lock is taken with it held.
 #pragma once
 
 #include <cstdint>
@@ -222,6 +242,25 @@ struct CreateOptions {
   Preallocation preallocation = Preallocation::Off;
 };
 
+// A persistent dirty bitmap of the image.
+struct BitmapInfo {
+  std::string name;
+  uint32_t granularity = 0;  // guest bytes per bit
+  bool enabled = false;      // the "auto" flag: writes set its bits
+  // Found in use at open (a writer was killed while it recorded): its bits
+  // are unusable, as QEMU's "inconsistent" bitmaps. Kept on disk as it was.
+  bool inconsistent = false;
+  // This Image records writes in it (enabled and consistent, read-write):
+  // in use on disk until close() writes it back.
+  bool recording = false;
+};
+
+// What dirty_status() reports for one run of a bitmap.
+struct DirtyExtent {
+  uint64_t length = 0;
+  bool dirty = false;
+};
+
 enum class Repair { None, Leaks, All };
 
 struct CheckReport {
@@ -256,9 +295,10 @@ class Image {
   // Calls close() if it was not called (ignoring its error).
   ~Image();
 
-  // Flushes and then, if this Image set the dirty bit (or made a dirty
-  // image consistent with a repairing check), clears it. Leaves it set
-  // when the flush fails or the image was marked corrupt. Later calls
+  // Writes the recording dirty bitmaps back (see above), flushes and then,
+  // if this Image set the dirty bit (or made a dirty image consistent with
+  // a repairing check), clears it. Leaves it set, and the bitmaps in use,
+  // when a write fails or the image was marked corrupt. Later calls
   // return {}; I/O after close() is not allowed.
   std::error_code close();
   Image(const Image&) = delete;
@@ -342,6 +382,22 @@ class Image {
 
   // Writes back dirty metadata in dependency order and syncs the file(s).
   std::error_code flush();
+
+  // --- Persistent dirty bitmaps (see the top of this file) ----------------
+  // In directory order. Empty when the image has none, or when
+  // bitmaps_status() is not ok.
+  std::vector<BitmapInfo> bitmaps() const;
+  // Why the image's bitmap directory could not be used (only a read-only
+  // open gets that far; the directory is then left alone); ok otherwise.
+  Status bitmaps_status() const;
+  // Describes the run of bitmap `name` starting at guest `offset`: dirty or
+  // clean, at least one byte and at most `length` bytes. Errors:
+  // no_such_file_or_directory (no such bitmap), state_not_recoverable
+  // (inconsistent), invalid_argument (range outside the disk, length 0).
+  // Never blocks and allocates nothing; a write that returned before the
+  // call is visible in it.
+  std::error_code dirty_status(std::string_view name, uint64_t offset,
+                               uint64_t length, DirtyExtent* out) const;
 
   // --- Internal snapshots ------------------------------------------------
   std::vector<SnapshotInfo> snapshots() const;

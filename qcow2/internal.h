@@ -8,6 +8,8 @@
 //   refcount.cc  refcount blocks, the allocator, refcount table growth,
 //                write-back order of metadata on flush
 //   snapshot.cc  taking and deleting internal snapshots
+//   bitmaps.cc   persistent dirty bitmaps: load, mark in use, record writes,
+//                write back at close, count for check (codec in bitmaps.h)
 //   check.cc     check and repair (refcount rebuild)
 //   create.cc    laying out new images
 //   compress.cc  deflate / zstd decompression
@@ -17,12 +19,14 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
 #include <string>
 #include <vector>
 
+#include "qcow2/bitmaps.h"
 #include "qcow2/format.h"
 #include "qcow2/image.h"
 #include "qcow2/rwlock.h"
@@ -100,6 +104,9 @@ struct Image::Impl {
   uint64_t bitmaps_dir_offset = 0, bitmaps_dir_size = 0;
   uint32_t nb_bitmaps = 0;
   bool has_bitmaps_ext = false;
+  uint32_t bitmaps_ext_length = 0;
+  uint32_t bitmaps_ext_reserved = 0;
+  uint64_t bitmaps_ext_offset = 0;  // file offset of the extension's data
   bool is_view = false;  // snapshot view: read-only, foreign L1
   bool ro = false;
   bool external = false;  // external data file
@@ -155,6 +162,42 @@ struct Image::Impl {
   // Marks the image corrupt and returns EIO if [off, off+len) of the image
   // file overlaps fixed metadata.
   std::error_code check_data_write(uint64_t off, uint64_t len);
+
+  // --- Persistent dirty bitmaps (bitmaps.cc) --------------------------------
+  struct Bitmap {
+    BitmapDirEntry entry;  // as on disk (close() rewrites table and flags)
+    std::unique_ptr<DirtyBitmap> bits;  // null if inconsistent (in use)
+    bool recording = false;             // writes set its bits
+    std::vector<uint64_t> table;        // the table `entry` points at
+  };
+  // Fixed after open, except what close() writes back (under mu).
+  std::vector<Bitmap> bitmaps;
+  std::vector<DirtyBitmap*> recording;  // the hot path's view of `bitmaps`
+  // The directory was validated: it and the tables are metadata.
+  bool bitmaps_valid = false;
+  Status bitmaps_status;  // why the directory is not used (read-only open)
+  // The autoclear bit vouches for the bitmaps extension (v3): without it
+  // the extension is stale and its clusters are leaks, as QEMU sees it.
+  bool bitmaps_vouched() const;
+  // Validates the directory and every bitmap table, and loads the bits of
+  // the consistent bitmaps. Changes nothing on disk.
+  Status load_bitmaps();
+  // When the image becomes writable (read-write open, a repair that clears
+  // the corrupt bit): marks the enabled, consistent bitmaps that are not
+  // recording yet in use on disk and starts recording writes in them.
+  std::error_code start_recording_bitmaps();
+  // Sets the bits of [offset, offset + length) in every recording bitmap.
+  void note_guest_change(uint64_t offset, uint64_t length) {
+    for (DirtyBitmap* b : recording) b->mark(offset, length);
+  }
+  // close(): writes the recording bitmaps back and clears their in-use flag
+  // (see bitmaps.cc for the order of writes).
+  std::error_code store_bitmaps();
+  // check: reports every cluster the bitmaps extension references to
+  // `ref`, reading the directory from disk, and problems to `corruption`.
+  void count_bitmap_clusters(
+      const std::function<void(uint64_t, uint64_t, const char*)>& ref,
+      const std::function<void(std::string)>& corruption);
 
   // --- header.cc -----------------------------------------------------------
   Status parse_header();

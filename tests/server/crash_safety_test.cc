@@ -71,6 +71,10 @@ struct Config {
   // The top starts with data and an internal snapshot of it, so writes
   // copy shared clusters (refcount 2) and must never change the snapshot.
   bool snapshot = false;
+  // Persistent bitmaps: b0 and b1 enabled (layerd marks them in use while
+  // it serves), d0 disabled. A kill leaves b0/b1 in use (QEMU calls them
+  // inconsistent) and d0 as it was; refcounts count all of them.
+  bool bitmaps = false;
   int crashes = 2;  // per test: each test gets its own kill points
 };
 
@@ -108,6 +112,16 @@ std::vector<Config> Configs() {
   {
     Config c = C("snapshot_c4k", 4 * KiB, Backing::None);
     c.snapshot = true;
+    v.push_back(c);
+  }
+  {
+    Config c = C("bitmaps_c64k_backing_qcow2", 64 * KiB, Backing::Qcow2);
+    c.bitmaps = true;
+    v.push_back(c);
+  }
+  {
+    Config c = C("bitmaps_c4k", 4 * KiB, Backing::None);
+    c.bitmaps = true;
     v.push_back(c);
   }
   return v;
@@ -195,6 +209,13 @@ class CrashSafety : public ::testing::TestWithParam<Config> {
       argv.insert(argv.end(), {"-b", "base.qcow2", "-F", "qcow2"});
     argv.insert(argv.end(), {top().string(), std::to_string(kSize)});
     ASSERT_EQ(run_expect(argv).exit_code, 0);
+    if (c.bitmaps) {
+      const std::string t = top().string();
+      for (const auto& cmd : {std::vector<std::string>{"qemu-img", "bitmap", "--add", t, "b0"},
+                              {"qemu-img", "bitmap", "--add", "-g", "1M", t, "b1"},
+                              {"qemu-img", "bitmap", "--add", "--disable", t, "d0"}})
+        ASSERT_EQ(run_expect(cmd).exit_code, 0);
+    }
     if (c.snapshot) {
       Rng rng(stable_hash(c.name) ^ 0x5a5a);
       std::vector<std::string> cmds;
@@ -347,6 +368,7 @@ class CrashSafety : public ::testing::TestWithParam<Config> {
 
     RunResult chk = run({"qemu-img", "check", top().string()});
     result->check_exit = chk.exit_code;
+    if (c.bitmaps) ExpectBitmapsInUse(!graceful, ctx);
     // A dirty image with lazy refcounts may have refcounts that are too low
     // until it is repaired (qemu and layerd do that when they open it
     // read-write); NextReadWriteOpen* checks that repair.
@@ -421,6 +443,19 @@ class CrashSafety : public ::testing::TestWithParam<Config> {
   }
 
   void CrashThenReopenReadWrite(uint64_t seed_base);
+
+  // qemu-img info lists all three bitmaps; b0 and b1 are in use (after a
+  // kill, and still after layerd reopened the killed image) or not (after
+  // SIGTERM); d0 never is.
+  void ExpectBitmapsInUse(bool in_use, const std::string& ctx) {
+    RunResult info = run({"qemu-img", "info", "-U", "--output=json", top().string()});
+    ASSERT_EQ(info.exit_code, 0) << ctx << info.describe();
+    size_t uses = 0;
+    for (size_t p = 0; (p = info.out.find("\"in-use\"", p)) != std::string::npos; ++p) ++uses;
+    EXPECT_EQ(uses, in_use ? 2u : 0u) << ctx << "\n" << info.out;
+    for (const char* name : {"\"b0\"", "\"b1\"", "\"d0\""})
+      EXPECT_NE(info.out.find(name), std::string::npos) << ctx << "\n" << info.out;
+  }
 
   TempDir dir_;
   std::vector<uint8_t> snapshot_content_;
@@ -502,6 +537,7 @@ void CrashSafety::CrashThenReopenReadWrite(uint64_t seed_base) {
     EXPECT_EQ(chk.exit_code, kCheckClean)
         << "seed " << seed << ": after the crash qemu-img check exited " << r.check_exit
         << "; after layerd opened the image read-write and closed it:\n" << chk.describe();
+    if (c.bitmaps) ExpectBitmapsInUse(true, "seed " + std::to_string(seed) + ", reopened");
     const fs::path raw = dir_ / "repaired.raw";
     ASSERT_EQ(run_expect({"qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw",
                           top().string(), raw.string()}).exit_code, 0);
