@@ -14,6 +14,7 @@
 
 #include <fmt/format.h>
 
+#include "overlay/image_locks.h"
 #include "overlay/raw_layer.h"
 #include "qcow2/file.h"
 #include "qcow2/image.h"
@@ -234,6 +235,10 @@ bool open_chain(const std::string& path, ImageFormat format,
                 const ChainOptions& options, OpenedChain* out,
                 std::string* error) {
   raise_open_file_limit();
+  if (options.force_share && !options.read_only) {
+    *error = "force-share (-U) can only be used with read-only images (-r)";
+    return false;
+  }
   std::vector<Node> nodes;
   std::vector<ChainMember> members;
   std::set<std::string> seen;
@@ -270,6 +275,14 @@ bool open_chain(const std::string& path, ImageFormat format,
                                  current, named_by, ec.message());
       return false;
     }
+    const Access access =
+        fo.mode == OpenMode::ReadWrite ? Access::Write : Access::Read;
+    const LockedFile kind = current_format == ImageFormat::Qcow2 ? LockedFile::Qcow2Image
+                            : top ? LockedFile::RawExport
+                                  : LockedFile::RawImage;
+    if (!lock_image_file(*file, current,
+                         qemu_locks(kind, access, options.force_share), error))
+      return false;
 
     Node node;
     if (options.direct && (current_format != ImageFormat::Raw || !top)) {
@@ -318,6 +331,11 @@ bool open_chain(const std::string& path, ImageFormat format,
                              data_path, current, ec.message());
         return false;
       }
+      if (!lock_image_file(*qo.data_file, data_path,
+                           qemu_locks(LockedFile::DataFile, access,
+                                      options.force_share),
+                           error))
+        return false;
     }
     std::unique_ptr<qcow2::Image> image;
     st = qcow2::Image::open(file, qo, &image);

@@ -4,7 +4,8 @@
 // down for whatever an image does not hold, and reads zeros below the
 // bottom or past the end of a backing image shorter than its overlay.
 // Backing images are opened read-only and never written, so other readers
-// may share them. Only the top image is written.
+// may share them. Only the top image is written. Every file is locked as
+// QEMU locks it (overlay/image_locks.h).
 #pragma once
 
 #include <memory>
@@ -32,6 +33,9 @@ struct ChainOptions {
   // them against its working directory).
   bool allow_data_files = false;
   size_t max_depth = 4096;
+  // -U: lock no permission away from other users (QEMU's force-share), so
+  // an image another process writes can still be served. Read-only only.
+  bool force_share = false;
 };
 
 // What one image of an opened chain is, for logs and `layerctl info`.
@@ -49,7 +53,8 @@ struct OpenedChain {
 // Opens `path` as `format` and, for qcow2, its whole backing chain: backing
 // names resolve against the directory of the image naming them, the
 // backing format comes from the image's header extension (never probed; a
-// missing one is an error), `json:` names and loops are refused. On failure
+// missing one is an error), `json:` names and loops are refused, and an
+// image another process uses in a conflicting way is refused. On failure
 // returns false and sets `error` to a message naming the image at fault.
 bool open_chain(const std::string& path, ImageFormat format,
                 const ChainOptions& options, OpenedChain* out,

@@ -59,6 +59,7 @@ std::shared_ptr<Layer> open_image(const ServerOptions& o, std::string& error) {
   }
   ChainOptions co;
   co.read_only = o.read_only;
+  co.force_share = o.force_share;
   co.direct = o.cache == CacheMode::None || o.cache == CacheMode::DirectSync;
   co.allow_data_files = o.allow_data_file;
   co.l2_cache_bytes = o.l2_cache_bytes;

@@ -60,6 +60,7 @@ const option kLongOptions[] = {
     {"disconnect", no_argument, nullptr, 'd'},
     {"format", required_argument, nullptr, 'f'},
     {"read-only", no_argument, nullptr, 'r'},
+    {"force-share", no_argument, nullptr, 'U'},
     {"snapshot", no_argument, nullptr, 's'},
     {"load-snapshot", required_argument, nullptr, 'l'},
     {"nocache", no_argument, nullptr, 'n'},
@@ -76,7 +77,7 @@ const option kLongOptions[] = {
     {nullptr, 0, nullptr, 0},
 };
 
-constexpr const char* kShortOptions = "hVp:b:k:e:tvx:D:o:AB:LT:c:df:rsl:n";
+constexpr const char* kShortOptions = "hVp:b:k:e:tvx:D:o:AB:LT:c:df:rUsl:n";
 
 // Parses a decimal number with an optional K/M/G suffix (powers of 1024).
 std::optional<uint64_t> parse_size(std::string_view s) {
@@ -144,6 +145,8 @@ Image options:
                             is checked for a qcow2 header; backing images
                             always use the format their overlay records)
   -r, --read-only           export read-only
+  -U, --force-share         serve the image even if another process (QEMU,
+                            qemu-nbd, qemu-io) writes it; only with -r
   -n, --nocache             same as --cache=none
       --cache=MODE          none, writeback (default), writethrough,
                             directsync or unsafe
@@ -225,6 +228,7 @@ ParseResult parse_command_line(int argc, char** argv) {
         o.format_given = true;
         break;
       case 'r': o.read_only = true; break;
+      case 'U': o.force_share = true; break;
       case 'n': o.cache = CacheMode::None; break;
       case kOptCache:
         if (arg == "none" || arg == "off") o.cache = CacheMode::None;
@@ -322,6 +326,8 @@ ParseResult parse_command_line(int argc, char** argv) {
   if (o.format_given && o.format != "raw" && o.format != "qcow2")
     return fail(fmt::format("unknown format '{}' (supported: raw, qcow2)",
                             o.format));
+  if (o.force_share && !o.read_only)
+    return fail("-U/--force-share can only be used with -r/--read-only");
   if (!o.socket_path.empty() && (o.port_given || o.bind_given))
     return fail("-k cannot be combined with -p or -b");
   if (!o.bind_given) o.bind_address = "0.0.0.0";
