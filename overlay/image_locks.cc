@@ -6,6 +6,8 @@ namespace layerd {
 
 LockSet qemu_locks(LockedFile file, Access access, bool force_share) {
   LockSet s;
+  if (access == Access::Create)  // whatever the file is: no reader may stay
+    return {perm::kWrite | perm::kResize, perm::kAll & ~perm::kResize};
   if (access != Access::Metadata) s.take = perm::kConsistentRead;
   if (access == Access::Write) {
     s.take |= perm::kWrite;

@@ -26,6 +26,7 @@ enum class Access {
   Metadata,  // header and tables only, no guest data (qemu-img info)
   Read,
   Write,
+  Create,  // (re)formatting the file from scratch (qemu-img create)
 };
 
 // QEMU's locks for `file` used as `access`. `force_share` (-U, for

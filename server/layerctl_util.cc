@@ -12,6 +12,8 @@
 #include <fmt/format.h>
 #include <fmt/printf.h>
 
+#include "overlay/image_locks.h"
+
 namespace layerd::ctl {
 
 namespace json = boost::json;
@@ -162,6 +164,21 @@ std::shared_ptr<File> open_file(const std::string& path, bool writable) {
   return file;
 }
 
+// Takes qemu-img's locks for `kind` opened with `flags`; fails with
+// qemu-img's message when another process is in the way.
+void lock_as_qemu_img(File& file, const std::string& path, LockedFile kind,
+                      const OpenFlags& flags) {
+  const Access access = flags.writable        ? Access::Write
+                        : flags.metadata_only ? Access::Metadata
+                                              : Access::Read;
+  LockConflict conflict;
+  std::error_code ec = file.lock(qemu_locks(kind, access, flags.force_share), &conflict);
+  if (ec == std::errc::resource_unavailable_try_again)
+    fail(fmt::format("Could not open '{}': {}\nIs another process using the "
+                     "image [{}]?", path, conflict.qemu_message(), path));
+  if (ec) fail(fmt::format("Could not open '{}': Failed to lock: {}", path, ec.message()));
+}
+
 }  // namespace
 
 ImageFormat probe_format(const std::string& path) {
@@ -178,10 +195,17 @@ ImageFormat probe_format(const std::string& path) {
 
 OpenedImage open_image(const std::string& path, ImageFormat format,
                        OpenFlags flags) {
+  if (flags.force_share && flags.writable)
+    fail(fmt::format("Could not open '{}': force-share=on can only be used "
+                     "with read-only images", path));
   OpenedImage img;
   img.filename = path;
   img.format = format;
   img.file = open_file(path, flags.writable);
+  lock_as_qemu_img(*img.file, path,
+                   format == ImageFormat::Raw ? LockedFile::RawImage
+                                              : LockedFile::Qcow2Image,
+                   flags);
   if (format == ImageFormat::Raw) {
     // QEMU counts sizes in 512-byte sectors: a raw file's disk is its
     // length rounded up (the tail reads as zeros).
@@ -200,6 +224,7 @@ OpenedImage open_image(const std::string& path, ImageFormat format,
   if (header.has_data_file) {
     img.data_file_path = header.data_file;
     img.data_file = open_file(img.data_file_path, flags.writable);
+    lock_as_qemu_img(*img.data_file, img.data_file_path, LockedFile::DataFile, flags);
     qo.data_file = img.data_file;
   }
   st = qcow2::Image::open(img.file, qo, &img.image);
@@ -209,7 +234,7 @@ OpenedImage open_image(const std::string& path, ImageFormat format,
 }
 
 std::vector<OpenedImage> open_image_chain(const std::string& path,
-                                          ImageFormat format) {
+                                          ImageFormat format, OpenFlags flags) {
   std::vector<OpenedImage> chain;
   std::set<std::string> seen;
   std::string current = path;
@@ -219,7 +244,7 @@ std::vector<OpenedImage> open_image_chain(const std::string& path,
     if (ec) canonical = current;
     if (!seen.insert(canonical).second)
       fail(fmt::format("Backing file '{}' creates an infinite loop.", current));
-    chain.push_back(open_image(current, format));
+    chain.push_back(open_image(current, format, flags));
     const OpenedImage& img = chain.back();
     if (!img.image || img.image->backing_file().empty()) break;
     const std::string& backing = img.image->backing_file();
