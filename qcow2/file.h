@@ -18,7 +18,8 @@
 // open-file-description locks on the file's own descriptor: they belong to
 // that one open, so two opens in one process conflict just as two
 // processes do, closing another descriptor of the file releases nothing,
-// and closing this File releases them all.
+// closing this File releases them all, and a forked child (layerd --fork)
+// shares them.
 #pragma once
 
 #include <cstdint>
@@ -49,7 +50,6 @@ std::string permission_name(uint32_t permission);
 struct LockSet {
   uint32_t take = 0;
   uint32_t share = perm::kAll;
-  bool operator==(const LockSet&) const = default;
 };
 
 // Why File::lock failed: one permission and which side refuses it.
