@@ -9,6 +9,7 @@
 
 #include <fmt/format.h>
 
+#include "overlay/image_locks.h"
 #include "overlay/raw_layer.h"
 
 namespace layerd {
@@ -78,6 +79,10 @@ bool open_chain_nodes(const std::string& path, ImageFormat format,
                       std::vector<std::shared_ptr<BlockNode>>* nodes,
                       std::string* error) {
   raise_open_file_limit();
+  if (options.force_share && !options.read_only && options.snapshot.empty()) {
+    *error = "force-share (-U) can only be used with read-only images (-r)";
+    return false;
+  }
   ImageRegistry& registry = options.registry ? *options.registry : process_registry();
   nodes->clear();
   std::set<std::string> seen;
@@ -106,6 +111,10 @@ bool open_chain_nodes(const std::string& path, ImageFormat format,
     no.direct = options.direct;
     no.l2_cache_bytes = options.l2_cache_bytes;
     no.allow_data_files = options.allow_data_files;
+    no.force_share = options.force_share;
+    no.lock_access = options.lock_access;
+    no.conflict = options.conflict;
+    no.conflict_path = options.conflict_path;
     auto node = registry.open(current, current_format, no, error);
     if (!node) return false;
     if (top && !options.snapshot.empty()) {

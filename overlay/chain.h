@@ -5,10 +5,12 @@
 // the backing format comes from the image's header extension (never
 // probed; a missing one is an error), `json:` names and loops are refused.
 // Backing images are opened read-only and never written, so other readers
-// may share them. Only the top image is written.
+// may share them. Only the top image is written. Every file is locked as
+// QEMU locks it (overlay/image_locks.h).
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -32,9 +34,18 @@ struct ChainOptions {
   size_t max_depth = 4096;
   // Serve this internal snapshot (id or name) of the top image instead of
   // its active state; read-only.
-  SnapshotSelector snapshot;
+  SnapshotSelector snapshot{};
   // Where images are shared; nullptr: the process's registry.
   ImageRegistry* registry = nullptr;
+  // -U: lock no permission away from other users (QEMU's force-share), so
+  // an image another process writes can still be served. Read-only only.
+  bool force_share = false;
+  // For tools: the access images are locked for (default: Write for a
+  // writable top, else Read), and where to describe a lock conflict (see
+  // NodeOptions).
+  std::optional<Access> lock_access{};
+  LockConflict* conflict = nullptr;
+  std::string* conflict_path = nullptr;
 };
 
 // The process's registry, shared by every export of a server.

@@ -35,6 +35,21 @@ std::string cannot_open(const std::string& path, const NodeOptions& o,
   return fmt::format("cannot open '{}': {}{}", path, ec.message(), hint);
 }
 
+// Takes QEMU's locks for `kind` on `file`, false with `error` set if
+// another process (or another open in this one) is in the way.
+bool lock_file(File& file, const std::string& path, LockedFile kind,
+               const NodeOptions& o, std::string* error) {
+  const Access access = o.lock_access.value_or(o.writable ? Access::Write : Access::Read);
+  const LockSet locks = qemu_locks(kind, access, o.force_share);
+  if (o.conflict) {
+    std::error_code ec = file.lock(locks, o.conflict);
+    if (ec == std::errc::resource_unavailable_try_again && o.conflict_path)
+      *o.conflict_path = path;
+    if (!ec) return true;
+  }
+  return lock_image_file(file, path, locks, error);
+}
+
 }  // namespace
 
 std::shared_ptr<BlockNode> open_block_node(const std::string& path,
@@ -55,6 +70,10 @@ std::shared_ptr<BlockNode> open_block_node(const std::string& path,
   node->format = format;
   node->writable = o.writable;
   node->file = file;
+  const LockedFile kind = format == ImageFormat::Qcow2 ? LockedFile::Qcow2Image
+                          : o.backing                 ? LockedFile::RawImage
+                                                      : LockedFile::RawExport;
+  if (!lock_file(*file, path, kind, o, error)) return nullptr;
   if (o.direct && (format != ImageFormat::Raw || o.backing)) {
     *error = "--cache=none and directsync are only supported for raw images";
     return nullptr;
@@ -100,6 +119,9 @@ std::shared_ptr<BlockNode> open_block_node(const std::string& path,
                            node->data_file_path, path, ec.message());
       return nullptr;
     }
+    if (!lock_file(*node->data_file, node->data_file_path, LockedFile::DataFile, o,
+                   error))
+      return nullptr;
     qo.data_file = node->data_file;
   }
   std::unique_ptr<qcow2::Image> image;

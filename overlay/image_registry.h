@@ -26,9 +26,11 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <tuple>
 
+#include "overlay/image_locks.h"
 #include "qcow2/file.h"
 #include "qcow2/image.h"
 
@@ -77,6 +79,14 @@ struct NodeOptions {
   // does), and whether a writable open of a corrupt image is refused.
   bool repair_dirty_on_open = true;
   bool refuse_corrupt = true;
+  // QEMU's image locks (overlay/image_locks.h): the access they are taken
+  // for (by default Write or Read, from `writable`), and -U.
+  std::optional<Access> lock_access;
+  bool force_share = false;
+  // If set, a lock conflict is also described here (for tools that word
+  // it as qemu-img does), with the path of the file in the way.
+  LockConflict* conflict = nullptr;
+  std::string* conflict_path = nullptr;
 };
 
 // Opens one image file (and its external data file) without sharing it,

@@ -26,6 +26,109 @@ std::error_code would_block() {
   return std::make_error_code(std::errc::resource_unavailable_try_again);
 }
 
+// QEMU's lock byte offsets: permission bit i is "taken" at kTakenBase + i
+// and "not shared" at kUnsharedBase + i (libvirt uses byte 0).
+constexpr off_t kTakenBase = 100;
+constexpr off_t kUnsharedBase = 200;
+constexpr int kPermissionBits = 4;
+
+// Read-locks (or, with `lock` false, unlocks) one byte for this open file
+// description.
+std::error_code set_byte_lock(int fd, off_t byte, bool lock) {
+  struct flock fl {};
+  fl.l_type = lock ? F_RDLCK : F_UNLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = byte;
+  fl.l_len = 1;
+  while (::fcntl(fd, F_OFD_SETLK, &fl) != 0) {
+    if (errno != EINTR) return errno_code();
+  }
+  return {};
+}
+
+// True if another open file description holds any lock on `byte`.
+std::error_code byte_locked_by_other(int fd, off_t byte, bool* locked) {
+  struct flock fl {};
+  fl.l_type = F_WRLCK;  // conflicts with every lock but our own
+  fl.l_whence = SEEK_SET;
+  fl.l_start = byte;
+  fl.l_len = 1;
+  if (::fcntl(fd, F_OFD_GETLK, &fl) != 0) return errno_code();
+  *locked = fl.l_type != F_UNLCK;
+  return {};
+}
+
+// The lock bytes one open holds, as two masks of permission bits.
+struct LockBytes {
+  uint32_t taken = 0;
+  uint32_t unshared = 0;
+  static LockBytes of(const LockSet& s) {
+    return {s.take & perm::kAll, ~s.share & perm::kAll};
+  }
+};
+
+// The locks of one descriptor: what it holds, and the protocol's steps.
+class OfdLocks {
+ public:
+  explicit OfdLocks(int fd) : fd_(fd) {}
+
+  std::error_code set(const LockSet& wanted, LockConflict* conflict) {
+    std::lock_guard guard(mutex_);
+    const LockBytes before = held_;
+    const LockBytes after = LockBytes::of(wanted);
+    // Lock the union first, so nothing is let go before the check passes.
+    std::error_code ec = move_to({before.taken | after.taken,
+                                  before.unshared | after.unshared});
+    if (!ec) ec = find_conflict(after, conflict);
+    // Drop to the new set, or back to the old one if anything failed.
+    std::error_code drop = move_to(ec ? before : after);
+    return ec ? ec : drop;
+  }
+
+ private:
+  // Locks and unlocks bytes until exactly `target` is held.
+  std::error_code move_to(const LockBytes& target) {
+    for (int i = 0; i < kPermissionBits; ++i) {
+      const uint32_t bit = 1u << i;
+      if (auto ec = move_bit(held_.taken, target.taken, bit, kTakenBase + i))
+        return ec;
+      if (auto ec = move_bit(held_.unshared, target.unshared, bit, kUnsharedBase + i))
+        return ec;
+    }
+    return {};
+  }
+  std::error_code move_bit(uint32_t& held, uint32_t target, uint32_t bit,
+                           off_t byte) {
+    if ((held & bit) == (target & bit)) return {};
+    if (auto ec = set_byte_lock(fd_, byte, target & bit)) return ec;
+    held ^= bit;
+    return {};
+  }
+
+  // QEMU's order: what we take against others' "not shared" bytes, then
+  // what we do not share against others' "taken" bytes.
+  std::error_code find_conflict(const LockBytes& wanted, LockConflict* conflict) {
+    for (bool taken_by_other : {false, true}) {
+      const uint32_t mask = taken_by_other ? wanted.unshared : wanted.taken;
+      const off_t base = taken_by_other ? kTakenBase : kUnsharedBase;
+      for (int i = 0; i < kPermissionBits; ++i) {
+        if (!(mask & (1u << i))) continue;
+        bool locked = false;
+        if (auto ec = byte_locked_by_other(fd_, base + i, &locked)) return ec;
+        if (locked) {
+          if (conflict) *conflict = LockConflict{1u << i, taken_by_other};
+          return would_block();
+        }
+      }
+    }
+    return {};
+  }
+
+  const int fd_;
+  std::mutex mutex_;
+  LockBytes held_;
+};
+
 class PosixFile final : public File {
  public:
   PosixFile(int fd, bool writable, bool block_device, bool direct, uint64_t size)
@@ -33,7 +136,8 @@ class PosixFile final : public File {
         writable_(writable),
         block_device_(block_device),
         size_(size),
-        nowait_supported_(!direct) {}
+        nowait_supported_(!direct),
+        locks_(fd) {}
   ~PosixFile() override { ::close(fd_); }
 
   std::error_code pread(std::span<std::byte> buf, uint64_t offset) override {
@@ -147,6 +251,10 @@ class PosixFile final : public File {
 
   bool writable() const override { return writable_; }
 
+  std::error_code lock(const LockSet& wanted, LockConflict* conflict) override {
+    return locks_.set(wanted, conflict);
+  }
+
  private:
   void grow_to(uint64_t end) {
     uint64_t cur = size_.load();
@@ -160,6 +268,7 @@ class PosixFile final : public File {
   std::atomic<uint64_t> size_;
   // O_DIRECT reads always go to the disk; RWF_NOWAIT cannot help them.
   std::atomic<bool> nowait_supported_;
+  OfdLocks locks_;
 };
 
 class MemoryFile final : public File {
@@ -306,6 +415,31 @@ std::error_code link_temp_file(int fd, const std::string& path) {
                AT_SYMLINK_FOLLOW) != 0)
     return errno_code();
   return {};
+}
+
+std::error_code File::lock(const LockSet&, LockConflict*) { return {}; }
+
+std::string permission_name(uint32_t permission) {
+  switch (permission) {
+    case perm::kConsistentRead: return "consistent read";
+    case perm::kWrite: return "write";
+    case perm::kWriteUnchanged: return "write unchanged";
+    case perm::kResize: return "resize";
+  }
+  return "unknown";
+}
+
+std::string LockConflict::describe() const {
+  const std::string name = permission_name(permission);
+  return taken_by_other
+             ? "another process holds the \"" + name + "\" lock"
+             : "another process has it open and does not share the \"" +
+                   name + "\" lock";
+}
+
+std::string LockConflict::qemu_message() const {
+  return std::string(taken_by_other ? "Failed to get shared \"" : "Failed to get \"") +
+         permission_name(permission) + "\" lock";
 }
 
 std::unique_ptr<File> make_memory_file(uint64_t initial_size) {

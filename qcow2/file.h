@@ -7,6 +7,19 @@
 //
 // Thread safety: every method may be called concurrently from several
 // threads (positional I/O only, no shared file offset).
+//
+// Image locks follow QEMU's protocol (block/file-posix.c), so layerd, QEMU,
+// qemu-nbd, qemu-img and qemu-io keep each other from writing an image the
+// other uses. Each of QEMU's block permissions has two bytes in the file:
+// byte 100 + bit ("I use it") and byte 200 + bit ("I do not let others use
+// it"). A user read-locks the bytes of what it takes and of what it does
+// not share, then checks that no other open file description holds the
+// opposite byte (an exclusive F_OFD_GETLK test). The locks are Linux
+// open-file-description locks on the file's own descriptor: they belong to
+// that one open, so two opens in one process conflict just as two
+// processes do, closing another descriptor of the file releases nothing,
+// closing this File releases them all, and a forked child (layerd --fork)
+// shares them.
 #pragma once
 
 #include <cstdint>
@@ -16,6 +29,43 @@
 #include <system_error>
 
 namespace layerd {
+
+// QEMU's block permissions (BLK_PERM_* in include/block/block-common.h).
+// The bit numbers decide which bytes are locked: they are QEMU's and must
+// not change.
+namespace perm {
+inline constexpr uint32_t kConsistentRead = 1u << 0;
+inline constexpr uint32_t kWrite = 1u << 1;
+inline constexpr uint32_t kWriteUnchanged = 1u << 2;
+inline constexpr uint32_t kResize = 1u << 3;
+inline constexpr uint32_t kAll = kConsistentRead | kWrite | kWriteUnchanged | kResize;
+}  // namespace perm
+
+// QEMU's name of one permission bit: "consistent read", "write",
+// "write unchanged", "resize".
+std::string permission_name(uint32_t permission);
+
+// The locks one open holds: the permissions it takes and those it lets
+// other users take meanwhile. The default holds no lock bytes at all.
+struct LockSet {
+  uint32_t take = 0;
+  uint32_t share = perm::kAll;
+};
+
+// Why File::lock failed: one permission and which side refuses it.
+struct LockConflict {
+  uint32_t permission = 0;
+  // true: another user takes `permission`, which this open does not share.
+  // false: this open takes `permission`, and another user does not share it.
+  bool taken_by_other = false;
+
+  // "another process holds the "write" lock" or "another process has it
+  // open and does not share the "write" lock".
+  std::string describe() const;
+  // QEMU's wording: "Failed to get shared "write" lock" (taken by
+  // another) or "Failed to get "write" lock".
+  std::string qemu_message() const;
+};
 
 class File {
  public:
@@ -61,6 +111,17 @@ class File {
                              bool* is_data) const = 0;
 
   virtual bool writable() const = 0;
+
+  // Holds exactly the locks of `wanted` from now on (see the top of this
+  // file); call it again to change them in place, as a reopen from
+  // read-only to read-write and back does. The new bytes are locked before
+  // any old one is released, so there is no moment in which this open holds
+  // neither. On a conflict with another open (of any process) returns
+  // errc::resource_unavailable_try_again, fills `*conflict` and keeps the
+  // locks held before the call; other errors (a file system without locks)
+  // likewise keep them. `conflict` may be null. The in-memory file accepts
+  // every request; wrappers forward to the file they wrap.
+  virtual std::error_code lock(const LockSet& wanted, LockConflict* conflict);
 };
 
 enum class OpenMode { ReadOnly, ReadWrite };

@@ -85,6 +85,7 @@ std::shared_ptr<Export> open_export(const ServerOptions& o, const ExportSpec& sp
   }
   ChainOptions co;
   co.read_only = spec.read_only || spec.overlay != OverlayMode::None;
+  co.force_share = o.force_share;
   co.direct = direct;
   co.allow_data_files = o.allow_data_file;
   co.l2_cache_bytes = o.l2_cache_bytes;

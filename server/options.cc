@@ -70,6 +70,7 @@ const option kLongOptions[] = {
     {"disconnect", no_argument, nullptr, 'd'},
     {"format", required_argument, nullptr, 'f'},
     {"read-only", no_argument, nullptr, 'r'},
+    {"force-share", no_argument, nullptr, 'U'},
     {"snapshot", no_argument, nullptr, 's'},
     {"load-snapshot", required_argument, nullptr, 'l'},
     {"nocache", no_argument, nullptr, 'n'},
@@ -93,7 +94,7 @@ const option kLongOptions[] = {
     {nullptr, 0, nullptr, 0},
 };
 
-constexpr const char* kShortOptions = "hVp:b:k:e:tvx:D:o:AB:LT:c:df:rsl:n";
+constexpr const char* kShortOptions = "hVp:b:k:e:tvx:D:o:AB:LT:c:df:rUsl:n";
 
 // Parses a decimal number with an optional K/M/G suffix (powers of 1024).
 std::optional<uint64_t> parse_size(std::string_view s) {
@@ -324,6 +325,8 @@ Image options:
                             else /var/tmp)
       --keep-overlay=DIR    keep each throwaway overlay as a qcow2 file in DIR
                             when its client leaves or layerd exits
+  -U, --force-share         serve the image even if another process (QEMU,
+                            qemu-nbd, qemu-io) writes it; only with -r
   -n, --nocache             same as --cache=none
       --cache=MODE          none, writeback (default), writethrough,
                             directsync or unsafe
@@ -413,6 +416,7 @@ ParseResult parse_command_line(int argc, char** argv) {
         o.format_given = true;
         break;
       case 'r': o.read_only = true; break;
+      case 'U': o.force_share = true; break;
       case 'n': o.cache = CacheMode::None; break;
       case kOptCache:
         if (arg == "none" || arg == "off") o.cache = CacheMode::None;
@@ -573,6 +577,10 @@ ParseResult parse_command_line(int argc, char** argv) {
       if (!names.insert(e.name).second)
         return fail(fmt::format("two exports are named '{}'", e.name));
   }
+  if (o.force_share)
+    for (const auto& e : o.exports)
+      if (!e.read_only && e.snapshot.empty() && e.overlay == OverlayMode::None)
+        return fail("-U/--force-share can only be used with -r/--read-only");
   if (!o.socket_path.empty() && (o.port_given || o.bind_given))
     return fail("-k cannot be combined with -p or -b");
   if (!o.bind_given) o.bind_address = "0.0.0.0";

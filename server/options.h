@@ -44,6 +44,7 @@ struct ServerOptions {
   std::string export_name;          // -x
   std::string description;          // -D
   bool read_only = false;           // -r
+  bool force_share = false;         // -U (only with -r)
   bool persistent = false;          // -t
   uint32_t max_connections = 1;     // -e; 0 = unlimited
   std::string format;               // -f; empty: look at the image

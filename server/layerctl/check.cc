@@ -16,13 +16,14 @@ namespace {
 namespace json = boost::json;
 
 constexpr const char* kCheckHelp =
-    "usage: layerctl check [-q] [-f FMT] [-r leaks|all] [--output=human|json] FILENAME\n"
+    "usage: layerctl check [-q] [-f FMT] [-U] [-r leaks|all] [--output=human|json] FILENAME\n"
     "\n"
     "Checks the metadata of a qcow2 image: every cluster's refcount against\n"
     "the references to it. -r leaks frees leaked clusters; -r all also fixes\n"
     "refcounts that are too low. Exit codes: 0 no errors, 1 the check could\n"
     "not be completed, 2 corruptions found, 3 only leaked clusters found,\n"
-    "63 the format does not support checks.\n";
+    "63 the format does not support checks. An image another process writes\n"
+    "is refused unless -U (--force-share, not with -r).\n";
 
 struct Fragmentation {
   uint64_t fragmented = 0;
@@ -154,12 +155,13 @@ int cmd_check(int argc, char** argv) {
   bool as_json = false;
   bool quiet = false;
   qcow2::Repair repair = qcow2::Repair::None;
+  bool force_share = false;
   reset_getopt();
   for (int c; (c = getopt_long(argc, argv, ":hUf:r:q", kLong, nullptr)) != -1;) {
     switch (c) {
       case 'h': std::fputs(kCheckHelp, stdout); return 0;
       case 'f': format = optarg; break;
-      case 'U': break;  // layerctl takes no locks: sharing is the default
+      case 'U': force_share = true; break;
       case 'O': as_json = parse_output_format(optarg); break;
       case 'q': quiet = true; break;
       case 'r':
@@ -178,7 +180,8 @@ int cmd_check(int argc, char** argv) {
     throw CommandError(63, "This image format does not support checks");
 
   OpenedImage img = open_image(path, f, OpenFlags{.writable = repair != qcow2::Repair::None,
-                                                  .repair_dirty_on_open = false});
+                                                  .repair_dirty_on_open = false,
+                                                  .force_share = force_share});
   Result r = run_check(*img.image, repair);
   const uint64_t leaks_fixed = r.report.leaks_fixed;
   const uint64_t corruptions_fixed = r.report.corruptions_fixed;

@@ -8,6 +8,7 @@
 
 #include <fmt/format.h>
 
+#include "overlay/image_locks.h"
 #include "server/layerctl/commands.h"
 #include "server/layerctl/util.h"
 
@@ -92,11 +93,26 @@ uint64_t backing_size(const CreateArgs& a) {
   ImageFormat f = parse_format_arg(a.backing_format, a.file);
   std::string path = combine_path(a.file, a.backing);
   try {
-    OpenedImage img = open_image(path, f);
+    // As qemu-img does: the backing image may be in use, only its size
+    // is read.
+    OpenedImage img = open_image(path, f, OpenFlags{.metadata_only = true,
+                                                    .force_share = true});
     return img.size;
   } catch (const CommandError& e) {
     fail(fmt::format("{}: {}\nCould not open backing image.", a.file, e.what()));
   }
+}
+
+// Locks a file about to be (re)formatted as qemu-img create does, before
+// anything is written: an image another process uses is left alone.
+void lock_for_create(File& file, const std::string& image, const std::string& path) {
+  LockConflict conflict;
+  std::error_code ec = file.lock(qemu_locks(LockedFile::RawImage, Access::Create, false),
+                                 &conflict);
+  if (ec == std::errc::resource_unavailable_try_again)
+    fail(fmt::format("{}: {}\nIs another process using the image [{}]?", image,
+                     conflict.qemu_message(), path));
+  if (ec) fail(fmt::format("{}: Failed to lock '{}': {}", image, path, ec.message()));
 }
 
 // A sparse raw file (preallocation=off is the only mode).
@@ -112,6 +128,7 @@ int create_raw(const CreateArgs& a) {
   FileOptions fo{.mode = OpenMode::ReadWrite, .direct = false, .create = true};
   auto file = open_posix_file(a.file, fo, ec);
   if (!file) fail(fmt::format("{}: Could not create '{}': {}", a.file, a.file, ec.message()));
+  lock_for_create(*file, a.file, a.file);
   if ((ec = file->truncate(0)) || (ec = file->truncate(a.size)) || (ec = file->flush()))
     fail(fmt::format("{}: Could not resize file: {}", a.file, ec.message()));
   return 0;
@@ -317,11 +334,13 @@ int cmd_create(int argc, char** argv) {
     auto data = open_posix_file(dpath, fo, ec);
     if (!data)
       fail(fmt::format("{}: Could not create '{}': {}", a.file, dpath, ec.message()));
+    lock_for_create(*data, a.file, dpath);
     if ((ec = data->truncate(0)) || (ec = data->truncate(a.size)) || (ec = data->flush()))
       fail(fmt::format("{}: Could not resize '{}': {}", a.file, dpath, ec.message()));
   }
   auto file = open_posix_file(a.file, fo, ec);
   if (!file) fail(fmt::format("{}: Could not create '{}': {}", a.file, a.file, ec.message()));
+  lock_for_create(*file, a.file, a.file);
   if ((ec = file->truncate(0)))
     fail(fmt::format("{}: Could not resize file: {}", a.file, ec.message()));
   qcow2::Status st = qcow2::Image::create(*file, co);

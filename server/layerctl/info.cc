@@ -17,12 +17,13 @@ namespace {
 namespace json = boost::json;
 
 constexpr const char* kInfoHelp =
-    "usage: layerctl info [-f FMT] [--backing-chain] [--output=human|json] FILENAME\n"
+    "usage: layerctl info [-f FMT] [-U] [--backing-chain] [--output=human|json] FILENAME\n"
     "\n"
     "Prints the format, sizes, backing file, snapshots and qcow2 features of\n"
     "FILENAME (and, with --backing-chain, of every image below it). Without\n"
     "-f, FILENAME is probed (qcow2 or raw); backing images always use the\n"
-    "format their overlay records.\n";
+    "format their overlay records. Like qemu-img, it refuses an image another\n"
+    "process (QEMU, qemu-nbd, layerd) writes, unless -U (--force-share).\n";
 
 constexpr uint64_t kNoIcount = ~0ull;
 
@@ -211,12 +212,13 @@ int cmd_info(int argc, char** argv) {
   std::string format;
   bool as_json = false;
   bool chain = false;
+  OpenFlags flags{.metadata_only = true};
   reset_getopt();
   for (int c; (c = getopt_long(argc, argv, ":hUf:", kLong, nullptr)) != -1;) {
     switch (c) {
       case 'h': std::fputs(kInfoHelp, stdout); return 0;
       case 'f': format = optarg; break;
-      case 'U': break;  // layerctl takes no locks: sharing is the default
+      case 'U': flags.force_share = true; break;
       case 'O': as_json = parse_output_format(optarg); break;
       case 'B': chain = true; break;
       default: bad_option(c, optarg, argv);
@@ -228,9 +230,9 @@ int cmd_info(int argc, char** argv) {
 
   std::vector<OpenedImage> images;
   if (chain) {
-    images = open_image_chain(path, f);
+    images = open_image_chain(path, f, flags);
   } else {
-    images.push_back(open_image(path, f));
+    images.push_back(open_image(path, f, flags));
   }
   std::vector<ImageFacts> facts;
   for (const auto& img : images) facts.push_back(gather(img));

@@ -24,13 +24,14 @@ namespace layerd::ctl {
 namespace {
 
 constexpr const char* kMapHelp =
-    "usage: layerctl map [-f FMT] [--start-offset=OFFSET] [--max-length=LEN]\n"
+    "usage: layerctl map [-f FMT] [-U] [--start-offset=OFFSET] [--max-length=LEN]\n"
     "                    [--output=human|json] FILENAME\n"
     "\n"
     "Describes every range of FILENAME's virtual disk: which image of the\n"
     "backing chain provides it (depth 0 is FILENAME itself), whether it is\n"
     "allocated (present), reads as zeros, holds data, and where the data lies\n"
-    "in the file. The human format lists only data ranges.\n";
+    "in the file. The human format lists only data ranges. An image another\n"
+    "process writes is refused unless -U (--force-share).\n";
 
 struct Entry {
   uint64_t start = 0;
@@ -228,12 +229,13 @@ int cmd_map(int argc, char** argv) {
   bool as_json = false;
   uint64_t start = 0;
   uint64_t max_length = UINT64_MAX;
+  OpenFlags flags;
   reset_getopt();
   for (int c; (c = getopt_long(argc, argv, ":hUf:", kLong, nullptr)) != -1;) {
     switch (c) {
       case 'h': std::fputs(kMapHelp, stdout); return 0;
       case 'f': format = optarg; break;
-      case 'U': break;  // layerctl takes no locks: sharing is the default
+      case 'U': flags.force_share = true; break;
       case 'O': as_json = parse_output_format(optarg); break;
       case 's':
         if (!parse_size(optarg, &start)) fail("Invalid start offset specified");
@@ -247,7 +249,7 @@ int cmd_map(int argc, char** argv) {
   if (optind != argc - 1) usage_error("Expecting one image file name");
   std::string path = argv[optind];
   ImageFormat f = format.empty() ? probe_format(path) : parse_format_arg(format, "");
-  std::vector<OpenedImage> chain = open_image_chain(path, f);
+  std::vector<OpenedImage> chain = open_image_chain(path, f, flags);
 
   const uint64_t size = chain.front().size;
   const uint64_t end = max_length > size || start > size - max_length

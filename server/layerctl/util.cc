@@ -12,6 +12,8 @@
 #include <fmt/format.h>
 #include <fmt/printf.h>
 
+#include "overlay/image_locks.h"
+
 namespace layerd::ctl {
 
 namespace json = boost::json;
@@ -188,40 +190,74 @@ OpenedImage opened_from(std::shared_ptr<BlockNode> node, std::string filename) {
   return img;
 }
 
+Access access_of(const OpenFlags& flags) {
+  return flags.writable        ? Access::Write
+         : flags.metadata_only ? Access::Metadata
+                               : Access::Read;
+}
+
+// Ends the command with qemu-img's words for a lock conflict, or with
+// layerd's message for anything else.
+[[noreturn]] void fail_open(const std::string& path, const std::string& error,
+                            const LockConflict& conflict,
+                            const std::string& conflict_path) {
+  if (!conflict_path.empty())
+    fail(fmt::format("Could not open '{}': {}\nIs another process using the "
+                     "image [{}]?",
+                     conflict_path, conflict.qemu_message(), conflict_path));
+  fail(fmt::format("Could not open '{}': {}", path, error));
+}
+
 }  // namespace
 
 // Images are opened the way layerd opens them (overlay/): an external data
-// file's relative name is relative to the image's directory.
+// file's relative name is relative to the image's directory, and QEMU's
+// image locks are taken as qemu-img takes them.
 OpenedImage open_image(const std::string& path, ImageFormat format,
                        OpenFlags flags) {
+  if (flags.force_share && flags.writable)
+    fail(fmt::format("Could not open '{}': force-share=on can only be used "
+                     "with read-only images", path));
+  LockConflict conflict;
+  std::string conflict_path;
   NodeOptions o;
   o.writable = flags.writable;
+  o.backing = true;  // raw images: locked as images, not as an export
   o.allow_data_files = true;
   o.repair_dirty_on_open = flags.repair_dirty_on_open;
   o.refuse_corrupt = false;
+  o.lock_access = access_of(flags);
+  o.force_share = flags.force_share;
+  o.conflict = &conflict;
+  o.conflict_path = &conflict_path;
   std::string error;
   auto node = open_block_node(path, format, o, &error);
-  if (!node) fail(fmt::format("Could not open '{}': {}", path, error));
+  if (!node) fail_open(path, error, conflict, conflict_path);
   return opened_from(std::move(node), path);
 }
 
 std::vector<OpenedImage> open_image_chain(const std::string& path,
-                                          ImageFormat format) {
+                                          ImageFormat format, OpenFlags flags) {
   ImageRegistry registry;
+  LockConflict conflict;
+  std::string conflict_path;
   ChainOptions o;
   o.read_only = true;
   o.allow_data_files = true;
   o.registry = &registry;
+  o.force_share = flags.force_share;
+  o.lock_access = access_of(flags);
+  o.conflict = &conflict;
+  o.conflict_path = &conflict_path;
   std::vector<std::shared_ptr<BlockNode>> nodes;
   std::string error;
   if (!open_chain_nodes(path, format, o, &nodes, &error))
-    fail(fmt::format("Could not open '{}': {}", path, error));
+    fail_open(path, error, conflict, conflict_path);
   std::vector<OpenedImage> chain;
   std::string filename = path;
   for (auto& node : nodes) {
-    if (!chain.empty()) {
+    if (!chain.empty())
       filename = combine_path(filename, chain.back().image->backing_file());
-    }
     chain.push_back(opened_from(std::move(node), filename));
   }
   return chain;

@@ -71,17 +71,26 @@ struct OpenedImage {
 struct OpenFlags {
   bool writable = false;
   bool repair_dirty_on_open = true;
+  // Only the header and tables are read, never guest data (qemu-img
+  // info): no "consistent read" lock is taken.
+  bool metadata_only = false;
+  // -U: lock nothing away from other users; read-only opens only.
+  bool force_share = false;
 };
 
-// Opens one image (not its backing). Fails with "Could not open ..." on
-// errors.
+// Opens one image (not its backing), locking it as qemu-img would
+// (overlay/image_locks.h). Fails with "Could not open ..." on errors, and
+// with qemu-img's "Failed to get ... lock" message when another process
+// uses the image in a conflicting way.
 OpenedImage open_image(const std::string& path, ImageFormat format,
                        OpenFlags flags = {});
 
-// Opens `path` and its whole backing chain read-only, [0] being the top.
-// Backing formats come from the headers; a chain that does not record one
-// is refused (formats of backing files are never probed).
+// Opens `path` and its whole backing chain with `flags` (read-only ones),
+// [0] being the top. Backing formats come from the headers; a chain that
+// does not record one is refused (formats of backing files are never
+// probed).
 std::vector<OpenedImage> open_image_chain(const std::string& path,
-                                          ImageFormat format);
+                                          ImageFormat format,
+                                          OpenFlags flags = {});
 
 }  // namespace layerd::ctl

@@ -164,6 +164,7 @@ TEST_F(GraphTest, RegistrySharesOneNodePerFileWhateverItsName) {
 TEST_F(GraphTest, RegistryRefusesToWriteAReadOnlyOrBackingImage) {
   std::string top = (dir_ / "top.qcow2").string();
   sh_ok({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top});
+  nodes_.clear();  // the fixture's writable base would lock it away
   ImageRegistry registry;
   ChainOptions co;
   co.registry = &registry;

@@ -42,6 +42,9 @@ class FaultyFile : public File {
     return inner_->extent_at(offset, length, is_data);
   }
   bool writable() const override { return inner_->writable(); }
+  std::error_code lock(const LockSet& wanted, LockConflict* conflict) override {
+    return inner_->lock(wanted, conflict);
+  }
 
  private:
   static bool tick(std::atomic<int>& left);

@@ -74,14 +74,15 @@ class ChainServing : public ::testing::Test {
 TEST_F(ChainServing, ThreeDeepChainReadsExactlyAsQemuReadsIt) {
   ASSERT_NO_FATAL_FAILURE(make_three_deep_chain());
   ASSERT_TRUE(start({"-f", "qcow2"}, top()));
-  RunResult r = run({"qemu-img", "compare", "-f", "qcow2", "-F", "raw", top(), uri()});
+  // -U: layerd holds top.qcow2 writable and locked, as qemu-nbd would.
+  RunResult r = run({"qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", top(), uri()});
   EXPECT_EQ(r.exit_code, 0) << r.describe();
 }
 
 TEST_F(ChainServing, WithoutFormatTheNamedImageIsRecognisedAsQcow2) {
   ASSERT_NO_FATAL_FAILURE(make_three_deep_chain());
   ASSERT_TRUE(start({}, top()));
-  RunResult r = run({"qemu-img", "compare", "-f", "qcow2", "-F", "raw", top(), uri()});
+  RunResult r = run({"qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", top(), uri()});
   EXPECT_EQ(r.exit_code, 0) << r.describe();
 }
 
@@ -220,7 +221,7 @@ TEST_F(ChainServing, RelativeBackingNamesResolveAgainstTheImageDirectory) {
   ASSERT_NE(fs::current_path(), dir_.path());
   ASSERT_FALSE(fs::exists(fs::current_path() / "mid.qcow2"));
   ASSERT_TRUE(start({"-f", "qcow2"}, top()));
-  RunResult r = run({"qemu-img", "compare", "-f", "qcow2", "-F", "raw", top(), uri()});
+  RunResult r = run({"qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", top(), uri()});
   EXPECT_EQ(r.exit_code, 0) << r.describe();
 }
 
@@ -407,7 +408,7 @@ TEST_F(ChainServing, ExternalDataFileIsOpenedOnlyWhenAllowed) {
 TEST_F(ChainServing, SmallMappingCacheStillServesEveryByte) {
   ASSERT_NO_FATAL_FAILURE(make_three_deep_chain());
   ASSERT_TRUE(start({"-f", "qcow2", "--l2-cache-size=1M"}, top()));
-  RunResult r = run({"qemu-img", "compare", "-f", "qcow2", "-F", "raw", top(), uri()});
+  RunResult r = run({"qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", top(), uri()});
   EXPECT_EQ(r.exit_code, 0) << r.describe();
   RunResult bad = run_server_binary({"-k", socket().string(), "--l2-cache-size=12",
                                      top()});

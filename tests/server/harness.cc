@@ -320,6 +320,63 @@ RunResult run(const std::vector<std::string>& argv, Millis timeout) {
   return res;
 }
 
+InteractiveProcess::InteractiveProcess(const std::vector<std::string>& argv) {
+  int in_pipe[2];
+  if (pipe2(in_pipe, O_CLOEXEC) != 0) {
+    ADD_FAILURE() << "pipe: " << std::strerror(errno);
+    return;
+  }
+  std::vector<std::string> args = argv;
+  auto cargv = c_argv(args);
+  pid_ = fork();
+  if (pid_ == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    reset_child_signals();
+    int devnull = ::open("/dev/null", O_WRONLY);
+    dup2(in_pipe[0], 0);
+    dup2(devnull, 1);
+    dup2(devnull, 2);
+    execvp(cargv[0], cargv.data());
+    _exit(127);
+  }
+  ::close(in_pipe[0]);
+  if (pid_ < 0) {
+    ADD_FAILURE() << "fork: " << std::strerror(errno);
+    ::close(in_pipe[1]);
+    return;
+  }
+  stdin_fd_ = in_pipe[1];
+}
+
+InteractiveProcess::~InteractiveProcess() {
+  if (stdin_fd_ >= 0) ::close(stdin_fd_);
+  if (pid_ <= 0) return;
+  if (!wait_until([this] { return !running(); }, 5s)) {
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+  }
+}
+
+bool InteractiveProcess::running() {
+  if (pid_ <= 0) return false;
+  int status = 0;
+  if (waitpid(pid_, &status, WNOHANG) == pid_) pid_ = -1;
+  return pid_ > 0;
+}
+
+bool image_lock_byte_held(const fs::path& file, int byte) {
+  int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  struct flock fl {};
+  fl.l_type = F_WRLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = byte;
+  fl.l_len = 1;
+  bool held = ::fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK;
+  ::close(fd);
+  return held;
+}
+
 RunResult run_server_binary(const std::vector<std::string>& args, Millis timeout) {
   std::vector<std::string> argv{server_binary()};
   argv.insert(argv.end(), args.begin(), args.end());

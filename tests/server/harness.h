@@ -132,6 +132,30 @@ bool ipv6_loopback_available();
 // Polls `condition` every 10 ms until it holds or `timeout` passes.
 bool wait_until(const std::function<bool()>& condition, Millis timeout);
 
+// A child process whose stdin is a pipe this object keeps open, for
+// interactive tools that must stay up (qemu-io holding an image open).
+// Its output goes to /dev/null. The destructor closes the pipe (end of
+// input ends such tools), waits up to 5 s, then kills the child.
+class InteractiveProcess {
+ public:
+  explicit InteractiveProcess(const std::vector<std::string>& argv);
+  ~InteractiveProcess();
+  InteractiveProcess(const InteractiveProcess&) = delete;
+  InteractiveProcess& operator=(const InteractiveProcess&) = delete;
+
+  bool running();  // reaps the child if it has exited
+
+ private:
+  pid_t pid_ = -1;
+  int stdin_fd_ = -1;
+};
+
+// True if an open file description other than a fresh one of ours holds a
+// lock on byte `byte` of `file`. QEMU's image locks: byte 100 + n for
+// permission n taken, 200 + n for permission n not shared (n: 0 consistent
+// read, 1 write, 2 write unchanged, 3 resize).
+bool image_lock_byte_held(const fs::path& file, int byte);
+
 // --- The server process ------------------------------------------------------
 
 struct ServerOptions {

@@ -617,6 +617,67 @@ TEST_F(LayerctlTest, ForceShareFlagIsAcceptedAsByQemuImg) {
   expect_same_as_qemu({"check", "-U", img});
 }
 
+// The same command fails in qemu-img and layerctl with the same exit code
+// and the same message after the program's name.
+void expect_same_failure_as_qemu(const std::vector<std::string>& args) {
+  RunResult q = qemu_img(args);
+  RunResult l = ctl(args);
+  std::string what;
+  for (const auto& a : args) what += a + " ";
+  EXPECT_NE(q.exit_code, 0) << what << q.describe();
+  EXPECT_EQ(l.exit_code, q.exit_code) << what << "\nqemu-img: " << q.describe()
+                                      << "\nlayerctl: " << l.describe();
+  const std::string qemu_prefix = "qemu-img: ", ctl_prefix = "layerctl: ";
+  ASSERT_EQ(q.err.rfind(qemu_prefix, 0), 0u) << q.describe();
+  ASSERT_EQ(l.err.rfind(ctl_prefix, 0), 0u) << l.describe();
+  EXPECT_EQ(l.err.substr(ctl_prefix.size()), q.err.substr(qemu_prefix.size())) << what;
+}
+
+TEST_F(LayerctlTest, ImagesAnotherProcessWritesAreRefusedUnlessForceShared) {
+  std::string base = make_qemu_image("base.qcow2");
+  std::string top = make_qemu_image("top.qcow2", "8M", {"-b", base, "-F", "qcow2"});
+  InteractiveProcess writer({"qemu-io", "-f", "qcow2", top});
+  ASSERT_TRUE(wait_until([&] { return image_lock_byte_held(top, 101); }, 10s))
+      << "qemu-io did not open the image";
+  expect_same_failure_as_qemu({"info", top});
+  expect_same_failure_as_qemu({"map", top});
+  expect_same_failure_as_qemu({"check", top});
+  expect_same_failure_as_qemu({"check", "-U", "-r", "all", top});
+  expect_same_as_qemu({"info", "-U", top});
+  expect_same_as_qemu({"info", "-U", "--backing-chain", top});
+  expect_same_as_qemu({"map", "-U", "--output=json", top});
+  expect_same_as_qemu({"check", "-U", top});
+  // Its backing image is only read.
+  expect_same_as_qemu({"info", base});
+  expect_same_as_qemu({"map", "--output=json", base});
+}
+
+TEST_F(LayerctlTest, CreateLeavesAnImageInUseAlone) {
+  std::string img = make_qemu_image("a.qcow2", "8M");
+  InteractiveProcess reader({"qemu-io", "-r", "-f", "qcow2", img});
+  ASSERT_TRUE(wait_until([&] { return image_lock_byte_held(img, 100); }, 10s))
+      << "qemu-io did not open the image";
+  expect_same_failure_as_qemu({"create", "-q", "-f", "qcow2", img, "1M"});
+  expect_same_failure_as_qemu({"create", "-q", "-f", "raw", img, "1M"});
+  expect_same_failure_as_qemu(
+      {"create", "-q", "-f", "qcow2", "-o", "data_file=" + img, path("b.qcow2"), "1M"});
+  expect_same_as_qemu({"info", "-U", "--output=json", img});  // still 8M
+  // A backing image in use is fine: only its size is read.
+  expect_same_as_qemu({"create", "-q", "-f", "qcow2", "-b", img, "-F", "qcow2",
+                       path("c.qcow2")});
+}
+
+TEST_F(LayerctlTest, ImagesAnotherProcessReadsCanBeInspectedButNotRepaired) {
+  std::string img = make_qemu_image("a.qcow2");
+  InteractiveProcess reader({"qemu-io", "-r", "-f", "qcow2", img});
+  ASSERT_TRUE(wait_until([&] { return image_lock_byte_held(img, 100); }, 10s))
+      << "qemu-io did not open the image";
+  expect_same_as_qemu({"info", img});
+  expect_same_as_qemu({"map", "--output=json", img});
+  expect_same_as_qemu({"check", img});
+  expect_same_failure_as_qemu({"check", "-r", "all", img});
+}
+
 TEST_F(LayerctlTest, BadUsageExits1WithMessageOnStderr) {
   std::string img = make_qemu_image("a.qcow2", "1M");
   const std::vector<std::vector<std::string>> bad = {
