@@ -62,6 +62,11 @@ void ExportRegistry::add(std::shared_ptr<const Export> e) {
   exports_[e->name] = std::move(e);
 }
 
+void ExportRegistry::remove(std::string_view name) {
+  std::lock_guard lock(mutex_);
+  if (auto it = exports_.find(name); it != exports_.end()) exports_.erase(it);
+}
+
 std::shared_ptr<const Export> ExportRegistry::find(std::string_view name) const {
   std::lock_guard lock(mutex_);
   auto it = exports_.find(name);

@@ -79,7 +79,10 @@ struct Export {
 
 class ExportRegistry {
  public:
+  // Adds `e`, or replaces the export of its name: clients connected to
+  // the old one keep it (and what they were told about it).
   void add(std::shared_ptr<const Export> e);
+  void remove(std::string_view name);
   std::shared_ptr<const Export> find(std::string_view name) const;
   // The export a client's name asks for: an export of that name, else
   // "NAME@SESSION" for a per-client export NAME (session set).

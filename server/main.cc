@@ -8,6 +8,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 
 #include <fmt/format.h>
 
@@ -138,22 +139,52 @@ std::shared_ptr<Export> open_export(const ServerOptions& o, const ExportSpec& sp
 
 // Opens every export; writable ones first, so that a read-only export of
 // the same file shares the writable image (see ImageRegistry).
-bool open_exports(const ServerOptions& o, ExportRegistry& exports,
-                  std::string& error) {
+bool open_exports(const ServerOptions& o, const std::vector<ExportSpec>& specs,
+                  ExportRegistry& exports, std::string& error) {
   std::vector<const ExportSpec*> order;
-  for (const auto& spec : o.exports) order.push_back(&spec);
+  for (const auto& spec : specs) order.push_back(&spec);
   std::stable_partition(order.begin(), order.end(), [&](const ExportSpec* s) {
     return !policy_of(o, *s).read_only && s->overlay == OverlayMode::None;
   });
   for (const ExportSpec* spec : order) {
     auto e = open_export(o, *spec, error);
     if (!e) {
-      if (o.exports.size() > 1) error = fmt::format("export '{}': {}", spec->name, error);
+      if (specs.size() > 1) error = fmt::format("export '{}': {}", spec->name, error);
       return false;
     }
     exports.add(std::move(e));
   }
   return true;
+}
+
+// SIGHUP: reads --config again and opens its exports. Only when all of
+// them open are they installed: new names are added, changed ones
+// replaced (connected clients keep the export they negotiated), names no
+// longer in the file removed. Exports from --export stay as they are.
+void reload_config(const ServerOptions& o, ExportRegistry& exports,
+                   std::vector<std::string>& from_config) {
+  static std::mutex one_at_a_time;
+  std::lock_guard lock(one_at_a_time);
+  std::vector<ExportSpec> specs;
+  if (auto m = read_export_config(o.config_file, &specs); !m.empty()) {
+    log_error("reloading {}: {}; keeping the exports as they were",
+              o.config_file, m);
+    return;
+  }
+  ExportRegistry fresh;
+  std::string error;
+  if (!open_exports(o, specs, fresh, error)) {
+    log_error("reloading {}: {}; keeping the exports as they were",
+              o.config_file, error);
+    return;
+  }
+  for (const auto& name : from_config) exports.remove(name);
+  from_config.clear();
+  for (auto& e : fresh.all()) {
+    from_config.push_back(e->name);
+    exports.add(e);
+  }
+  log_info("reloaded {}: {} exports", o.config_file, from_config.size());
 }
 
 bool write_pid_file(const std::string& path, std::string& error) {
@@ -221,7 +252,13 @@ int run(int argc, char** argv) {
     return fail("-k, -p and -b cannot be used with socket activation");
 
   ExportRegistry exports;
-  if (!open_exports(o, exports, error)) return fail(error);
+  if (!open_exports(o, o.exports, exports, error)) return fail(error);
+  std::vector<std::string> from_config;  // names --config gave, for SIGHUP
+  if (!o.config_file.empty()) {
+    std::vector<ExportSpec> specs;
+    read_export_config(o.config_file, &specs);
+    for (const auto& spec : specs) from_config.push_back(spec.name);
+  }
 
   if (listeners.empty()) {
     listeners = open_listeners(o, error);
@@ -241,6 +278,8 @@ int run(int argc, char** argv) {
   config.persistent = o.persistent;
   config.handshake_limit_seconds = o.handshake_limit_seconds;
   config.worker_threads = o.threads ? o.threads : default_worker_threads();
+  if (!o.config_file.empty())
+    config.reload = [&] { reload_config(o, exports, from_config); };
   return serve(config, exports, std::move(listeners));
 }
 

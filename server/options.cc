@@ -357,7 +357,9 @@ Several exports (layerd only):
                             read-only, copy-on-read, allocation-depth (on|off),
                             description; then FILE is not given
       --config=FILE         exports from FILE: [export] sections of
-                            "key = value" lines with the same keys
+                            "key = value" lines with the same keys; SIGHUP
+                            reads it again (connected clients keep the
+                            export they negotiated)
 
 Socket activation: started by systemd with LISTEN_FDS set, layerd serves on
 the passed sockets (then -p, -b and -k must not be given).

@@ -80,12 +80,8 @@ class ServerLoop {
       asio::co_spawn(strand_, accept_loop(*acceptor, l.family), asio::detached);
       acceptors_.push_back(std::move(acceptor));
     }
-    signals_.async_wait(asio::bind_executor(
-        strand_, [this](const boost::system::error_code& ec, int sig) {
-          if (ec) return;
-          log_info("signal {}: shutting down", sig);
-          shutdown();
-        }));
+    if (config_.reload) signals_.add(SIGHUP);
+    wait_for_signal();
     loop_threads_.run();
     workers_.join();
     if (loop_threads_.stalls())
@@ -143,6 +139,21 @@ class ServerLoop {
                        on_closed(conn);
                      }));
     }
+  }
+
+  void wait_for_signal() {
+    signals_.async_wait(asio::bind_executor(
+        strand_, [this](const boost::system::error_code& ec, int sig) {
+          if (ec) return;
+          if (sig == SIGHUP) {
+            log_info("signal {}: reloading the exports", sig);
+            workers_.post([this] { config_.reload(); });
+            wait_for_signal();
+            return;
+          }
+          log_info("signal {}: shutting down", sig);
+          shutdown();
+        }));
   }
 
   void on_closed(const std::shared_ptr<Connection>& conn) {

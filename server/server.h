@@ -1,9 +1,10 @@
 // The serving loop: accepts clients on the listening sockets, runs each
 // connection, enforces the connection limit (-e: further clients wait in
 // the backlog, as with qemu-nbd), and shuts down cleanly on SIGTERM/SIGINT
-// or, without -t, when the last client leaves.
+// or, without -t, when the last client leaves. SIGHUP runs config.reload.
 #pragma once
 
+#include <functional>
 #include <vector>
 
 #include "server/export.h"
@@ -17,6 +18,8 @@ struct ServerConfig {
   bool persistent = false;
   uint32_t handshake_limit_seconds = 10;
   uint32_t worker_threads = 4;
+  // Run on a worker on SIGHUP (re-reading --config), if set.
+  std::function<void()> reload;
 };
 
 // Serves until shutdown; flushes every export before returning. Takes

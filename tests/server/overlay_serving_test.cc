@@ -3,6 +3,7 @@
 // overlays, copy-on-read, qemu:allocation-depth, and several exports in
 // one process (--export, --config). qemu-img and qemu-io are the oracle for
 // what the files hold; every base file must stay byte-identical.
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -588,6 +589,58 @@ TEST_F(OverlayServing, BadExportKeysAndValuesAreNamed) {
     EXPECT_EQ(r.exit_code, 1) << r.describe();
     EXPECT_NE(r.err.find(c.message), std::string::npos) << r.err;
   }
+}
+
+// An export replaced while a client is connected (SIGHUP re-reads
+// --config) never changes what that client was told or what it reads;
+// new clients get the new export, and a broken config changes nothing.
+TEST_F(OverlayServing, ReplacedExportLeavesConnectedClientsOnTheOldOne) {
+  fs::path one = dir_ / "one.raw", two = dir_ / "two.raw";
+  create_pattern_image(one, 1 << 20, 1);
+  create_pattern_image(two, 2 << 20, 2);
+  fs::path config = dir_ / "exports.conf";
+  auto write_config = [&](const std::string& text) {
+    std::ofstream c(config, std::ios::trunc);
+    c << text;
+  };
+  write_config("[export]\nname = disk\nfile = " + one.string() +
+               "\nformat = raw\nread-only = on\n");
+  ASSERT_TRUE(start({"--config", config.string()}));
+  Nbd old_client = connect("disk");
+  ASSERT_TRUE(old_client);
+  EXPECT_EQ(nbd_get_size(old_client.get()), 1 << 20);
+
+  write_config("[export]\nname = disk\nfile = " + two.string() +
+               "\nformat = raw\n[export]\nname = extra\nfile = " + one.string() +
+               "\nformat = raw\nread-only = on\n");
+  server_.signal(SIGHUP);
+  ASSERT_TRUE(wait_until([&] {
+    Nbd probe = nbd_try_connect_unix(socket(), [](nbd_handle* h) {
+      nbd_set_export_name(h, "extra");
+    });
+    return probe != nullptr;
+  }, 10s));
+  Nbd new_client = connect("disk");
+  ASSERT_TRUE(new_client);
+  EXPECT_EQ(nbd_get_size(new_client.get()), 2 << 20);
+  EXPECT_EQ(nbd_is_read_only(new_client.get()), 0);
+  std::vector<uint8_t> got(4096);
+  ASSERT_EQ(nbd_pread(new_client.get(), got.data(), got.size(), 0, 0), 0);
+  EXPECT_EQ(got, pattern(0, 4096, 2));
+  // The old client still has the old export: its size, flags and data.
+  EXPECT_EQ(nbd_get_size(old_client.get()), 1 << 20);
+  EXPECT_EQ(nbd_is_read_only(old_client.get()), 1);
+  ASSERT_EQ(nbd_pread(old_client.get(), got.data(), got.size(), 65536, 0), 0);
+  EXPECT_EQ(got, pattern(65536, 4096, 1));
+
+  // A config that does not open leaves everything as it was.
+  write_config("[export]\nname = disk\nfile = " + (dir_ / "missing.raw").string() + "\n");
+  server_.signal(SIGHUP);
+  ASSERT_TRUE(wait_until([&] { return server_.log().find("keeping the exports") !=
+                                      std::string::npos; }, 10s)) << server_.log();
+  Nbd after = connect("disk");
+  ASSERT_TRUE(after);
+  EXPECT_EQ(nbd_get_size(after.get()), 2 << 20);
 }
 
 // --- -v is qemu-nbd's -v ---------------------------------------------------
