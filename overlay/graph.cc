@@ -198,7 +198,7 @@ GraphLayer::GraphLayer(std::shared_ptr<const Graph> graph, bool writable)
       graph_(std::move(graph)) {}
 
 std::shared_ptr<const Graph> GraphLayer::graph() const {
-  std::lock_guard lock(const_cast<std::mutex&>(change_mutex_));
+  std::lock_guard lock(change_mutex_);
   return graph_;
 }
 

@@ -103,7 +103,7 @@ class GraphLayer final : public Layer {
   class Entered;
 
   mutable Gate gate_;
-  std::mutex change_mutex_;  // serializes change(); guards graph_ writes
+  mutable std::mutex change_mutex_;  // serializes change(); guards graph_ writes
   std::shared_ptr<const Graph> graph_;  // read inside the gate
 };
 
