@@ -106,8 +106,8 @@ bool open_chain_nodes(const std::string& path, ImageFormat format,
     const bool top = nodes->empty();
     NodeOptions no;
     no.writable = top && !options.read_only && options.snapshot.empty();
-    no.backing = !top;
-    no.named_by = named_by;
+    no.backing = !top || (options.under_overlay && options.snapshot.empty());
+    no.named_by = top ? "a throwaway overlay" : named_by;
     no.direct = options.direct;
     no.l2_cache_bytes = options.l2_cache_bytes;
     no.allow_data_files = options.allow_data_files;

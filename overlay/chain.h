@@ -35,6 +35,9 @@ struct ChainOptions {
   // Serve this internal snapshot (id or name) of the top image instead of
   // its active state; read-only.
   SnapshotSelector snapshot{};
+  // The chain goes under a throwaway overlay: its top is opened like a
+  // backing image, so that no export may write it meanwhile.
+  bool under_overlay = false;
   // Where images are shared; nullptr: the process's registry.
   ImageRegistry* registry = nullptr;
   // -U: lock no permission away from other users (QEMU's force-share), so

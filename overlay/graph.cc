@@ -9,6 +9,7 @@
 #include "overlay/graph.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 
 namespace layerd {
@@ -60,8 +61,15 @@ std::error_code read_walk(const Graph& g, size_t depth, uint64_t offset,
 std::error_code status_at(const Graph& g, size_t depth, uint64_t offset,
                           uint64_t length, Extent* e) {
   for (;; ++depth) {
-    if (depth >= g.nodes.size() || offset >= g.nodes[depth]->size) {
+    if (depth >= g.nodes.size()) {
       *e = Extent{.length = length, .hole = true, .zero = true, .depth = 0};
+      return {};
+    }
+    if (offset >= g.nodes[depth]->size) {
+      // Past the end of a shorter backing image: it reads as zeros there,
+      // and qemu counts them as allocated in it.
+      *e = Extent{.length = length, .hole = true, .zero = true,
+                  .depth = static_cast<uint32_t>(depth + 1)};
       return {};
     }
     const BlockNode& node = *g.nodes[depth];
@@ -93,6 +101,17 @@ std::error_code status_at(const Graph& g, size_t depth, uint64_t offset,
   }
 }
 
+constexpr uint64_t kCopyUpPiece = 1 << 20;
+
+// A failed copy never fails the read (its data came from below all the
+// same); the first one is reported, as it usually means the top is full.
+void log_copy_failure(std::error_code ec) {
+  static std::atomic<bool> reported{false};
+  if (!reported.exchange(true))
+    std::fprintf(stderr, "layerd: copy-on-read into the top image failed (%s); "
+                         "reads go on without copying\n", ec.message().c_str());
+}
+
 // Copies the clusters of [offset, offset + length) that the top does not
 // hold into the top. Runs the top leaves unallocated are copied whole
 // clusters at a time; a cluster the top holds part of is left alone. The
@@ -110,13 +129,20 @@ void copy_up(const Graph& g, uint64_t offset, uint64_t length) {
     const uint64_t first = (pos + cs - 1) / cs * cs;
     const uint64_t last =
         run_end == size ? (size + cs - 1) / cs * cs : run_end / cs * cs;
-    if (m.kind == qcow2::ExtentKind::Unallocated && first < last) {
-      scratch.resize(last - first);
+    // In pieces of a bounded size, so that large reads do not grow the
+    // scratch buffer of every worker.
+    const uint64_t piece = std::max<uint64_t>(cs, kCopyUpPiece / cs * cs);
+    for (uint64_t at = first; m.kind == qcow2::ExtentKind::Unallocated && at < last;
+         at += piece) {
+      scratch.resize(std::min(piece, last - at));
       std::span<std::byte> data(scratch);
-      const uint64_t inside = std::min(last, size) - first;
+      const uint64_t inside = std::min(at + data.size(), size) - at;
       std::memset(data.data() + inside, 0, data.size() - inside);
-      if (!read_walk<false>(g, 1, first, data.first(inside)))
-        (void)top.populate(first, data);
+      if (auto ec = read_walk<false>(g, 1, at, data.first(inside))) return;
+      if (auto ec = top.populate(at, data)) {
+        log_copy_failure(ec);
+        return;
+      }
     }
     pos = run_end;
   }

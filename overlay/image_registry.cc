@@ -26,7 +26,7 @@ std::string resolve_relative(const std::string& image_path,
 
 std::string cannot_open(const std::string& path, const NodeOptions& o,
                         std::error_code ec) {
-  if (!o.named_by.empty())
+  if (o.backing && !o.named_by.empty() && o.named_by != "a throwaway overlay")
     return fmt::format("cannot open backing file '{}' of '{}': {}", path,
                        o.named_by, ec.message());
   std::string hint;
@@ -236,9 +236,14 @@ std::shared_ptr<BlockNode> ImageRegistry::open_snapshot(
       break;
     }
   }
-  if (id.empty() && !which.id_or_name.empty())
-    for (const auto& s : snapshots)
-      if (s.name == which.id_or_name) id = s.id;
+  if (id.empty() && !which.id_or_name.empty()) {
+    for (const auto& s : snapshots) {
+      if (s.name == which.id_or_name) {  // the first, as qemu picks it
+        id = s.id;
+        break;
+      }
+    }
+  }
   if (id.empty()) {
     *error = fmt::format("'{}' has no internal snapshot {}", active->path,
                          which.describe());

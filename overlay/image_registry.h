@@ -51,6 +51,7 @@ struct SnapshotSelector {
   std::string name;
   bool empty() const { return id_or_name.empty() && id.empty() && name.empty(); }
   std::string describe() const;
+  bool operator==(const SnapshotSelector&) const = default;
 };
 
 // One opened image: a qcow2 Image (possibly a snapshot view) or a raw file.
@@ -70,7 +71,9 @@ struct BlockNode {
 
 struct NodeOptions {
   bool writable = false;
-  bool backing = false;  // opened as a backing image of `named_by`
+  // Opened as a backing image of `named_by` (or under a throwaway
+  // overlay): it must not change, so a writable node is not shared.
+  bool backing = false;
   std::string named_by;  // for messages
   bool direct = false;   // O_DIRECT (raw only)
   uint64_t l2_cache_bytes = 128ull << 20;

@@ -75,6 +75,26 @@ std::unique_ptr<TempOverlay> TempOverlay::create(
       new TempOverlay(std::move(node), std::move(file), fd, options));
 }
 
+std::string TempOverlay::check_keep(const TempOverlayOptions& options) {
+  int fd = -1;
+  std::error_code ec;
+  std::unique_ptr<File> probe = open_temp_file(options.dir, &fd, ec);
+  if (!probe)
+    return fmt::format("cannot create a temporary overlay in '{}': {}", options.dir,
+                       ec.message());
+  const std::string name =
+      fmt::format("{}/.layerd-keep-probe-{}", options.keep_dir, ::getpid());
+  ec = link_temp_file(fd, name);
+  if (ec)
+    return fmt::format("--keep-overlay={}: overlays made in '{}' cannot be kept "
+                       "there ({}); the directory must exist, be writable and be on "
+                       "the same file system as --temp-dir, which must support "
+                       "O_TMPFILE",
+                       options.keep_dir, options.dir, ec.message());
+  ::unlink(name.c_str());
+  return "";
+}
+
 std::error_code TempOverlay::keep(std::string* path) {
   if (auto ec = node_->image->close()) return ec;
   kept_ = true;

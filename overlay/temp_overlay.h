@@ -41,6 +41,12 @@ class TempOverlay {
       const std::vector<std::shared_ptr<BlockNode>>& below,
       const TempOverlayOptions& options, std::string* error);
 
+  // Whether overlays made with `options` can be kept: a file made in
+  // options.dir can be given a name in options.keep_dir (same file
+  // system, O_TMPFILE, a writable directory). A message saying why not,
+  // or "".
+  static std::string check_keep(const TempOverlayOptions& options);
+
   // Keeps the overlay if asked and it holds anything (and says where),
   // else lets it vanish.
   ~TempOverlay();

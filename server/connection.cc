@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include <boost/asio/as_tuple.hpp>
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/this_coro.hpp>
@@ -221,7 +222,7 @@ std::optional<nbd::ExportInfo> Connection::find_export(std::string_view name) {
   std::string session;
   auto e = exports_.resolve(name, &session);
   if (!e) return std::nullopt;
-  negotiated_[std::string(name)] = e;
+  negotiated_ = {std::string(name), e, session};
   return e->info(session);
 }
 
@@ -233,10 +234,10 @@ std::vector<nbd::ExportInfo> Connection::list_exports() {
 
 std::vector<std::string> Connection::meta_contexts(const nbd::ExportInfo& info) {
   std::vector<std::string> v;
-  auto it = negotiated_.find(info.name);
-  if (it == negotiated_.end()) return v;
+  if (!negotiated_.e || negotiated_.e->info(negotiated_.session).name != info.name)
+    return v;
   for (const auto& c : layerd::meta_contexts())
-    if (offers(*it->second, c)) v.emplace_back(c.name);
+    if (offers(*negotiated_.e, c)) v.emplace_back(c.name);
   return v;
 }
 
@@ -266,11 +267,13 @@ asio::awaitable<void> Connection::run() {
     if (auto ec = layer_->flush())
       log_error("{}: flush at disconnect failed: {}", peer_, ec.message());
   }
-  if (session_) {
-    // Dropping the last user of a per-client overlay closes (or keeps) it.
+  {
+    // Dropping the last user of a per-client overlay, or of an export a
+    // reload replaced, closes (or keeps) images: file I/O.
     auto section = loop_.enter_blocking();
     layer_.reset();
     session_.reset();
+    export_.reset();
   }
   boost::system::error_code ignored;
   socket_.shutdown(Socket::shutdown_both, ignored);
@@ -320,15 +323,15 @@ asio::awaitable<bool> Connection::handshake() {
     log_info("{}: handshake ended: {}", peer_, hs.close_reason());
     co_return false;
   }
-  auto negotiated = negotiated_.find(hs.chosen_export().name);
-  if (negotiated == negotiated_.end()) co_return false;
-  export_ = negotiated->second;
-  negotiated_.clear();
+  Negotiated negotiated = std::move(negotiated_);
+  if (!negotiated.e ||
+      negotiated.e->info(negotiated.session).name != hs.chosen_export().name)
+    co_return false;
+  export_ = std::move(negotiated.e);
   layer_ = export_->layer;
   if (export_->per_client) {
-    std::string session, error;
-    exports_.resolve(hs.chosen_export().name, &session);
-    session_ = co_await open_session(session, &error);
+    std::string error;
+    session_ = co_await open_session(negotiated.session, &error);
     if (!session_) {
       log_error("{}: cannot serve export '{}': {}", peer_, export_->name, error);
       co_return false;
@@ -367,11 +370,19 @@ asio::awaitable<std::shared_ptr<Session>> Connection::open_session(
           std::string id;
           std::string* error;
           decltype(strand) executor;
+          // Keeps the loop running until the session is handed back.
+          asio::executor_work_guard<decltype(strand)> busy;
         };
-        auto w = std::make_shared<Work>(
-            Work{std::move(handler), export_, std::move(id), error, strand});
+        auto w = std::make_shared<Work>(Work{std::move(handler), export_, std::move(id),
+                                             error, strand,
+                                             asio::make_work_guard(strand)});
         workers_.post([w] {
-          auto s = w->e->open_session(w->id, w->error);
+          std::shared_ptr<Session> s;
+          try {
+            s = w->e->open_session(w->id, w->error);
+          } catch (const std::exception& ex) {
+            *w->error = ex.what();
+          }
           asio::post(w->executor, [w, s] { std::move(w->resume)(s); });
         });
       },

@@ -20,7 +20,6 @@
 #pragma once
 
 #include <atomic>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -123,9 +122,15 @@ class Connection : public std::enable_shared_from_this<Connection>,
   ConnectionLimits limits_;
   std::string peer_;
 
-  // Every export the handshake looked up, by the name the client used, so
-  // the connection serves exactly the export it was told about.
-  std::map<std::string, std::shared_ptr<const Export>, std::less<>> negotiated_;
+  // The export the handshake looked up last, by the name the client used
+  // (the handshake asks for the export of each INFO, GO or meta-context
+  // option just before it answers), so the connection serves exactly the
+  // export it was told about.
+  struct Negotiated {
+    std::string name;
+    std::shared_ptr<const Export> e;
+    std::string session;
+  } negotiated_;
   std::shared_ptr<const Export> export_;
   std::shared_ptr<Session> session_;  // per-client overlays only
   std::shared_ptr<Layer> layer_;      // what this connection serves

@@ -62,9 +62,12 @@ void ExportRegistry::add(std::shared_ptr<const Export> e) {
   exports_[e->name] = std::move(e);
 }
 
-void ExportRegistry::remove(std::string_view name) {
+void ExportRegistry::replace(const std::vector<std::string>& names,
+                             const std::vector<std::shared_ptr<const Export>>& exports) {
   std::lock_guard lock(mutex_);
-  if (auto it = exports_.find(name); it != exports_.end()) exports_.erase(it);
+  for (const auto& name : names)
+    if (auto it = exports_.find(name); it != exports_.end()) exports_.erase(it);
+  for (const auto& e : exports) exports_[e->name] = e;
 }
 
 std::shared_ptr<const Export> ExportRegistry::find(std::string_view name) const {

@@ -46,6 +46,7 @@ struct Session {
 };
 
 struct Export {
+  ExportSpec spec;  // what it was opened from
   std::string name;
   std::string description;
   // -s: the throwaway overlay and its layer (declared before `layer`, so
@@ -82,7 +83,10 @@ class ExportRegistry {
   // Adds `e`, or replaces the export of its name: clients connected to
   // the old one keep it (and what they were told about it).
   void add(std::shared_ptr<const Export> e);
-  void remove(std::string_view name);
+  // Removes `names`, then adds `exports`, in one step (no client sees a
+  // state in between).
+  void replace(const std::vector<std::string>& names,
+               const std::vector<std::shared_ptr<const Export>>& exports);
   std::shared_ptr<const Export> find(std::string_view name) const;
   // The export a client's name asks for: an export of that name, else
   // "NAME@SESSION" for a per-client export NAME (session set).

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <mutex>
+#include <set>
 
 #include <fmt/format.h>
 
@@ -69,8 +70,12 @@ ExportPolicy policy_of(const ServerOptions& o, const ExportSpec& spec) {
 
 // Opens the chain of `spec` and builds its export: served as it is, with
 // one throwaway overlay (-s), or with an overlay per client.
-std::shared_ptr<Export> open_export(const ServerOptions& o, const ExportSpec& spec,
+std::shared_ptr<Export> open_export(const ServerOptions& o, ExportSpec spec,
                                     std::string& error) {
+  // As qemu-nbd: -s with -r serves read-only; nothing can be written, so
+  // no overlay is needed.
+  const ExportSpec asked = spec;
+  if (spec.read_only && spec.overlay == OverlayMode::Temp) spec.overlay = OverlayMode::None;
   ImageFormat format;
   if (spec.format.empty()) {
     if (!detect_format(spec.file, &format, error)) return nullptr;
@@ -91,12 +96,14 @@ std::shared_ptr<Export> open_export(const ServerOptions& o, const ExportSpec& sp
   co.allow_data_files = o.allow_data_file;
   co.l2_cache_bytes = o.l2_cache_bytes;
   co.snapshot = spec.snapshot;
+  co.under_overlay = spec.overlay != OverlayMode::None;
   std::vector<std::shared_ptr<BlockNode>> nodes;
   if (!open_chain_nodes(spec.file, format, co, &nodes, &error)) return nullptr;
   for (size_t i = 1; i < nodes.size(); ++i)
     log_info("export '{}': backing image {}: {}", spec.name, i, nodes[i]->path);
 
   auto e = std::make_shared<Export>();
+  e->spec = asked;
   e->name = spec.name;
   e->description = spec.description;
   e->policy = policy_of(o, spec);
@@ -106,6 +113,12 @@ std::shared_ptr<Export> open_export(const ServerOptions& o, const ExportSpec& sp
       .keep_name = spec.name.empty()
                        ? std::filesystem::path(spec.file).stem().string()
                        : spec.name};
+  if (spec.overlay != OverlayMode::None && !overlay.keep_dir.empty()) {
+    if (auto why = TempOverlay::check_keep(overlay); !why.empty()) {
+      error = why;
+      return nullptr;
+    }
+  }
   switch (spec.overlay) {
     case OverlayMode::None:
       e->layer = serve_nodes(std::move(nodes), !e->policy.read_only,
@@ -123,8 +136,7 @@ std::shared_ptr<Export> open_export(const ServerOptions& o, const ExportSpec& sp
     }
     case OverlayMode::PerClient: {
       // Fail now, not at the first client, if overlays cannot be made.
-      std::unique_ptr<TempOverlay> probe = TempOverlay::create(
-          nodes, TempOverlayOptions{.dir = overlay.dir, .keep_dir = {}, .keep_name = {}}, &error);
+      std::unique_ptr<TempOverlay> probe = TempOverlay::create(nodes, overlay, &error);
       if (!probe) return nullptr;
       e->per_client = std::make_unique<Export::PerClient>();
       e->per_client->base = nodes;
@@ -157,34 +169,44 @@ bool open_exports(const ServerOptions& o, const std::vector<ExportSpec>& specs,
   return true;
 }
 
-// SIGHUP: reads --config again and opens its exports. Only when all of
-// them open are they installed: new names are added, changed ones
-// replaced (connected clients keep the export they negotiated), names no
-// longer in the file removed. Exports from --export stay as they are.
-void reload_config(const ServerOptions& o, ExportRegistry& exports,
-                   std::vector<std::string>& from_config) {
+// SIGHUP: reads --config again. Exports whose settings did not change
+// stay as they are (their overlays and sessions too); new and changed ones
+// are opened, and only when all of them open are they installed, in one
+// step: connected clients keep the export they negotiated. Names no longer
+// in the file go; exports from --export are never touched.
+void reload_config(const ServerOptions& o, ExportRegistry& exports) {
   static std::mutex one_at_a_time;
   std::lock_guard lock(one_at_a_time);
+  auto keep_as_is = [&](const std::string& why) {
+    log_error("reloading {}: {}; keeping the exports as they were", o.config_file, why);
+  };
   std::vector<ExportSpec> specs;
-  if (auto m = read_export_config(o.config_file, &specs); !m.empty()) {
-    log_error("reloading {}: {}; keeping the exports as they were",
-              o.config_file, m);
-    return;
+  if (auto m = read_export_config(o.config_file, &specs); !m.empty()) return keep_as_is(m);
+  std::set<std::string> names;
+  std::vector<std::string> gone;
+  for (const auto& e : exports.all())
+    if (e->spec.from_config) gone.push_back(e->name);
+  std::vector<ExportSpec> changed;
+  std::vector<std::shared_ptr<const Export>> kept;
+  for (const auto& spec : specs) {
+    if (!names.insert(spec.name).second)
+      return keep_as_is(fmt::format("two exports are named '{}'", spec.name));
+    auto old = exports.find(spec.name);
+    if (old && !old->spec.from_config)
+      return keep_as_is(fmt::format("export '{}' is given by --export", spec.name));
+    if (old && old->spec == spec)
+      kept.push_back(old);
+    else
+      changed.push_back(spec);
   }
   ExportRegistry fresh;
   std::string error;
-  if (!open_exports(o, specs, fresh, error)) {
-    log_error("reloading {}: {}; keeping the exports as they were",
-              o.config_file, error);
-    return;
-  }
-  for (const auto& name : from_config) exports.remove(name);
-  from_config.clear();
-  for (auto& e : fresh.all()) {
-    from_config.push_back(e->name);
-    exports.add(e);
-  }
-  log_info("reloaded {}: {} exports", o.config_file, from_config.size());
+  if (!open_exports(o, changed, fresh, error)) return keep_as_is(error);
+  auto added = fresh.all();
+  added.insert(added.end(), kept.begin(), kept.end());
+  exports.replace(gone, added);
+  log_info("reloaded {}: {} exports, {} opened anew", o.config_file, specs.size(),
+           changed.size());
 }
 
 bool write_pid_file(const std::string& path, std::string& error) {
@@ -253,13 +275,6 @@ int run(int argc, char** argv) {
 
   ExportRegistry exports;
   if (!open_exports(o, o.exports, exports, error)) return fail(error);
-  std::vector<std::string> from_config;  // names --config gave, for SIGHUP
-  if (!o.config_file.empty()) {
-    std::vector<ExportSpec> specs;
-    read_export_config(o.config_file, &specs);
-    for (const auto& spec : specs) from_config.push_back(spec.name);
-  }
-
   if (listeners.empty()) {
     listeners = open_listeners(o, error);
     if (listeners.empty()) return fail(error);
@@ -279,7 +294,7 @@ int run(int argc, char** argv) {
   config.handshake_limit_seconds = o.handshake_limit_seconds;
   config.worker_threads = o.threads ? o.threads : default_worker_threads();
   if (!o.config_file.empty())
-    config.reload = [&] { reload_config(o, exports, from_config); };
+    config.reload = [&] { reload_config(o, exports); };
   return serve(config, exports, std::move(listeners));
 }
 

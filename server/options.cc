@@ -184,8 +184,6 @@ std::string check_export(const ExportSpec& e) {
   if (e.file.empty()) return who + ": no file given";
   if (e.overlay == OverlayMode::PerClient && e.read_only)
     return who + ": per-client overlays are for writing; drop read-only";
-  if (e.overlay == OverlayMode::Temp && e.read_only)
-    return who + ": a throwaway overlay (-s) is for writing; drop read-only (-r)";
   if (e.copy_on_read && e.overlay == OverlayMode::None &&
       (e.read_only || !e.snapshot.empty()))
     return who + ": copy-on-read needs a writable top image, and this export "
@@ -261,6 +259,7 @@ std::string read_export_config(const std::string& path,
     auto where = fmt::format("{}:{}", path, number);
     if (l == "[export]") {
       current = &out->emplace_back();
+      current->from_config = true;
       continue;
     }
     if (l.front() == '[') return fmt::format("{}: unknown section {}", where, l);
@@ -559,8 +558,6 @@ ParseResult parse_command_line(int argc, char** argv) {
       // Say it in the options the user typed.
       if (e.overlay == OverlayMode::PerClient && e.read_only)
         return fail("--overlay=per-client cannot be combined with -r");
-      if (e.overlay == OverlayMode::Temp && e.read_only)
-        return fail("-s/--snapshot cannot be combined with -r");
       if (e.copy_on_read)
         return fail(e.snapshot.empty()
                         ? "--copy-on-read cannot be used with -r: it writes "

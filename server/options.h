@@ -31,6 +31,8 @@ struct ExportSpec {
   bool read_only = false;
   bool copy_on_read = false;
   bool allocation_depth = false;
+  bool from_config = false;  // read from --config (SIGHUP reads it again)
+  bool operator==(const ExportSpec&) const = default;
 };
 
 struct ServerOptions {

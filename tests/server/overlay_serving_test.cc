@@ -146,6 +146,31 @@ TEST_F(OverlayServing, SnapshotModeWritesLeaveEveryFileByteIdentical) {
   run_expect({"qemu-img", "check", top()});
 }
 
+TEST_F(OverlayServing, SnapshotModeWithReadOnlyServesReadOnlyAsQemuNbd) {
+  ASSERT_NO_FATAL_FAILURE(make_chain());
+  ASSERT_TRUE(start({"-s", "-r", "-f", "qcow2", top()}));
+  Nbd h = connect();
+  ASSERT_TRUE(h);
+  EXPECT_EQ(nbd_is_read_only(h.get()), 1);
+  ASSERT_NO_FATAL_FAILURE(expect_bytes(h.get(), 3 << 20, 512 << 10, 0x44));
+}
+
+TEST_F(OverlayServing, KeepOverlayThatCannotBeKeptIsRefusedAtStart) {
+  ASSERT_NO_FATAL_FAILURE(make_chain());
+  RunResult r = run_server_binary({"-s", "--keep-overlay", (dir_ / "missing").string(),
+                                   "--temp-dir", dir_.path().string(), "-k",
+                                   socket().string(), top()});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("cannot be kept there"), std::string::npos) << r.err;
+  fs::create_directory(dir_ / "keep");
+  r = run_server_binary({"--overlay=per-client", "-l", "snap1", "--keep-overlay",
+                         (dir_ / "keep").string(), "--temp-dir", dir_.path().string(), "-k",
+                         socket().string(), base()});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("cannot keep an overlay of internal snapshot"), std::string::npos)
+      << r.err;
+}
+
 TEST_F(OverlayServing, SnapshotModeOverlayLeavesNoFileEvenAfterKill9) {
   ASSERT_NO_FATAL_FAILURE(make_chain());
   fs::path tmp = dir_ / "tmp";
@@ -176,7 +201,8 @@ TEST_F(OverlayServing, KeptOverlayIsAValidOverlayOfTheChainWithItsClusterSize) {
   run_expect({"qemu-io", "-c", "write -P 0x11 0 8M", base()});
   fs::path keep = dir_ / "keep";
   fs::create_directory(keep);
-  ASSERT_TRUE(start({"-s", "--keep-overlay", keep.string(), "-x", "vm", "-f", "qcow2", base()}));
+  ASSERT_TRUE(start({"-s", "--temp-dir", dir_.path().string(), "--keep-overlay", keep.string(),
+                     "-x", "vm", "-f", "qcow2", base()}));
   {
     Nbd h = connect("vm");
     ASSERT_TRUE(h);
@@ -338,8 +364,8 @@ TEST_F(OverlayServing, PerClientOverlaysAreKeptOnDisconnect) {
   ASSERT_NO_FATAL_FAILURE(make_chain());
   fs::path keep = dir_ / "keep";
   fs::create_directory(keep);
-  ASSERT_TRUE(start({"--overlay=per-client", "--keep-overlay", keep.string(), "-x", "d",
-                     "-f", "qcow2", top()}));
+  ASSERT_TRUE(start({"--overlay=per-client", "--temp-dir", dir_.path().string(),
+                     "--keep-overlay", keep.string(), "-x", "d", "-f", "qcow2", top()}));
   {
     Nbd h = connect("d");
     ASSERT_TRUE(h);
@@ -484,8 +510,16 @@ TEST_F(OverlayServing, AllocationDepthMatchesQemuNbd) {
   run_expect({"qemu-io", "-c", "write -z 6M 1M", top()});
   fs::path raw = dir_ / "plain.raw";
   create_sparse_image(raw, 4 << 20, {{1 << 20, 1 << 20}}, 3);
+  // Backing images shorter than their overlays: 1M raw <- 1.5M <- 2M.
+  fs::path s0 = dir_ / "s0.raw", s1 = dir_ / "s1.qcow2", s2 = dir_ / "s2.qcow2";
+  create_pattern_image(s0, 1 << 20, 4);
+  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "s0.raw", "-F", "raw",
+              s1.string(), "1536K"});
+  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "s1.qcow2", "-F", "qcow2",
+              s2.string(), "2M"});
   for (std::vector<std::string> args :
-       {std::vector<std::string>{"-f", "qcow2", top()}, {"-f", "raw", raw.string()}}) {
+       {std::vector<std::string>{"-f", "qcow2", top()}, {"-f", "raw", raw.string()},
+        {"-f", "qcow2", s2.string()}}) {
     Server ours, theirs;
     fs::path qsock = dir_ / "q.sock";
     ASSERT_TRUE(start([&] { auto a = args; a.insert(a.begin(), {"-A", "-r"}); return a; }(),
@@ -528,7 +562,7 @@ TEST_F(OverlayServing, ExportsFromTheCommandLineAndAConfigFileShareImages) {
   }
   const auto before = hashes();
   ASSERT_TRUE(start({"--export", "name=chain,file=" + top() + ",format=qcow2,description=whole chain",
-                     "--export", "name=scratch,file=" + top() + ",overlay=temp,allocation-depth=on",
+                     "--export", "name=scratch,file=" + base() + ",overlay=temp,allocation-depth=on",
                      "--config", config.string()}));
   RunResult list = run({"nbdinfo", "--list", uri()});
   EXPECT_EQ(list.exit_code, 0) << list.describe();
@@ -539,10 +573,11 @@ TEST_F(OverlayServing, ExportsFromTheCommandLineAndAConfigFileShareImages) {
   ASSERT_TRUE(chain && scratch && golden);
   ASSERT_NO_FATAL_FAILURE(write_bytes(chain.get(), 6 << 20, 4096, 0x61));
   ASSERT_NO_FATAL_FAILURE(expect_bytes(chain.get(), 6 << 20, 4096, 0x61));
-  // scratch shares top's Image: it sees the write beneath its overlay.
-  ASSERT_NO_FATAL_FAILURE(expect_bytes(scratch.get(), 6 << 20, 4096, 0x61));
+  // scratch's overlay sits on base, which chain also reads (one Image).
+  ASSERT_NO_FATAL_FAILURE(expect_bytes(scratch.get(), 0, 1 << 20, 0x22));
   ASSERT_NO_FATAL_FAILURE(write_bytes(scratch.get(), 6 << 20, 4096, 0x62));
   ASSERT_NO_FATAL_FAILURE(expect_bytes(chain.get(), 6 << 20, 4096, 0x61));
+  ASSERT_NO_FATAL_FAILURE(expect_bytes(scratch.get(), 6 << 20, 4096, 0x62));
   ASSERT_NO_FATAL_FAILURE(expect_bytes(golden.get(), 0, 2 << 20, 0x11));
   EXPECT_EQ(nbd_can_meta_context(scratch.get(), "qemu:allocation-depth"), 1);
   EXPECT_EQ(nbd_can_meta_context(chain.get(), "qemu:allocation-depth"), 0);
@@ -554,6 +589,14 @@ TEST_F(OverlayServing, ExportsFromTheCommandLineAndAConfigFileShareImages) {
   auto after = hashes();
   EXPECT_EQ(after[0], before[0]);
   EXPECT_EQ(after[1], before[1]);
+  // An overlay over an image another export writes would see it change
+  // under its feet: refused.
+  RunResult r = run_server_binary({"-k", (dir_ / "x.sock").string(), "--export",
+                                   "name=a,file=" + top() + ",format=qcow2", "--export",
+                                   "name=b,file=" + top() + ",format=qcow2,overlay=temp"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("cannot also be the backing image of 'a throwaway overlay'"),
+            std::string::npos) << r.err;
   run_expect({"qemu-io", "-c", "read -P 0x61 6M 4k", top()});
 }
 
