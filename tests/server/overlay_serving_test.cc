@@ -648,7 +648,19 @@ TEST_F(OverlayServing, ReplacedExportLeavesConnectedClientsOnTheOldOne) {
   };
   write_config("[export]\nname = disk\nfile = " + one.string() +
                "\nformat = raw\nread-only = on\n");
-  ASSERT_TRUE(start({"--config", config.string()}));
+  ASSERT_TRUE(start({"--log=info", "--config", config.string()}));
+  // Waits until the server has handled `n` reloads, good or bad.
+  auto reloads_done = [&](size_t n) {
+    auto count = [](const std::string& log, const std::string& what) {
+      size_t c = 0;
+      for (size_t at = 0; (at = log.find(what, at)) != std::string::npos; at += what.size()) ++c;
+      return c;
+    };
+    return wait_until([&] {
+      std::string log = server_.log();
+      return count(log, ": reloaded ") + count(log, "keeping the exports as they were") >= n;
+    }, 10s);
+  };
   Nbd old_client = connect("disk");
   ASSERT_TRUE(old_client);
   EXPECT_EQ(nbd_get_size(old_client.get()), 1 << 20);
@@ -657,12 +669,7 @@ TEST_F(OverlayServing, ReplacedExportLeavesConnectedClientsOnTheOldOne) {
                "\nformat = raw\n[export]\nname = extra\nfile = " + one.string() +
                "\nformat = raw\nread-only = on\n");
   server_.signal(SIGHUP);
-  ASSERT_TRUE(wait_until([&] {
-    Nbd probe = nbd_try_connect_unix(socket(), [](nbd_handle* h) {
-      nbd_set_export_name(h, "extra");
-    });
-    return probe != nullptr;
-  }, 10s));
+  ASSERT_TRUE(reloads_done(1)) << server_.log();
   Nbd new_client = connect("disk");
   ASSERT_TRUE(new_client);
   EXPECT_EQ(nbd_get_size(new_client.get()), 2 << 20);
@@ -676,11 +683,37 @@ TEST_F(OverlayServing, ReplacedExportLeavesConnectedClientsOnTheOldOne) {
   ASSERT_EQ(nbd_pread(old_client.get(), got.data(), got.size(), 65536, 0), 0);
   EXPECT_EQ(got, pattern(65536, 4096, 1));
 
+  // An unchanged export survives a reload whole: here a -s overlay.
+  const std::string with_scratch =
+      "[export]\nname = disk\nfile = " + two.string() + "\nformat = raw\n" +
+      "[export]\nname = scratch\nfile = " + one.string() +
+      "\nformat = raw\noverlay = temp\n";
+  write_config(with_scratch);
+  server_.signal(SIGHUP);
+  ASSERT_TRUE(reloads_done(2)) << server_.log();
+  {
+    Nbd scratch = connect("scratch");
+    ASSERT_TRUE(scratch);
+    ASSERT_NO_FATAL_FAILURE(write_bytes(scratch.get(), 0, 4096, 0x5c));
+  }
+  write_config(with_scratch + "# touched\n");
+  server_.signal(SIGHUP);
+  ASSERT_TRUE(reloads_done(3)) << server_.log();
+  EXPECT_NE(server_.log().find("2 exports, 0 opened anew"), std::string::npos) << server_.log();
+  EXPECT_FALSE(nbd_try_connect_unix(socket(), [](nbd_handle* h) {
+    nbd_set_export_name(h, "extra");  // gone from the file
+  }));
+  {
+    Nbd scratch = connect("scratch");
+    ASSERT_TRUE(scratch);
+    ASSERT_NO_FATAL_FAILURE(expect_bytes(scratch.get(), 0, 4096, 0x5c));
+  }
+
   // A config that does not open leaves everything as it was.
   write_config("[export]\nname = disk\nfile = " + (dir_ / "missing.raw").string() + "\n");
   server_.signal(SIGHUP);
-  ASSERT_TRUE(wait_until([&] { return server_.log().find("keeping the exports") !=
-                                      std::string::npos; }, 10s)) << server_.log();
+  ASSERT_TRUE(reloads_done(4)) << server_.log();
+  EXPECT_NE(server_.log().find("keeping the exports"), std::string::npos) << server_.log();
   Nbd after = connect("disk");
   ASSERT_TRUE(after);
   EXPECT_EQ(nbd_get_size(after.get()), 2 << 20);
