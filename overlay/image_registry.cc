@@ -15,6 +15,7 @@ namespace {
 namespace fs = std::filesystem;
 
 constexpr uint32_t kDirectAlignment = 4096;
+constexpr uint64_t kSectorSize = 512;  // qemu's unit of disk sizes
 
 // A name an image records (a data file), relative to the image's own
 // directory unless absolute.
@@ -63,7 +64,10 @@ std::shared_ptr<BlockNode> open_node(const std::string& path, ImageFormat format
   }
   if (format == ImageFormat::Raw) {
     node->raw = file;
-    node->size = file->size();
+    // As qemu, whose block layer counts in 512-byte sectors: a raw file of
+    // 1000 bytes is a disk of 1024, the tail reading as zeros (qemu-nbd
+    // serves it so, and qemu sizes overlays of it so).
+    node->size = (file->size() + kSectorSize - 1) / kSectorSize * kSectorSize;
     return node;
   }
 
