@@ -187,7 +187,7 @@ int serve(const ServerConfig& config, ExportRegistry& exports,
   int status = loop.run(listeners);
   for (auto& l : listeners) {
     if (l.fd >= 0) ::close(l.fd);
-    if (!l.unix_path.empty()) ::unlink(l.unix_path.c_str());
+    remove_socket_file(l);
   }
   return status;
 }
