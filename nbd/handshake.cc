@@ -307,6 +307,7 @@ void Handshake::handle_export_name() {
     close("unknown export in NBD_OPT_EXPORT_NAME");
     return;
   }
+  e->min_block_size = 1;  // no way to tell the client of one
   enter_transmission(std::move(*e));
   append_be64(out_, export_->size);
   append_be16(out_, export_->transmission_flags);
@@ -344,6 +345,12 @@ void Handshake::handle_info_or_go(bool go) {
     reply_error(option_, Rep::ErrUnknown, "no such export");
     return;
   }
+  // A minimum block size above 1 binds only a client that asked for block
+  // sizes; one that did not may send any alignment, so GO tells it (and
+  // transmission enforces) 1. NBD_OPT_INFO tells the real one. As qemu-nbd.
+  if (go && std::find(requests.begin(), requests.end(),
+                      uint16_t(Info::BlockSize)) == requests.end())
+    e->min_block_size = 1;
   send_info_replies(option_, *e, requests);
   reply(option_, Rep::Ack);
   if (go) enter_transmission(std::move(*e));

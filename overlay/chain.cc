@@ -133,11 +133,14 @@ bool open_chain_nodes(const std::string& path, ImageFormat format,
 
 std::shared_ptr<Layer> serve_nodes(std::vector<std::shared_ptr<BlockNode>> nodes,
                                    bool writable, bool copy_on_read,
-                                   uint32_t direct_alignment) {
+                                   uint32_t direct_alignment,
+                                   bool format_probed) {
   if (nodes.size() == 1 && nodes.front()->raw)
     return make_raw_layer(nodes.front()->raw,
                           RawLayerOptions{.read_only = !writable,
-                                          .direct_alignment = direct_alignment});
+                                          .direct_alignment = direct_alignment,
+                                          .size = nodes.front()->size,
+                                          .refuse_format_headers = format_probed});
   return std::make_shared<GraphLayer>(Graph::make(std::move(nodes), copy_on_read),
                                       writable);
 }

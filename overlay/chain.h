@@ -63,10 +63,13 @@ bool open_chain_nodes(const std::string& path, ImageFormat format,
                       std::string* error);
 
 // The Layer that serves `nodes` as they are: a raw file alone is served
-// directly, anything else through a GraphLayer.
+// directly, anything else through a GraphLayer. `format_probed`: the raw
+// file's format was guessed, so writes must not give it an image header
+// (RawLayerOptions::refuse_format_headers).
 std::shared_ptr<Layer> serve_nodes(std::vector<std::shared_ptr<BlockNode>> nodes,
                                    bool writable, bool copy_on_read,
-                                   uint32_t direct_alignment);
+                                   uint32_t direct_alignment,
+                                   bool format_probed = false);
 
 struct OpenedChain {
   std::shared_ptr<Layer> layer;

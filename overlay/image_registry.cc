@@ -86,6 +86,8 @@ std::shared_ptr<BlockNode> open_block_node(const std::string& path,
   }
   if (format == ImageFormat::Raw) {
     node->raw = file;
+    // Its exact size. (qemu's block layer counts 512-byte sectors and
+    // serves a file of 1000 bytes as 1024; docs/compatibility.md.)
     node->size = file->size();
     return node;
   }

@@ -4,9 +4,11 @@
 // two of them can never lose each other's bytes in a shared block.
 #include "overlay/raw_layer.h"
 
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <string_view>
 
 namespace layerd {
 namespace {
@@ -23,7 +25,7 @@ struct AlignedBuffer {
 class RawLayer final : public Layer {
  public:
   RawLayer(std::shared_ptr<File> file, RawLayerOptions options)
-      : Layer(file->size(),
+      : Layer(options.size ? options.size : file->size(),
               Capabilities{.writable = !options.read_only && file->writable(),
                            .trim = true,
                            .fast_zero = true,
@@ -31,7 +33,8 @@ class RawLayer final : public Layer {
                            .multi_conn_safe = true,
                            .buffered_writes = options.direct_alignment == 0}),
         file_(std::move(file)),
-        align_(options.direct_alignment) {}
+        align_(options.direct_alignment),
+        refuse_format_headers_(options.refuse_format_headers) {}
 
  protected:
   std::error_code do_read(uint64_t offset, std::span<std::byte> buf) override {
@@ -48,6 +51,24 @@ class RawLayer final : public Layer {
 
   std::error_code do_write(uint64_t offset, std::span<const std::byte> data,
                            bool fua) override {
+    if (refuse_format_headers_ && offset < kProbeBytes && !data.empty()) {
+      // Check what the first bytes become, and write them, under one lock,
+      // so that two writes cannot assemble a header between them. (Zero
+      // writes and trims are not checked: zeros make no header.)
+      std::lock_guard lock(probe_mutex_);
+      std::array<std::byte, kProbeBytes> head;
+      if (auto ec = do_read(0, head)) return ec;
+      size_t n = std::min<size_t>(data.size(), kProbeBytes - offset);
+      std::memcpy(head.data() + offset, data.data(), n);
+      if (looks_like_image_header(head))
+        return std::make_error_code(std::errc::operation_not_permitted);
+      return write_data(offset, data, fua);
+    }
+    return write_data(offset, data, fua);
+  }
+
+  std::error_code write_data(uint64_t offset, std::span<const std::byte> data,
+                             bool fua) {
     std::error_code ec;
     if (!is_aligned(offset, data.data(), data.size()))
       ec = bounced_write(offset, data);
@@ -156,10 +177,71 @@ class RawLayer final : public Layer {
 
   std::shared_ptr<File> file_;
   uint32_t align_;
+  bool refuse_format_headers_;
   std::mutex rmw_mutex_;
+  std::mutex probe_mutex_;  // writes into the first kProbeBytes
 };
 
+bool starts_with(std::span<const std::byte> head, std::string_view magic,
+                 size_t at = 0) {
+  return head.size() >= at + magic.size() &&
+         std::memcmp(head.data() + at, magic.data(), magic.size()) == 0;
+}
+
+// qemu's VMDK text descriptor probe: comment lines and blank lines, then a
+// line "version=1", "version=2" or "version=3".
+bool looks_like_vmdk_descriptor(std::span<const std::byte> head) {
+  std::string_view text(reinterpret_cast<const char*>(head.data()), head.size());
+  size_t p = 0;
+  while (p < text.size()) {
+    if (text[p] == '#') {
+      p = text.find('\n', p);
+      if (p == std::string_view::npos) return false;
+      ++p;
+      continue;
+    }
+    if (text[p] == ' ') {
+      while (p < text.size() && text[p] == ' ') ++p;
+      if (p < text.size() && text[p] == '\r') ++p;
+      if (p == text.size() || text[p] != '\n') return false;
+      ++p;
+      continue;
+    }
+    std::string_view rest = text.substr(p);
+    for (std::string_view v : {"version=1", "version=2", "version=3"}) {
+      if (rest.starts_with(v) &&
+          (rest.substr(v.size()).starts_with("\n") ||
+           rest.substr(v.size()).starts_with("\r\n")))
+        return true;
+    }
+    return false;
+  }
+  return false;
+}
+
 }  // namespace
+
+bool looks_like_image_header(std::span<const std::byte> head) {
+  using namespace std::string_view_literals;
+  static constexpr std::string_view kMagics[] = {
+      "QFI\xfb"sv,                    // qcow, qcow2
+      "QED\0"sv,                      // QED
+      "KDMV"sv,                       // VMDK 4
+      "COWD"sv,                       // VMDK 3
+      "conectix"sv,                   // VHD (vpc)
+      "vhdxfile"sv,                   // VHDX
+      "LUKS\xba\xbe"sv,               // LUKS
+      "WithoutFreeSpace"sv,           // Parallels
+      "WithouFreSpacExt"sv,           // Parallels, extended
+      "Bochs Virtual HD Image\0"sv,   // Bochs
+      "#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t "
+      "iso9660 /dev/cloop $1\n"sv,    // cloop
+  };
+  for (std::string_view m : kMagics)
+    if (starts_with(head, m)) return true;
+  if (starts_with(head, "\x7f\x10\xda\xbe"sv, 64)) return true;  // VDI
+  return looks_like_vmdk_descriptor(head);
+}
 
 std::shared_ptr<Layer> make_raw_layer(std::shared_ptr<File> file,
                                       RawLayerOptions options) {

@@ -28,7 +28,7 @@ nbd::ExportInfo Export::info(const std::string& session) const {
   if (policy.multi_conn && shared && layer->capabilities().multi_conn_safe)
     f |= nbd::kTransCanMultiConn;
   i.transmission_flags = f;
-  i.min_block_size = 1;
+  i.min_block_size = policy.min_block_size;
   i.preferred_block_size = 4096;
   i.max_block_size = policy.max_request_size;
   return i;

@@ -36,6 +36,8 @@ struct ExportPolicy {
   bool multi_conn = false;         // more than one client may connect
   bool allocation_depth = false;   // offer qemu:allocation-depth (-A)
   uint32_t max_request_size = 32u << 20;
+  // Announced to clients that ask for block sizes (and then enforced).
+  uint32_t min_block_size = 1;
 };
 
 // What one client (or one named session of clients) is served.

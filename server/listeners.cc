@@ -56,7 +56,13 @@ std::vector<ListeningSocket> open_unix(const std::string& path,
     ::close(fd);
     return {};
   }
-  return {ListeningSocket{fd, AF_UNIX, path}};
+  ListeningSocket l{fd, AF_UNIX, path};
+  struct stat st{};
+  if (::stat(path.c_str(), &st) == 0) {
+    l.unix_dev = st.st_dev;
+    l.unix_ino = st.st_ino;
+  }
+  return {l};
 }
 
 std::vector<ListeningSocket> open_tcp(const std::string& host, uint16_t port,
@@ -131,6 +137,14 @@ std::vector<ListeningSocket> activated_listeners(std::string& error) {
     out.push_back(ListeningSocket{fd, family, ""});
   }
   return out;
+}
+
+void remove_socket_file(const ListeningSocket& l) {
+  if (l.unix_path.empty()) return;
+  struct stat st{};
+  if (::stat(l.unix_path.c_str(), &st) != 0) return;
+  if (st.st_dev != l.unix_dev || st.st_ino != l.unix_ino) return;  // not ours
+  ::unlink(l.unix_path.c_str());
 }
 
 }  // namespace layerd

@@ -3,6 +3,8 @@
 // to), a Unix socket (-k), or the sockets systemd passed (LISTEN_FDS).
 #pragma once
 
+#include <sys/types.h>
+
 #include <string>
 #include <vector>
 
@@ -14,7 +16,15 @@ struct ListeningSocket {
   int fd = -1;
   int family = 0;         // AF_INET, AF_INET6 or AF_UNIX
   std::string unix_path;  // removed at exit when layerd created it
+  // The socket file layerd created: exit removes `unix_path` only while it
+  // is still this file, not one a new server made at the same path after
+  // this one was deleted (as scripts restarting a server do).
+  dev_t unix_dev = 0;
+  ino_t unix_ino = 0;
 };
+
+// Removes the socket file `l` created, if it is still there.
+void remove_socket_file(const ListeningSocket& l);
 
 // Opens the sockets the options ask for. On failure returns an empty vector
 // and sets `error` to a message for the user.

@@ -47,9 +47,18 @@ bool detect_format(const std::string& path, ImageFormat* format,
   }
   *format = std::memcmp(magic, "QFI\xfb", 4) == 0 ? ImageFormat::Qcow2
                                                   : ImageFormat::Raw;
-  if (*format == ImageFormat::Raw)
-    log_error("warning: no format given for '{}'; serving it as raw "
-              "(pass -f raw to silence this)", path);
+  if (*format == ImageFormat::Raw) {
+    // qemu-nbd's words, which say what layerd then does too (see
+    // RawLayerOptions::refuse_format_headers).
+    fmt::print(stderr,
+               "WARNING: Image format was not specified for '{}' and probing "
+               "guessed raw.\n"
+               "         Automatically detecting the format is dangerous for "
+               "raw images, write operations on block 0 will be restricted.\n"
+               "         Specify the 'raw' format explicitly to remove the "
+               "restrictions.\n",
+               path);
+  }
   return true;
 }
 
@@ -119,10 +128,14 @@ std::shared_ptr<Export> open_export(const ServerOptions& o, ExportSpec spec,
       return nullptr;
     }
   }
+  // A guessed raw format: writes to block 0 are checked (serve_nodes), and
+  // clients are asked for whole sectors, as qemu-nbd does.
+  const bool probed_raw = spec.format.empty() && format == ImageFormat::Raw;
   switch (spec.overlay) {
     case OverlayMode::None:
       e->layer = serve_nodes(std::move(nodes), !e->policy.read_only,
-                             spec.copy_on_read, direct ? 4096 : 0);
+                             spec.copy_on_read, direct ? 4096 : 0, probed_raw);
+      if (probed_raw) e->policy.min_block_size = 512;
       break;
     case OverlayMode::Temp: {
       auto session = std::make_shared<Session>();

@@ -72,6 +72,7 @@ class ServerLoop {
         slot_freed_(strand_) {}
 
   int run(std::vector<ListeningSocket>& listeners) {
+    listeners_ = &listeners;
     for (auto& l : listeners) {
       auto acceptor = std::make_unique<GenericAcceptor>(strand_);
       acceptor->assign(asio::generic::stream_protocol(l.family, SOCK_STREAM),
@@ -168,6 +169,9 @@ class ServerLoop {
   void shutdown() {
     if (stopping_) return;
     stopping_ = true;
+    // The socket file goes first: from now on a client finds no server
+    // (ENOENT, as with qemu-nbd) rather than one that refuses it.
+    for (auto& l : *listeners_) remove_socket_file(l);
     boost::system::error_code ignored;
     for (auto& a : acceptors_) a->close(ignored);
     signals_.cancel(ignored);
@@ -186,6 +190,7 @@ class ServerLoop {
   asio::steady_timer slot_freed_;
   std::vector<std::unique_ptr<GenericAcceptor>> acceptors_;
   std::set<std::shared_ptr<Connection>> connections_;
+  std::vector<ListeningSocket>* listeners_ = nullptr;
   uint64_t serial_ = 0;
   bool stopping_ = false;
 };
@@ -198,7 +203,7 @@ int serve(const ServerConfig& config, ExportRegistry& exports,
   int status = loop.run(listeners);
   for (auto& l : listeners) {
     if (l.fd >= 0) ::close(l.fd);
-    if (!l.unix_path.empty()) ::unlink(l.unix_path.c_str());
+    remove_socket_file(l);
   }
   return status;
 }

@@ -470,6 +470,31 @@ TEST_F(HandshakeTest, GoRepliesInfoThenAckAndEntersTransmission) {
             kTransHasFlags | kTransReadOnly | kTransSendFlush);
 }
 
+// As qemu-nbd: a minimum block size above 1 is told (and binds) only a
+// client that asks for block sizes; INFO always tells the real one.
+TEST_F(HandshakeTest, GoWithoutBlockSizeRequestTellsAndKeepsMinimumOne) {
+  start();
+  auto r = send(option(Opt::Go, info_data("ro")));
+  ASSERT_EQ(r.size(), 3u);
+  EXPECT_EQ(r[1].data, info_block_size(1, 65536, 1u << 20));
+  expect_ack(r[2], Opt::Go);
+  EXPECT_EQ(hs.chosen_export().min_block_size, 1u);
+}
+
+TEST_F(HandshakeTest, InfoTellsTheRealMinimumBlockSizeUnasked) {
+  start();
+  auto r = send(option(Opt::Info, info_data("ro")));
+  ASSERT_EQ(r.size(), 3u);
+  EXPECT_EQ(r[1].data, info_block_size(512, 65536, 1u << 20));
+}
+
+TEST_F(HandshakeTest, ExportNameKeepsMinimumBlockSizeOne) {
+  start();
+  feed(option(Opt::ExportName, str("ro")));
+  ASSERT_EQ(hs.phase(), Phase::Transmission);
+  EXPECT_EQ(hs.chosen_export().min_block_size, 1u);
+}
+
 TEST_F(HandshakeTest, GoWithoutNoZeroesSendsNoPaddingAfterAck) {
   start(kClientFlagFixedNewstyle);
   Bytes out;

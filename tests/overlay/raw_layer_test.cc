@@ -183,6 +183,63 @@ TEST_F(RawLayerTest, DirectIoServesUnalignedRequestsThroughABounceBuffer) {
   EXPECT_EQ(std::count(z.begin(), z.end(), std::byte{0}), 50);
 }
 
+std::vector<std::byte> head_of(std::string_view text, size_t at = 0) {
+  std::vector<std::byte> b(kProbeBytes);
+  std::memcpy(b.data() + at, text.data(), text.size());
+  return b;
+}
+
+TEST(ImageHeader, RecognizesWhatQemuProbes) {
+  EXPECT_FALSE(looks_like_image_header(head_of("")));
+  EXPECT_FALSE(looks_like_image_header(head_of("just some data\n")));
+  EXPECT_TRUE(looks_like_image_header(head_of("QFI\xfb")));
+  EXPECT_TRUE(looks_like_image_header(head_of(std::string_view("QED\0", 4))));
+  EXPECT_TRUE(looks_like_image_header(head_of("KDMV")));
+  EXPECT_TRUE(looks_like_image_header(head_of("conectix")));
+  EXPECT_TRUE(looks_like_image_header(head_of("vhdxfile")));
+  EXPECT_TRUE(looks_like_image_header(head_of("LUKS\xba\xbe")));
+  EXPECT_TRUE(looks_like_image_header(head_of("\x7f\x10\xda\xbe", 64)));  // VDI
+  EXPECT_FALSE(looks_like_image_header(head_of("\x7f\x10\xda\xbe", 60)));
+  // VMDK text descriptors: comments and blank lines, then version=N.
+  EXPECT_TRUE(looks_like_image_header(head_of("# Disk DescriptorFile\nversion=1\n")));
+  EXPECT_TRUE(looks_like_image_header(head_of("#c\n   \r\nversion=3\r\n")));
+  EXPECT_FALSE(looks_like_image_header(head_of("# Disk DescriptorFile\nCID=1\nversion=1\n")));
+  EXPECT_FALSE(looks_like_image_header(head_of("version=4\n")));
+  // Only whole magics count.
+  EXPECT_FALSE(looks_like_image_header(head_of("QFI")));
+}
+
+TEST_F(RawLayerTest, RefusingFormatHeadersChecksWritesIntoBlockZero) {
+  make_file(1 << 16, false);
+  std::error_code ec;
+  auto f = open_posix_file(path_, FileOptions{.mode = OpenMode::ReadWrite}, ec);
+  ASSERT_TRUE(f) << ec.message();
+  auto layer = make_raw_layer(std::shared_ptr<File>(std::move(f)),
+                              RawLayerOptions{.refuse_format_headers = true});
+  auto qf = head_of("QF");
+  auto ib = head_of("I\xfb");
+  ASSERT_FALSE(layer->write(0, std::span(qf).first(2), false));
+  EXPECT_EQ(layer->write(2, std::span(ib).first(2), false),
+            std::errc::operation_not_permitted);
+  EXPECT_FALSE(layer->write(512, head_of("QFI\xfb"), false)) << "block 1 is free";
+  std::vector<std::byte> back(4);
+  ASSERT_FALSE(layer->read(0, back));
+  EXPECT_EQ(back[2], static_cast<std::byte>(2 * 7 + 1)) << "the refused write left no trace";
+}
+
+TEST_F(RawLayerTest, SizeMayExceedTheFileAndTheTailReadsAsAHoleOfZeros) {
+  make_file(1000, false);
+  std::error_code ec;
+  auto f = open_posix_file(path_, FileOptions{.mode = OpenMode::ReadOnly}, ec);
+  ASSERT_TRUE(f) << ec.message();
+  auto layer = make_raw_layer(std::shared_ptr<File>(std::move(f)),
+                              RawLayerOptions{.read_only = true, .size = 1024});
+  EXPECT_EQ(layer->size(), 1024u);
+  std::vector<std::byte> tail(24, std::byte{0xee});
+  ASSERT_FALSE(layer->read(1000, tail));
+  for (std::byte b : tail) EXPECT_EQ(b, std::byte{0});
+}
+
 TEST_F(RawLayerTest, MissingFileFailsWithEnoent) {
   std::error_code ec;
   auto f = open_posix_file(dir_ + "/nope", FileOptions{}, ec);

@@ -113,6 +113,58 @@ TEST_F(Lifecycle, AStaleSocketFileIsReplaced) {
   ExpectReadWorks(h.get());
 }
 
+// What qemu-iotests' nbd_server_stop and start do: kill the server, delete
+// its socket and start the next one at once. The first one, exiting later,
+// must not delete the second one's socket.
+TEST_F(Lifecycle, ExitLeavesASocketFileItDidNotCreate) {
+  SKIP_UNLESS_LAYERD();  // qemu-nbd 7.2 unlinks the path whatever it is
+  ASSERT_NO_FATAL_FAILURE(StartServer({"-f", "raw", "-t"}));
+  ASSERT_TRUE(fs::remove(socket_path()));
+  Server second;
+  ServerOptions o = BaseOptions({"-f", "raw", "-t", "-k", socket_path().string()});
+  o.unix_socket = socket_path();
+  o.log_file = dir_ / "second.log";
+  ASSERT_TRUE(second.start(std::move(o))) << second.error();
+  // (/proc/net/unix still lists the first socket under that path.)
+  ASSERT_TRUE(wait_until([&] { return fs::is_socket(socket_path()); }, 10s));
+  EXPECT_EQ(server_.stop(), 0);
+  ASSERT_TRUE(fs::is_socket(socket_path())) << "the second server's socket was removed";
+  Nbd h = nbd_connect_to_unix(socket_path());
+  ASSERT_TRUE(h);
+  ExpectReadWorks(h.get());
+  h.reset();
+  EXPECT_EQ(second.stop(), 0);
+  EXPECT_FALSE(fs::exists(socket_path())) << "a server removes its own socket";
+}
+
+// qemu-iotests' nbd-reconnect-on-open: once the last client of a server
+// without -t has left, the next client must find no socket (ENOENT), not
+// one that is no longer listened on (ECONNREFUSED).
+TEST_F(Lifecycle, WithoutPersistentTheSocketGoesBeforeTheListenerCloses) {
+  ASSERT_NO_FATAL_FAILURE(StartServer({"-f", "raw"}));
+  {
+    Nbd h = nbd_connect_to_unix(socket_path());
+    ASSERT_TRUE(h);
+    ExpectReadWorks(h.get());
+  }
+  int refused = 0;
+  const auto deadline = Clock::now() + 10s;
+  while (fs::exists(socket_path()) && Clock::now() < deadline) {
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    ASSERT_GE(fd, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, socket_path().c_str(), sizeof addr.sun_path - 1);
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 &&
+        errno == ECONNREFUSED)
+      ++refused;
+    ::close(fd);
+  }
+  EXPECT_FALSE(fs::exists(socket_path()));
+  EXPECT_EQ(refused, 0) << "connections refused while the socket file was still there";
+  EXPECT_EQ(server_.wait_exit(10s), 0);
+}
+
 int listening_unix_socket(const fs::path& path) {
   int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) return -1;

@@ -492,6 +492,109 @@ TEST_F(OddSizedImage, LastByteIsReadableAndWritableAndTheFileKeepsItsSize) {
   EXPECT_EQ(fs::file_size(image_path()), kOddSize) << "the file was resized";
 }
 
+TEST_F(OddSizedImage, SizeIsExactWhereQemuNbdRoundsUp) {
+  // qemu's block layer counts in 512-byte sectors: qemu-nbd 7.2 serves a
+  // file of 1000001 bytes as 1000448 (qemu-iotests 241 expects that).
+  // layerd serves the file's exact size: a client never sees bytes the
+  // file does not have (docs/compatibility.md).
+  SKIP_UNLESS_LAYERD();
+  ASSERT_NO_FATAL_FAILURE(StartDefaultServer());
+  Nbd h = Connect([](nbd_handle* hh) { nbd_add_meta_context(hh, LIBNBD_CONTEXT_BASE_ALLOCATION); });
+  ASSERT_TRUE(h);
+  ASSERT_EQ(nbd_get_size(h.get()), static_cast<int64_t>(kOddSize));
+  auto map = block_status_map(h.get(), kOddSize - 1, 1);
+  ASSERT_TRUE(map);
+  EXPECT_EQ((*map)[0].flags, 0u) << "the last byte of the file is data";
+}
+
+// Without -f a raw image is served as raw after a look at its first bytes;
+// as qemu-nbd, layerd then refuses writes that would make those bytes an
+// image header (the next probe would open it as, say, qcow2 with a backing
+// file the client chose), and asks for whole sectors.
+class ProbedRawImage : public ServerTest {
+ protected:
+  void StartProbed(std::vector<std::string> extra = {}) {
+    extra.insert(extra.end(), {"-t", "-x", kExportName});
+    StartServer(std::move(extra));
+  }
+  static std::vector<uint8_t> qcow2_header() {
+    std::vector<uint8_t> b(512, 0);
+    const uint8_t magic[] = {'Q', 'F', 'I', 0xfb, 0, 0, 0, 3};
+    std::memcpy(b.data(), magic, sizeof magic);
+    return b;
+  }
+};
+
+TEST_F(ProbedRawImage, WarnsInQemuNbdsWords) {
+  ASSERT_NO_FATAL_FAILURE(StartProbed());
+  ASSERT_TRUE(wait_until([&] { return server_.log().find("restrictions") != std::string::npos; }, 5s))
+      << server_.log();
+  const std::string expected =
+      "WARNING: Image format was not specified for '" + image_path().string() +
+      "' and probing guessed raw.\n"
+      "         Automatically detecting the format is dangerous for raw images, "
+      "write operations on block 0 will be restricted.\n"
+      "         Specify the 'raw' format explicitly to remove the restrictions.\n";
+  EXPECT_EQ(server_.log(), expected);
+}
+
+TEST_F(ProbedRawImage, WritingAnImageHeaderIntoBlockZeroIsRefused) {
+  ASSERT_NO_FATAL_FAILURE(StartProbed());
+  Nbd h = Connect();
+  ASSERT_TRUE(h);
+  const auto before = read_file_range(image_path(), 0, 512);
+  auto header = qcow2_header();
+  EXPECT_EQ(nbd_pwrite(h.get(), header.data(), header.size(), 0, 0), -1);
+  EXPECT_EQ(nbd_get_errno(), EPERM) << nbd_error_text();
+  // A longer write that starts with a header is refused as a whole.
+  std::vector<uint8_t> big(64 * 1024, 0x5a);
+  std::memcpy(big.data(), header.data(), 8);
+  EXPECT_EQ(nbd_pwrite(h.get(), big.data(), big.size(), 0, 0), -1);
+  EXPECT_EQ(nbd_get_errno(), EPERM) << nbd_error_text();
+  EXPECT_EQ(read_file_range(image_path(), 0, 512), before);
+  // Other data in block 0, and a header anywhere else, are fine.
+  auto data = pattern(0, 4096, 9);
+  ASSERT_EQ(nbd_pwrite(h.get(), data.data(), data.size(), 0, 0), 0) << nbd_error_text();
+  ASSERT_EQ(nbd_pwrite(h.get(), header.data(), header.size(), 512, 0), 0) << nbd_error_text();
+  ASSERT_EQ(nbd_flush(h.get(), 0), 0);
+  EXPECT_EQ(read_file_range(image_path(), 0, 512), pattern(0, 512, 9));
+  EXPECT_EQ(read_file_range(image_path(), 512, 512), header);
+}
+
+TEST_F(ProbedRawImage, AHeaderAssembledFromUnalignedWritesIsRefused) {
+  ASSERT_NO_FATAL_FAILURE(StartProbed());
+  // A client that does not ask for block sizes may write single bytes.
+  Nbd h = Connect([](nbd_handle* hh) { nbd_set_request_block_size(hh, false); });
+  ASSERT_TRUE(h);
+  EXPECT_EQ(nbd_get_block_size(h.get(), LIBNBD_SIZE_MINIMUM), 1);
+  const uint8_t qf[] = {'Q', 'F'};
+  const uint8_t ifb[] = {'I', 0xfb};
+  ASSERT_EQ(nbd_pwrite(h.get(), qf, 2, 0, 0), 0) << nbd_error_text();
+  EXPECT_EQ(nbd_pwrite(h.get(), ifb, 2, 2, 0), -1) << "completes QFI\\xfb";
+  EXPECT_EQ(nbd_get_errno(), EPERM) << nbd_error_text();
+  const uint8_t other[] = {'X', 'Y'};
+  EXPECT_EQ(nbd_pwrite(h.get(), other, 2, 2, 0), 0) << nbd_error_text();
+}
+
+TEST_F(ProbedRawImage, MinimumBlockSizeIs512ForClientsThatAsk) {
+  ASSERT_NO_FATAL_FAILURE(StartProbed());
+  Nbd h = Connect();
+  ASSERT_TRUE(h);
+  EXPECT_EQ(nbd_get_block_size(h.get(), LIBNBD_SIZE_MINIMUM), 512);
+}
+
+TEST_F(ProbedRawImage, WithFormatRawHeadersMayBeWrittenAndBlocksAreBytes) {
+  ASSERT_NO_FATAL_FAILURE(StartProbed({"-f", "raw"}));
+  Nbd h = Connect();
+  ASSERT_TRUE(h);
+  EXPECT_EQ(nbd_get_block_size(h.get(), LIBNBD_SIZE_MINIMUM), 1);
+  auto header = qcow2_header();
+  ASSERT_EQ(nbd_pwrite(h.get(), header.data(), header.size(), 0, 0), 0) << nbd_error_text();
+  ASSERT_EQ(nbd_flush(h.get(), 0), 0);
+  EXPECT_EQ(read_file_range(image_path(), 0, 512), header);
+  EXPECT_EQ(server_.log(), "") << "no warning with -f";
+}
+
 // --- Block status and sparse reads ---------------------------------------------
 
 class SparseImage : public ServerTest {
