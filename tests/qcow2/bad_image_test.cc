@@ -3,6 +3,8 @@
 // without bound (run under ASan/UBSan).
 #include <gtest/gtest.h>
 
+#include <zstd.h>
+
 #include <cstring>
 
 #include "test_util.h"
@@ -156,6 +158,42 @@ TEST_F(BadImage, GarbageCompressedClusterFailsWithEio) {
   auto img = open_image(path_, false);
   std::vector<std::byte> buf(4096);
   EXPECT_EQ(img->read(0, buf, zero_below()), std::make_error_code(std::errc::io_error));
+}
+
+// A zstd frame may ask for a window of up to 128 MiB (the library's default
+// limit), which the decoder would allocate for every read of the cluster.
+// A cluster never needs a window larger than itself: such a frame is corrupt.
+TEST(BadCompressedImage, ZstdWindowLargerThanTheClusterIsCorrupt) {
+  TempDir d;
+  std::string raw = d / "src.raw", path = d / "c.qcow2";
+  run("qemu-img create -q -f raw '" + raw + "' 1M");
+  run("qemu-io -f raw '" + raw + "' -c 'write -P 0x5a 0 64k'");
+  run("qemu-img convert -c -O qcow2 -o compression_type=zstd '" + raw + "' '" + path + "'");
+  // Recompress cluster 0 with a 128 MiB window and no content size, append
+  // the frame to the file and point the L2 entry at it.
+  std::vector<std::byte> data(65536, std::byte{0x5a}), frame(ZSTD_compressBound(65536));
+  ZSTD_CCtx* cctx = ZSTD_createCCtx();
+  ZSTD_CCtx_setParameter(cctx, ZSTD_c_windowLog, 27);
+  ZSTD_CCtx_setParameter(cctx, ZSTD_c_contentSizeFlag, 0);
+  ZSTD_inBuffer in{data.data(), data.size(), 0};
+  ZSTD_outBuffer out{frame.data(), frame.size(), 0};
+  ASSERT_FALSE(ZSTD_isError(ZSTD_compressStream2(cctx, &out, &in, ZSTD_e_continue)));
+  ASSERT_EQ(ZSTD_compressStream2(cctx, &out, &in, ZSTD_e_end), 0u);
+  ZSTD_freeCCtx(cctx);
+  ASSERT_LE(out.pos, 512u);
+  const uint64_t frame_at = std::filesystem::file_size(path);
+  std::vector<uint8_t> frame_bytes(512, 0);
+  std::memcpy(frame_bytes.data(), frame.data(), out.pos);
+  patch(path, frame_at, frame_bytes);
+  const uint64_t l2 = peek(path, peek(path, 40, 8), 8) & 0x00fffffffffffe00ull;
+  ASSERT_NE(peek(path, l2, 8) & (1ull << 62), 0u) << "cluster 0 not compressed";
+  patch64(path, l2, (1ull << 62) | frame_at);  // one sector at frame_at
+
+  auto img = open_image(path, false);
+  ASSERT_TRUE(img);
+  std::vector<std::byte> buf(4096);
+  EXPECT_EQ(img->read(0, buf, zero_below()), std::make_error_code(std::errc::io_error));
+  EXPECT_TRUE(img->corrupt());
 }
 
 TEST_F(BadImage, RefcountBlockBeyondEofFailsAllocation) {
