@@ -67,10 +67,14 @@ Status Image::Impl::check_locked(Repair repair, CheckReport* rep) {
         uint32_t tsize = fmt::load32(&dir[p + 8]);
         uint16_t name = fmt::load16(&dir[p + 18]);
         uint32_t extra = fmt::load32(&dir[p + 20]);
-        if (uint64_t(tsize) * 8 <= (64ull << 20) && toff % cs == 0) {
-          ref(toff, uint64_t(tsize) * 8, "bitmap table");
-          std::vector<std::byte> tab(uint64_t(tsize) * 8);
-          if (tsize && !file->pread(tab, toff))
+        const uint64_t tbytes = uint64_t(tsize) * 8;
+        // Only a table the file holds is read (ref() reports any other): a
+        // tiny image must not make check allocate and walk 64 MiB.
+        const bool in_file = toff <= fsize && tbytes <= fsize - toff;
+        if (tbytes <= (64ull << 20) && toff % cs == 0) {
+          ref(toff, tbytes, "bitmap table");
+          std::vector<std::byte> tab(in_file ? tbytes : 0);
+          if (tsize && in_file && !file->pread(tab, toff))
             for (uint32_t k = 0; k < tsize; ++k) {
               uint64_t e = fmt::load64(&tab[k * 8]) & fmt::kL2OffsetMask;
               if (e) ref(e, cs, "bitmap data");
