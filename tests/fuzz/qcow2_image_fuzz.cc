@@ -178,9 +178,10 @@ void exercise(std::span<const std::byte> bytes, bool read_only) {
   if (!Image::probe(file, &info).ok()) return;
   OpenOptions options;
   options.read_only = read_only;
-  // Small caches, so that eviction and reloading are exercised too.
-  options.l2_cache_bytes = 256 * 1024;
-  options.refcount_cache_bytes = 256 * 1024;
+  // The smallest caches (four tables each), so that eviction, write-back
+  // and reloading are exercised too.
+  options.l2_cache_bytes = 0;
+  options.refcount_cache_bytes = 0;
   if (info.has_data_file) options.data_file = file_from({}, read_only);
   std::unique_ptr<Image> img;
   if (!Image::open(file, options, &img).ok()) return;
