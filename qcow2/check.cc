@@ -4,6 +4,7 @@
 // the snapshot table, bitmaps), compare with the stored refcounts and check
 // the COPIED flags of the active tables.
 #include <algorithm>
+#include <map>
 
 #include "qcow2/internal.h"
 
@@ -22,19 +23,22 @@ Status Image::Impl::check_locked(Repair repair, CheckReport* rep) {
   if (nclusters > (1ull << 31))
     return Status::NotSupported("image too large to check");
   std::vector<uint32_t> expected(nclusters, 0);
-  auto problem = [&](uint64_t* counter, std::string msg) {
-    ++*counter;
+  // `times`: how many references one walk stands for (a snapshot L2 table
+  // shared by many L1 entries is walked once); counts stay per reference.
+  auto problem = [&](uint64_t* counter, std::string msg, uint64_t times = 1) {
+    *counter += times;
     if (rep->messages.size() < 1000) rep->messages.push_back(std::move(msg));
   };
-  auto ref = [&](uint64_t off, uint64_t len, const char* what) {
+  auto ref = [&](uint64_t off, uint64_t len, const char* what,
+                 uint64_t times = 1) {
     if (!len) return;
     for (uint64_t c = off >> cb; c <= (off + len - 1) >> cb; ++c) {
       if (c >= nclusters) {
         problem(&rep->corruptions, std::string("ERROR ") + what + " at " +
-                                       hex(off) + " beyond end of file");
+                                       hex(off) + " beyond end of file", times);
         return;
       }
-      if (expected[c] != UINT32_MAX) ++expected[c];
+      expected[c] = uint32_t(std::min<uint64_t>(UINT32_MAX, expected[c] + times));
     }
   };
   ref(0, cs, "header");
@@ -63,66 +67,71 @@ Status Image::Impl::check_locked(Repair repair, CheckReport* rep) {
   // L1/L2 walk.
   std::vector<std::byte> raw(cs);
   std::vector<std::pair<uint64_t, uint64_t>> active_l2;  // (l1 index, offset)
-  auto walk = [&](const std::vector<uint64_t>& table, bool active) {
-    for (uint64_t i = 0; i < table.size(); ++i) {
-      uint64_t off = table[i] & fmt::kL1OffsetMask;
-      if (!off) continue;
-      if (off % cs || off + cs > fsize) {
-        problem(&rep->corruptions, "ERROR L2 table offset " + hex(off) +
-                                       " invalid (misaligned or beyond end "
-                                       "of file)");
-        continue;
-      }
-      ref(off, cs, "L2 table");
-      if (active) active_l2.push_back({i, off});
-      if (auto ec = file->pread(raw, off)) {
-        ++rep->check_errors;
-        continue;
-      }
-      for (uint64_t k = 0; k < l2_size; ++k) {
-        uint64_t e0 = fmt::load64(&raw[k * words * 8]);
-        uint64_t guest = ((i << l2_bits) + k) << cb;
-        if (e0 & fmt::kOflagCompressed) {
-          uint64_t coff, clen;
-          compressed_span(e0, &coff, &clen);
-          if (external) {
-            problem(&rep->corruptions, "ERROR compressed cluster with an "
-                                       "external data file");
-            continue;
-          }
-          ref(coff, clen, "compressed cluster");
-          if (active && guest < h.virtual_size) ++rep->allocated_clusters;
+  // One L1 entry (index i of the active table, or a snapshot's), standing
+  // for `times` references to its L2 table.
+  auto walk_l2 = [&](uint64_t i, uint64_t off, bool active, uint64_t times) {
+    if (off % cs || off + cs > fsize) {
+      problem(&rep->corruptions, "ERROR L2 table offset " + hex(off) +
+                                     " invalid (misaligned or beyond end "
+                                     "of file)", times);
+      return;
+    }
+    ref(off, cs, "L2 table", times);
+    if (active) active_l2.push_back({i, off});
+    if (auto ec = file->pread(raw, off)) {
+      rep->check_errors += times;
+      return;
+    }
+    for (uint64_t k = 0; k < l2_size; ++k) {
+      uint64_t e0 = fmt::load64(&raw[k * words * 8]);
+      uint64_t guest = ((i << l2_bits) + k) << cb;
+      if (e0 & fmt::kOflagCompressed) {
+        uint64_t coff, clen;
+        compressed_span(e0, &coff, &clen);
+        if (external) {
+          problem(&rep->corruptions, "ERROR compressed cluster with an "
+                                     "external data file", times);
           continue;
         }
-        uint64_t host = e0 & fmt::kL2OffsetMask;
-        // As classify() reads it: in an external data file, offset 0 with
-        // the COPIED flag is the data file's first cluster.
-        const bool mapped = host || (external && (e0 & fmt::kOflagCopied));
-        if (active && guest < h.virtual_size &&
-            (mapped || (words == 2 && (fmt::load64(&raw[k * 16 + 8]) & 0xffffffffu))))
-          ++rep->allocated_clusters;
-        if (!host || external) continue;
-        if (host % cs) {
-          problem(&rep->corruptions,
-                  "ERROR cluster " + hex(host) + " not cluster aligned");
-          continue;
-        }
-        ref(host, cs, "data cluster");
+        ref(coff, clen, "compressed cluster", times);
+        if (active && guest < h.virtual_size) ++rep->allocated_clusters;
+        continue;
       }
+      uint64_t host = e0 & fmt::kL2OffsetMask;
+      // As classify() reads it: in an external data file, offset 0 with
+      // the COPIED flag is the data file's first cluster.
+      const bool mapped = host || (external && (e0 & fmt::kOflagCopied));
+      if (active && guest < h.virtual_size &&
+          (mapped || (words == 2 && (fmt::load64(&raw[k * 16 + 8]) & 0xffffffffu))))
+        ++rep->allocated_clusters;
+      if (!host || external) continue;
+      if (host % cs) {
+        problem(&rep->corruptions,
+                "ERROR cluster " + hex(host) + " not cluster aligned", times);
+        continue;
+      }
+      ref(host, cs, "data cluster", times);
     }
   };
-  walk(l1, true);
+  for (uint64_t i = 0; i < l1.size(); ++i)
+    if (uint64_t off = l1[i] & fmt::kL1OffsetMask) walk_l2(i, off, true, 1);
+  // Snapshots: every distinct L2 table once, however many L1 entries of
+  // however many snapshots share it (a 100 KiB image can hold a thousand
+  // snapshots of one 4096-entry L1 table: walked per reference, that took
+  // minutes).
+  std::map<uint64_t, uint64_t> snapshot_l2;  // L2 offset -> references
   for (const SnapshotInfo& s : snaps) {
     ref(s.l1_table_offset, uint64_t(s.l1_size) * 8, "snapshot L1 table");
-    std::vector<uint64_t> t(s.l1_size);
     std::vector<std::byte> r(uint64_t(s.l1_size) * 8);
     if (!r.empty() && file->pread(r, s.l1_table_offset)) {
       ++rep->check_errors;
       continue;
     }
-    for (uint64_t i = 0; i < s.l1_size; ++i) t[i] = fmt::load64(&r[i * 8]);
-    walk(t, false);
+    for (uint64_t i = 0; i < s.l1_size; ++i)
+      if (uint64_t off = fmt::load64(&r[i * 8]) & fmt::kL1OffsetMask)
+        ++snapshot_l2[off];
   }
+  for (auto [off, times] : snapshot_l2) walk_l2(0, off, false, times);
 
   // Compare.
   uint64_t fixed_corr = 0;

@@ -1,9 +1,14 @@
 // Decompression of compressed clusters: raw deflate (compression type 0)
 // and zstd (type 1). Compressed data may be followed by unrelated bytes up
 // to the end of its last sector; decompression stops once a whole cluster
-// has been produced.
+// has been produced. Decoder memory is bounded by the cluster size: deflate
+// has a fixed 32 KiB window, and a zstd frame asking for a window larger
+// than the cluster (up to 128 MiB by default, allocated per read) is refused.
 #include <zlib.h>
 #include <zstd.h>
+
+#include <algorithm>
+#include <bit>
 
 #include "qcow2/internal.h"
 
@@ -25,9 +30,20 @@ bool inflate_raw(std::span<const std::byte> in, std::span<std::byte> out) {
   return ok;
 }
 
+// zstd's smallest window (ZSTD_WINDOWLOG_ABSOLUTEMIN, outside its stable API).
+constexpr int kZstdMinWindowLog = 10;
+
 bool zstd_decompress(std::span<const std::byte> in, std::span<std::byte> out) {
   ZSTD_DCtx* d = ZSTD_createDCtx();
   if (!d) return false;
+  // QEMU compresses one cluster in one call, so zstd sizes the window to the
+  // cluster (at least the minimum window).
+  const int window_log =
+      std::max(kZstdMinWindowLog, int(std::bit_width(out.size() - 1)));
+  if (ZSTD_isError(ZSTD_DCtx_setParameter(d, ZSTD_d_windowLogMax, window_log))) {
+    ZSTD_freeDCtx(d);
+    return false;
+  }
   ZSTD_inBuffer ib{in.data(), in.size(), 0};
   ZSTD_outBuffer ob{out.data(), out.size(), 0};
   bool ok = true;

@@ -2,6 +2,7 @@
 // the table placements; small in-place header rewrites.
 #include <algorithm>
 #include <cstdio>
+#include <unordered_set>
 
 #include "qcow2/internal.h"
 
@@ -111,7 +112,7 @@ Status Image::Impl::parse_header() {
     }
     size_t pos = 0;
     bool seen_end = false;
-    std::vector<uint32_t> seen;
+    std::unordered_set<uint32_t> seen;  // a cluster holds 2^18 extensions
     while (pos + 8 <= area.size()) {
       uint32_t type = fmt::load32(&area[pos]);
       uint32_t len = fmt::load32(&area[pos + 4]);
@@ -125,10 +126,8 @@ Status Image::Impl::parse_header() {
                                std::to_string(len) +
                                " exceeds the header area");
       const std::byte* d = &area[pos];
-      if (type != fmt::kExtFeatureTable &&
-          std::find(seen.begin(), seen.end(), type) != seen.end())
+      if (!seen.insert(type).second && type != fmt::kExtFeatureTable)
         return Status::Invalid("duplicate header extension " + hex(type));
-      seen.push_back(type);
       switch (type) {
         case fmt::kExtBackingFormat:
           h.backing_format.assign(reinterpret_cast<const char*>(d), len);

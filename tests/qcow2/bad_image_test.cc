@@ -3,6 +3,9 @@
 // without bound (run under ASan/UBSan).
 #include <gtest/gtest.h>
 
+#include <zstd.h>
+
+#include <chrono>
 #include <cstring>
 
 #include "test_util.h"
@@ -114,6 +117,76 @@ TEST_F(BadImage, EmptyFile) {
   expect_open_error("too small");
 }
 
+// A 2 MiB header cluster holds up to 262,000 (empty) header extensions; the
+// duplicate check used to compare each with all before it (minutes).
+TEST(BadHeader, HeaderClusterFullOfExtensionsOpensQuickly) {
+  TempDir d;
+  std::string path = d / "ext.qcow2";
+  run("qemu-img create -q -f qcow2 -o cluster_size=2M '" + path + "' 8M");
+  const uint64_t header_length = peek(path, 100, 4);
+  std::vector<uint8_t> area((2u << 20) - header_length);
+  for (size_t pos = 0, i = 0; pos + 8 <= area.size(); pos += 8, ++i) {
+    const std::vector<uint8_t> type = be(0x10000000 + i, 4);  // unknown, len 0
+    std::copy(type.begin(), type.end(), area.begin() + ptrdiff_t(pos));
+  }
+  patch(path, header_length, area);
+  const auto start = std::chrono::steady_clock::now();
+  auto img = open_image(path, false);
+  EXPECT_TRUE(img);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+}
+
+// 1300 snapshots, each an L1 table of 4096 entries (the same table) that
+// all point at one L2 table, in 104 KiB: check walked that L2 table 5.3
+// million times (minutes). It now walks each distinct table once.
+TEST(BadSnapshots, SnapshotsSharingOneL2TableAreCheckedQuickly) {
+  constexpr uint64_t cs = 512, snapshots = 1300, snapshot_l1_entries = 4096;
+  constexpr uint64_t l1 = 3 * cs, l2 = 4 * cs, data = 5 * cs, snapshot_l1 = 8 * cs,
+                     table = 80 * cs;
+  std::vector<std::byte> image(table + snapshots * 48 + cs);
+  auto put = [&](uint64_t off, uint64_t v, int n) {
+    for (int i = 0; i < n; ++i) image[off + i] = std::byte(v >> (8 * (n - 1 - i)));
+  };
+  put(0, 0x514649fb, 4);  // "QFI\xfb"
+  put(4, 3, 4);
+  put(20, 9, 4);          // 512-byte clusters
+  put(24, 65536, 8);      // virtual size
+  put(36, 2, 4);          // L1 entries
+  put(40, l1, 8);
+  put(48, cs, 8);         // refcount table: one cluster at cluster 1
+  put(56, 1, 4);
+  put(60, snapshots, 4);
+  put(64, table, 8);
+  put(96, 4, 4);          // 16-bit refcounts
+  put(100, 104, 4);       // header length
+  put(cs, 2 * cs, 8);     // refcount block at cluster 2
+  for (uint64_t c = 0; c < image.size() / cs; ++c) put(2 * cs + 2 * c, 1, 2);
+  put(l1, l2 | (1ull << 63), 8);
+  for (uint64_t k = 0; k < 64; ++k) put(l2 + 8 * k, data | (1ull << 63), 8);
+  for (uint64_t i = 0; i < snapshot_l1_entries; ++i) put(snapshot_l1 + 8 * i, l2, 8);
+  for (uint64_t s = 0, pos = table; s < snapshots; ++s, pos += 48) {
+    put(pos, snapshot_l1, 8);
+    put(pos + 8, snapshot_l1_entries, 4);
+    put(pos + 12, 4, 2);  // id "%04u"
+    const std::string id = std::to_string(1000 + s);
+    std::memcpy(&image[pos + 40], id.data(), 4);
+  }
+  auto file = std::shared_ptr<File>(make_memory_file());
+  ASSERT_FALSE(file->pwrite(image, 0));
+  std::unique_ptr<Image> img;
+  OpenOptions o;
+  o.read_only = true;
+  ASSERT_TRUE(Image::open(file, o, &img).ok());
+  ASSERT_EQ(img->snapshots().size(), snapshots);
+  const auto start = std::chrono::steady_clock::now();
+  CheckReport report;
+  ASSERT_TRUE(img->check(Repair::None, &report).ok());
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+  // References still count one by one: the shared clusters' refcounts of 1
+  // are far too low.
+  EXPECT_GT(report.corruptions, 0u);
+}
+
 // --- Corruption found during I/O -----------------------------------------
 
 TEST_F(BadImage, L2BeyondEofFailsReadAndMarksCorrupt) {
@@ -156,6 +229,42 @@ TEST_F(BadImage, GarbageCompressedClusterFailsWithEio) {
   auto img = open_image(path_, false);
   std::vector<std::byte> buf(4096);
   EXPECT_EQ(img->read(0, buf, zero_below()), std::make_error_code(std::errc::io_error));
+}
+
+// A zstd frame may ask for a window of up to 128 MiB (the library's default
+// limit), which the decoder would allocate for every read of the cluster.
+// A cluster never needs a window larger than itself: such a frame is corrupt.
+TEST(BadCompressedImage, ZstdWindowLargerThanTheClusterIsCorrupt) {
+  TempDir d;
+  std::string raw = d / "src.raw", path = d / "c.qcow2";
+  run("qemu-img create -q -f raw '" + raw + "' 1M");
+  run("qemu-io -f raw '" + raw + "' -c 'write -P 0x5a 0 64k'");
+  run("qemu-img convert -c -O qcow2 -o compression_type=zstd '" + raw + "' '" + path + "'");
+  // Recompress cluster 0 with a 128 MiB window and no content size, append
+  // the frame to the file and point the L2 entry at it.
+  std::vector<std::byte> data(65536, std::byte{0x5a}), frame(ZSTD_compressBound(65536));
+  ZSTD_CCtx* cctx = ZSTD_createCCtx();
+  ZSTD_CCtx_setParameter(cctx, ZSTD_c_windowLog, 27);
+  ZSTD_CCtx_setParameter(cctx, ZSTD_c_contentSizeFlag, 0);
+  ZSTD_inBuffer in{data.data(), data.size(), 0};
+  ZSTD_outBuffer out{frame.data(), frame.size(), 0};
+  ASSERT_FALSE(ZSTD_isError(ZSTD_compressStream2(cctx, &out, &in, ZSTD_e_continue)));
+  ASSERT_EQ(ZSTD_compressStream2(cctx, &out, &in, ZSTD_e_end), 0u);
+  ZSTD_freeCCtx(cctx);
+  ASSERT_LE(out.pos, 512u);
+  const uint64_t frame_at = std::filesystem::file_size(path);
+  std::vector<uint8_t> frame_bytes(512, 0);
+  std::memcpy(frame_bytes.data(), frame.data(), out.pos);
+  patch(path, frame_at, frame_bytes);
+  const uint64_t l2 = peek(path, peek(path, 40, 8), 8) & 0x00fffffffffffe00ull;
+  ASSERT_NE(peek(path, l2, 8) & (1ull << 62), 0u) << "cluster 0 not compressed";
+  patch64(path, l2, (1ull << 62) | frame_at);  // one sector at frame_at
+
+  auto img = open_image(path, false);
+  ASSERT_TRUE(img);
+  std::vector<std::byte> buf(4096);
+  EXPECT_EQ(img->read(0, buf, zero_below()), std::make_error_code(std::errc::io_error));
+  EXPECT_TRUE(img->corrupt());
 }
 
 TEST_F(BadImage, RefcountBlockBeyondEofFailsAllocation) {
