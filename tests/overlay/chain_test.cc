@@ -271,7 +271,11 @@ TEST_P(ChainTest, BlockStatusMatchesQemuMap) {
         ASSERT_GT(e.length, 0u);
         const uint64_t len = std::min(e.length, q.start + q.length - pos);
         const uint32_t want_depth = q.present ? static_cast<uint32_t>(q.depth + 1) : 0;
-        if (e.depth != want_depth && reported++ < 5)
+        // Zeros past the end of a shorter backing image: qemu-img map calls
+        // them not present, qemu-nbd -A (whose numbers layerd reports, see
+        // AllocationDepthMatchesQemuNbd) counts them at that image's depth.
+        const bool past_short_backing = !q.present && e.hole && e.zero;
+        if (e.depth != want_depth && !past_short_backing && reported++ < 5)
           ADD_FAILURE() << "[" << pos << ", +" << len << "): depth " << e.depth
                         << ", qemu-img map says " << (q.present ? "" : "not ") << "present at depth "
                         << q.depth << " (want " << want_depth << ")";
