@@ -107,7 +107,7 @@ bool open_chain_nodes(const std::string& path, ImageFormat format,
     NodeOptions no;
     no.writable = top && !options.read_only && options.snapshot.empty();
     no.backing = !top || (options.under_overlay && options.snapshot.empty());
-    no.named_by = top ? "a throwaway overlay" : named_by;
+    no.named_by = !top ? named_by : no.backing ? "a throwaway overlay" : "";
     no.direct = options.direct;
     no.l2_cache_bytes = options.l2_cache_bytes;
     no.allow_data_files = options.allow_data_files;
