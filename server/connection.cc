@@ -69,6 +69,16 @@ bool all_zero(std::span<const std::byte> data) {
 
 iovec iov_of(const void* p, size_t n) { return {const_cast<void*>(p), n}; }
 
+// Whether `data` holds an aligned block of zeros, the smallest zero range
+// a qcow2 image can record (512-byte clusters). Real data almost always
+// fails the first word of each block, so this costs little.
+bool has_zero_block(std::span<const std::byte> data) {
+  constexpr size_t kBlock = 512;
+  for (size_t at = 0; at + kBlock <= data.size(); at += kBlock)
+    if (all_zero(data.subspan(at, kBlock))) return true;
+  return false;
+}
+
 bool offers(const Export& e, const MetaContext& c) {
   return c.name != kAllocationDepthContext || e.policy.allocation_depth;
 }
@@ -435,7 +445,10 @@ bool Connection::try_read_inline(const nbd::RequestHeader& r) {
                                  ? nbd::kStructuredChunkHeaderSize + 8
                                  : nbd::kSimpleReplySize;
   std::span<std::byte> reply = sender_.hold_space(header_size + r.length);
-  if (layer_->try_read_nowait(r.offset, reply.subspan(header_size))) {
+  if (layer_->try_read_nowait(r.offset, reply.subspan(header_size)) ||
+      (sends_holes(r) && has_zero_block(reply.subspan(header_size)))) {
+    // Not cached, or a range that may hold zero clusters: a worker serves
+    // it, sending zero ranges as holes (serve_sparse_read).
     sender_.drop_held();
     return false;
   }
@@ -627,10 +640,13 @@ std::error_code Connection::serve_write_zeroes(const nbd::RequestHeader& r) {
   return layer_->write_zeroes(r.offset, r.length, f);
 }
 
+bool Connection::sends_holes(const nbd::RequestHeader& r) const {
+  return state_.structured_replies && !(r.flags & nbd::kCmdFlagDf) && r.length > 0 &&
+         layer_->capabilities().cheap_block_status;
+}
+
 void Connection::serve_read(const nbd::RequestHeader& r) {
-  if (state_.structured_replies && !(r.flags & nbd::kCmdFlagDf) &&
-      r.length > 0 && layer_->capabilities().cheap_block_status)
-    return serve_sparse_read(r);
+  if (sends_holes(r)) return serve_sparse_read(r);
   std::span<std::byte> data = read_scratch(r.length);
   std::error_code ec = layer_->read(r.offset, data);
   if (!state_.structured_replies) {

@@ -104,6 +104,8 @@ class Connection : public std::enable_shared_from_this<Connection>,
   void flush_held_replies();
   // The same once enough replies or bytes are held.
   void flush_held_replies_if_full();
+  // Whether a READ is answered with zero ranges as hole chunks.
+  bool sends_holes(const nbd::RequestHeader& r) const;
   void serve_read(const nbd::RequestHeader& r);
   void serve_sparse_read(const nbd::RequestHeader& r);
   void serve_block_status(const nbd::RequestHeader& r);

@@ -160,6 +160,35 @@ TEST_F(ChainServing, ZeroRangesOfAReadTravelAsHoleChunks) {
   EXPECT_TRUE(all_zero(data));
 }
 
+TEST_F(ChainServing, ZeroRangesAreHoleChunksOnEveryReadNotOnlyTheFirst) {
+  ASSERT_NO_FATAL_FAILURE(make_three_deep_chain());
+  ASSERT_TRUE(start({"-f", "qcow2"}, top()));
+  Nbd h = nbd_connect_to_unix(socket());
+  ASSERT_TRUE(h);
+  std::vector<uint8_t> data;
+  // Small reads (the size served from the page cache on the loop thread)
+  // of a zero-cluster range, a range with no data anywhere, and one half
+  // zero, half data; each twice, so the second finds everything cached.
+  for (int round = 0; round < 2; ++round) {
+    SCOPED_TRACE(round);
+    auto chunks = structured_read(h.get(), 0, 64 << 10, 0, &data);
+    ASSERT_EQ(chunks.size(), 1u);
+    EXPECT_EQ(chunks[0].status, LIBNBD_READ_HOLE);
+    chunks = structured_read(h.get(), 14 << 20, 32 << 10, 0, &data);
+    ASSERT_EQ(chunks.size(), 1u);
+    EXPECT_EQ(chunks[0].status, LIBNBD_READ_HOLE);
+    chunks = structured_read(h.get(), (1 << 20) - (32 << 10), 64 << 10, 0, &data);
+    ASSERT_EQ(chunks.size(), 2u);
+    EXPECT_EQ(chunks[0].status, LIBNBD_READ_HOLE);
+    EXPECT_EQ(chunks[1].status, LIBNBD_READ_DATA);
+    EXPECT_EQ(data[40 << 10], 0x11);
+    // Data reads stay one chunk.
+    chunks = structured_read(h.get(), 2 << 20, 64 << 10, 0, &data);
+    ASSERT_EQ(chunks.size(), 1u);
+    EXPECT_EQ(chunks[0].status, LIBNBD_READ_DATA);
+  }
+}
+
 TEST_F(ChainServing, DontFragmentReadsComeAsOneDataChunk) {
   ASSERT_NO_FATAL_FAILURE(make_three_deep_chain());
   ASSERT_TRUE(start({"-f", "qcow2"}, top()));
