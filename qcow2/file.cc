@@ -442,6 +442,19 @@ std::string LockConflict::qemu_message() const {
          permission_name(permission) + "\" lock";
 }
 
+bool all_zero(std::span<const std::byte> data) {
+  const std::byte* p = data.data();
+  size_t n = data.size();
+  for (; n >= 8; p += 8, n -= 8) {
+    uint64_t w;
+    std::memcpy(&w, p, 8);
+    if (w) return false;
+  }
+  for (; n; ++p, --n)
+    if (*p != std::byte{0}) return false;
+  return true;
+}
+
 std::unique_ptr<File> make_memory_file(uint64_t initial_size) {
   return std::make_unique<MemoryFile>(initial_size);
 }

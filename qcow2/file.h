@@ -151,6 +151,10 @@ std::unique_ptr<File> open_temp_file(const std::string& dir, int* fd,
 // exists, and with ENOENT for files that were not made with O_TMPFILE.
 std::error_code link_temp_file(int fd, const std::string& path);
 
+// True if every byte of `data` is zero: zero detection before a write
+// (zero clusters, --detect-zeroes, hole chunks), shared by every layer.
+bool all_zero(std::span<const std::byte> data);
+
 // A growable file held in memory, for tests.
 std::unique_ptr<File> make_memory_file(uint64_t initial_size = 0);
 

@@ -43,19 +43,6 @@ class Coalescer {
   uint64_t len_ = 0;
 };
 
-bool all_zero(std::span<const std::byte> data) {
-  const std::byte* p = data.data();
-  size_t n = data.size();
-  for (; n >= 8; p += 8, n -= 8) {
-    uint64_t w;
-    std::memcpy(&w, p, 8);
-    if (w) return false;
-  }
-  for (; n; ++p, --n)
-    if (*p != std::byte{0}) return false;
-  return true;
-}
-
 uint32_t unit_mask(uint32_t u0, uint32_t u1) {  // units [u0, u1)
   uint64_t m = ((1ull << (u1 - u0)) - 1) << u0;
   return static_cast<uint32_t>(m);

@@ -18,6 +18,7 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
 
+#include "qcow2/file.h"
 #include "server/log.h"
 
 namespace layerd {
@@ -53,19 +54,6 @@ constexpr size_t kMaxHeldReplies = 32;
 constexpr size_t kMaxHeldBytes = 256 * 1024;
 
 size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
-
-bool all_zero(std::span<const std::byte> data) {
-  const std::byte* p = data.data();
-  size_t n = data.size();
-  for (; n >= 8; p += 8, n -= 8) {
-    uint64_t w;
-    std::memcpy(&w, p, 8);
-    if (w) return false;
-  }
-  for (; n; ++p, --n)
-    if (*p != std::byte{0}) return false;
-  return true;
-}
 
 iovec iov_of(const void* p, size_t n) { return {const_cast<void*>(p), n}; }
 
