@@ -14,6 +14,13 @@ int cmd_info(int argc, char** argv);
 int cmd_map(int argc, char** argv);
 int cmd_check(int argc, char** argv);
 
+// The live commands (live.cc) on a running server's QMP socket: snapshot,
+// commit, stream, jobs, cancel, complete, pause, resume, speed, dismiss,
+// wait, exports, info. `qmp_path` is the socket given before the command
+// ("" if none; the command's own --qmp then names it).
+bool is_live_command(const std::string& name);
+int cmd_live(const std::string& qmp_path, int argc, char** argv);
+
 // Shared getopt handling: resets getopt for a new parse, and turns
 // getopt's '?' and ':' results into usage errors.
 void reset_getopt();

@@ -5,6 +5,7 @@
 //   layerctl info    (layerctl_info.cc)
 //   layerctl map     (layerctl_map.cc)
 //   layerctl check   (layerctl_check.cc)
+//   layerctl --qmp PATH snapshot|commit|stream|jobs|... (live.cc, over QMP)
 #include <cstdio>
 #include <cstring>
 #include <exception>
@@ -44,6 +45,7 @@ constexpr const char* kHelp =
     "layerctl version " LAYERD_VERSION
     " - the image tool of layerd (qemu-img compatible subset)\n"
     "usage: layerctl [--help | --version] COMMAND [command options]\n"
+    "       layerctl --qmp PATH LIVE_COMMAND [command options]\n"
     "\n"
     "Commands:\n"
     "  create [-q] [-f FMT] [-b BACKING_FILE -F BACKING_FMT] [-u] [-o OPTIONS]\n"
@@ -56,6 +58,19 @@ constexpr const char* kHelp =
     "FMT is raw or qcow2. OFMT is human or json. SIZE takes the suffixes\n"
     "k, M, G, T, P, E (powers of 1024). 'layerctl COMMAND --help' describes\n"
     "a command.\n"
+    "\n"
+    "Live commands, on a running layerd (or qemu-storage-daemon) through its\n"
+    "QMP socket PATH ('layerctl --qmp PATH jobs' or 'layerctl jobs --qmp PATH'):\n"
+    "  snapshot [--format=qcow2] [--node-name=NAME] DEVICE NEW_FILE\n"
+    "  commit   [--top=FILE | --active] [--base=FILE] [--empty] [--speed=N]\n"
+    "           [--job-id=ID] [--wait] DEVICE\n"
+    "  stream   [--base=FILE] [--speed=N] [--job-id=ID] [--wait] DEVICE\n"
+    "  jobs | exports | info [DEVICE]\n"
+    "  cancel [--force] [--wait] JOB | complete JOB | pause JOB | resume JOB\n"
+    "  speed JOB BYTES_PER_S | dismiss JOB | wait JOB\n"
+    "All take --output=OFMT. They exit with 0 on success, 1 when a job failed,\n"
+    "2 when it was cancelled, 3 when the server refused a command or the QMP\n"
+    "connection broke. 'layerctl --qmp PATH jobs --help' tells more.\n"
     "\n"
     "check exits with 0 when the image is clean, 1 when the check could not\n"
     "be completed, 2 when corruptions were found, 3 when only leaked clusters\n"
@@ -71,6 +86,34 @@ int run(int argc, char** argv) {
   if (cmd == "--version" || cmd == "-V") {
     fmt::print("layerctl version {}\n", LAYERD_VERSION);
     return 0;
+  }
+  // --qmp PATH before the command: a live command on that socket.
+  int i = 1;
+  std::string qmp;
+  while (i < argc) {
+    std::string a = argv[i];
+    if (a == "--qmp") {
+      if (i + 1 >= argc) usage_error("option '--qmp' requires an argument");
+      qmp = argv[i + 1];
+      i += 2;
+    } else if (a.rfind("--qmp=", 0) == 0) {
+      qmp = a.substr(6);
+      i += 1;
+    } else {
+      break;
+    }
+  }
+  if (i > 1) {
+    if (i >= argc) usage_error("Not enough arguments");
+    if (qmp.empty()) usage_error("--qmp needs the path of a QMP socket");
+    return cmd_live(qmp, argc - i, argv + i);
+  }
+  // `info` is both an image command and a live one: --qmp anywhere (before
+  // a "--") makes it the live one.
+  if (is_live_command(cmd) && cmd != "info") return cmd_live("", argc - 1, argv + 1);
+  if (cmd == "info") {
+    for (int k = 2; k < argc && std::strcmp(argv[k], "--") != 0; ++k)
+      if (std::strncmp(argv[k], "--qmp", 5) == 0) return cmd_live("", argc - 1, argv + 1);
   }
   // Each command parses argv[1..]: argv[1] (the command) plays argv[0].
   if (cmd == "create") return cmd_create(argc - 1, argv + 1);
