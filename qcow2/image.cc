@@ -45,6 +45,61 @@ std::error_code Image::close() {
   return {};
 }
 
+// What a read-write open does beyond a read-only one, for Image::open and
+// reopen_read_write: drop unknown autoclear bits, repair a dirty image,
+// start recording the dirty bitmaps. mu is held exclusively (or the Image
+// is not shared yet), the image is writable and not corrupt.
+Status Image::Impl::finish_writable_open() {
+  if (h.version >= 3) {
+    uint64_t keep = h.autoclear_features &
+                    (fmt::kAutoclearDataFileRaw |
+                     (bitmaps_valid ? fmt::kAutoclearBitmaps : 0));
+    if (keep != h.autoclear_features) {
+      if (auto ec = write_header_u64(fmt::kOffAutoclear, keep))
+        return Status::IoError(ec, "clearing autoclear features");
+      if (auto ec = file->flush()) return Status::IoError(ec, "flush");
+      h.autoclear_features = keep;
+    }
+  }
+  // Repair on open (see "Dirty bit" in image.h). A v3 image is dirty when
+  // a writer was killed (or lost its machine) while it had the image open:
+  // with our flush ordering that leaves leaks only, with lazy refcounts
+  // (ours or QEMU's) refcounts may also be too low, and a kill in the
+  // middle of taking or deleting a snapshot leaves COPIED flags that
+  // disagree with the refcounts once the leaks are gone. Repair::All fixes
+  // all of these; since raising a too-low refcount and correcting COPIED
+  // flags to match the refcounts are always safe, it is used whoever set
+  // the bit (QEMU repairs a dirty image it opens read-write the same way).
+  // A v2 image cannot record dirtiness, so every read-write open scans it.
+  if (opts.repair_dirty_on_open &&
+      (dirty_bit || h.version == 2)) {
+    const bool v2 = h.version == 2;
+    CheckReport rep;
+    Status st = check_locked(Repair::All, &rep);
+    // v2: the scan is a precaution; an image too large to scan opens as
+    // it did before.
+    if (!st.ok() && !(v2 && st.code() == std::errc::not_supported))
+      return Status(st.code(), (v2 ? "scanning v2 image for leaks: "
+                                   : "repairing dirty image: ") +
+                                   st.message());
+    if (!v2 && rep.check_errors)
+      return Status(std::make_error_code(std::errc::io_error),
+                    "could not repair dirty image: " +
+                        std::to_string(rep.check_errors) + " check errors");
+    // Left set (and not ours) if corruption remains that could not be
+    // fixed, so that the next read-write open tries again.
+    if (dirty_bit && dirty_set_by_us) {
+      if (auto ec = set_incompat_bit(fmt::kIncompatDirty, false))
+        return Status::IoError(ec, "clearing the dirty bit");
+      dirty_bit = false;
+      dirty_set_by_us = false;
+    }
+  }
+  if (auto ec = start_recording_bitmaps())
+    return Status::IoError(ec, "marking the dirty bitmaps in use");
+  return Status::Ok();
+}
+
 Status Image::open(std::shared_ptr<File> file, const OpenOptions& options,
                    std::unique_ptr<Image>* out) {
   out->reset();
@@ -67,7 +122,6 @@ Status Image::open(std::shared_ptr<File> file, const OpenOptions& options,
     I.data_file = file;
   }
   if (Status st = I.load_tables(); !st.ok()) return st;
-  const bool writable = !I.ro && !I.corrupt;
   // Bitmaps QEMU would refuse (it then refuses the image) are left alone:
   // no read-write open (not even of a corrupt image, which a repairing
   // check could make writable), so no write can leave them stale.
@@ -78,57 +132,65 @@ Status Image::open(std::shared_ptr<File> file, const OpenOptions& options,
                                    "read-only to read it)");
     I.bitmaps_status = std::move(st);
   }
-  if (writable && I.h.version >= 3) {
-    uint64_t keep = I.h.autoclear_features &
-                    (fmt::kAutoclearDataFileRaw |
-                     (I.bitmaps_valid ? fmt::kAutoclearBitmaps : 0));
-    if (keep != I.h.autoclear_features) {
-      if (auto ec = I.write_header_u64(fmt::kOffAutoclear, keep))
-        return Status::IoError(ec, "clearing autoclear features");
-      if (auto ec = file->flush()) return Status::IoError(ec, "flush");
-      I.h.autoclear_features = keep;
-    }
-  }
-  // Repair on open (see "Dirty bit" in image.h). A v3 image is dirty when
-  // a writer was killed (or lost its machine) while it had the image open:
-  // with our flush ordering that leaves leaks only, with lazy refcounts
-  // (ours or QEMU's) refcounts may also be too low, and a kill in the
-  // middle of taking or deleting a snapshot leaves COPIED flags that
-  // disagree with the refcounts once the leaks are gone. Repair::All fixes
-  // all of these; since raising a too-low refcount and correcting COPIED
-  // flags to match the refcounts are always safe, it is used whoever set
-  // the bit (QEMU repairs a dirty image it opens read-write the same way).
-  // A v2 image cannot record dirtiness, so every read-write open scans it.
-  if (!I.ro && !I.corrupt && options.repair_dirty_on_open &&
-      (I.dirty_bit || I.h.version == 2)) {
-    const bool v2 = I.h.version == 2;
-    CheckReport rep;
+  if (!I.ro && !I.corrupt) {
     std::unique_lock lk(I.mu);
-    Status st = I.check_locked(Repair::All, &rep);
-    // v2: the scan is a precaution; an image too large to scan opens as
-    // it did before.
-    if (!st.ok() && !(v2 && st.code() == std::errc::not_supported))
-      return Status(st.code(), (v2 ? "scanning v2 image for leaks: "
-                                   : "repairing dirty image: ") +
-                                   st.message());
-    if (!v2 && rep.check_errors)
-      return Status(std::make_error_code(std::errc::io_error),
-                    "could not repair dirty image: " +
-                        std::to_string(rep.check_errors) + " check errors");
-    // Left set (and not ours) if corruption remains that could not be
-    // fixed, so that the next read-write open tries again.
-    if (I.dirty_bit && I.dirty_set_by_us) {
-      if (auto ec = I.set_incompat_bit(fmt::kIncompatDirty, false))
-        return Status::IoError(ec, "clearing the dirty bit");
-      I.dirty_bit = false;
-      I.dirty_set_by_us = false;
-    }
-  }
-  if (writable) {
-    if (auto ec = I.start_recording_bitmaps())
-      return Status::IoError(ec, "marking the dirty bitmaps in use");
+    if (Status st = I.finish_writable_open(); !st.ok()) return st;
   }
   out->reset(new Image(std::move(impl)));
+  return Status::Ok();
+}
+
+Status Image::reopen_read_write() {
+  Impl& I = *impl_;
+  if (I.is_view) return Status::Invalid("a snapshot view cannot be made writable");
+  std::unique_lock lk(I.mu);
+  if (!I.ro) return Status::Ok();
+  if (I.closed) return Status::Invalid("image is closed");
+  if (!I.file->writable() || (I.external && !I.data_file->writable()))
+    return Status::Invalid(
+        "reopen the file(s) read-write before the image (File::reopen)");
+  if (I.corrupt)
+    return Status::Invalid("image is corrupt: it stays read-only");
+  if (!I.bitmaps_status.ok())
+    return Status::Invalid("unusable persistent bitmaps (" +
+                           I.bitmaps_status.message() +
+                           "): the image stays read-only");
+  // Writes that pass the early ro check now wait for mu; the steps below
+  // need ro clear (they write), and run before any of those writes.
+  I.ro = false;
+  I.write_started = false;
+  if (Status st = I.finish_writable_open(); !st.ok()) {
+    // Read-only again; what was done is crash-safe on its own (a dirty bit
+    // left set is repaired by the next read-write open).
+    I.ro = true;
+    return st;
+  }
+  return Status::Ok();
+}
+
+Status Image::reopen_read_only() {
+  Impl& I = *impl_;
+  if (I.is_view) return Status::Ok();
+  std::unique_lock lk(I.mu);
+  I.inflight_cv.wait(lk, [&] { return I.inflight.empty(); });
+  if (I.ro || I.closed) return Status::Ok();
+  // close() without closing. Whatever happens, nothing is written after
+  // this call: the image is read-only from here on (on an error the dirty
+  // bit and in-use bitmaps may stay set, as after a failed close()).
+  struct MakeReadOnly {
+    Impl& I;
+    ~MakeReadOnly() { I.ro = true; }
+  } make_read_only{I};
+  if (I.corrupt) return Status::IoError(eio(), "image is corrupt");
+  if (auto ec = I.store_bitmaps()) return Status::IoError(ec, "storing the dirty bitmaps");
+  if (auto ec = I.flush_locked(true)) return Status::IoError(ec, "flush");
+  if (I.dirty_bit && I.dirty_set_by_us) {
+    if (auto ec = I.set_incompat_bit(fmt::kIncompatDirty, false))
+      return Status::IoError(ec, "clearing the dirty bit");
+    I.dirty_bit = false;
+    I.dirty_set_by_us = false;
+  }
+  I.write_started = false;
   return Status::Ok();
 }
 
@@ -225,11 +287,15 @@ std::error_code Image::write(uint64_t offset, std::span<const std::byte> data,
   if (I.ro || I.is_view)
     return std::make_error_code(std::errc::operation_not_permitted);
   if (data.empty()) return {};
-  I.note_guest_change(offset, data.size());
   std::error_code ec;
   bool done = false;
   {
+    // The bitmaps are marked under the lock (shared is enough: bits are
+    // set atomically), so that the set of recording bitmaps, which the
+    // reopen calls change under the exclusive lock, holds still.
     std::shared_lock lk(I.mu);
+    if (I.ro) return std::make_error_code(std::errc::operation_not_permitted);
+    I.note_guest_change(offset, data.size());
     bool nl = false;
     uint64_t li;
     done = I.try_write_in_place(offset, data, &ec, &nl, &li);
@@ -241,6 +307,7 @@ std::error_code Image::write(uint64_t offset, std::span<const std::byte> data,
     uint64_t first = offset >> I.cb, last = (offset + data.size() - 1) >> I.cb;
     std::unique_lock<WriterPreferringMutex> lk;
     if ((ec = I.lock_for_change(lk, first, last))) return ec;
+    I.note_guest_change(offset, data.size());  // again: a reopen may be between
     std::vector<ClusterPlan> plans;
     if ((ec = I.plan_write(offset, data, &plans))) return ec;
     ec = I.execute_and_apply(lk, first, last, plans, below);

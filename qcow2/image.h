@@ -304,10 +304,44 @@ class Image {
   Image(const Image&) = delete;
   Image& operator=(const Image&) = delete;
 
+  // --- Reopening in place (live jobs) -------------------------------------
+  // Makes a read-only Image (not a snapshot view) writable in place,
+  // keeping its caches; reads on other threads go on meanwhile. The caller
+  // reopens the File(s) read-write first (File::reopen): Invalid if
+  // file()->writable() (or the data file's) is false. Does what a
+  // read-write open does beyond a read-only one: clears unknown autoclear
+  // bits, repairs a dirty image (when OpenOptions::repair_dirty_on_open)
+  // and starts recording the persistent dirty bitmaps. Refuses, leaving
+  // the image read-only, when it is corrupt or bitmaps_status() is not ok.
+  // Ok without doing anything if it is writable already.
+  Status reopen_read_write();
+  // The reverse: what close() does (bitmaps written back, everything
+  // flushed, the dirty bit cleared if ours), then the image is read-only
+  // but stays open: reads go on, reopen_read_write() may follow. Waits for
+  // in-flight allocating writes; the caller sees to it that no other write
+  // is started meanwhile (those fail with EPERM once it returns). On an
+  // error the image is read-only all the same, left as after a failed
+  // close(). Afterwards the caller may reopen the File read-only.
+  Status reopen_read_only();
+
+  // Rewrites the backing file name and the backing format extension in
+  // one crash-safe header write (synced), as QEMU's
+  // qcow2_change_backing_file: every other extension is kept as it was.
+  // An empty `format` drops the extension; an empty `name` leaves the image
+  // without a backing file (then `format` must be empty too). Invalid when
+  // the image is read-only, or "backing file name too long" when the
+  // header would not fit in the first cluster (nothing is written then).
+  // What lies below is the caller's business: the Image reads nothing of
+  // it. backing_file(), backing_format() and info() report the new names
+  // afterwards; do not call them concurrently with this.
+  Status change_backing_file(const std::string& name, const std::string& format);
+
   // --- Header facts ------------------------------------------------------
   // Fixed at open, except the refcount table placement in info() (which
-  // moves when the table grows) and the dirty/corrupt state (use dirty()
-  // and corrupt(), which are safe to call concurrently).
+  // moves when the table grows), the backing file name and format
+  // (change_backing_file), the virtual size and L1 placement (grow) and
+  // the table placements (make_empty), and the dirty/corrupt state (use
+  // dirty() and corrupt(), which are safe to call concurrently).
   const HeaderInfo& info() const;
   uint64_t size() const;
   uint32_t cluster_size() const;

@@ -108,7 +108,10 @@ struct Image::Impl {
   uint32_t bitmaps_ext_reserved = 0;
   uint64_t bitmaps_ext_offset = 0;  // file offset of the extension's data
   bool is_view = false;  // snapshot view: read-only, foreign L1
-  bool ro = false;
+  // Read-only (read-only open, or reopen_read_only): changed only by the
+  // reopen calls, under mu held exclusively; read without it by the
+  // public calls' early checks.
+  std::atomic<bool> ro{false};
   bool external = false;  // external data file
   std::atomic<bool> corrupt{false};
   std::atomic<bool> dirty_bit{false};
@@ -199,10 +202,18 @@ struct Image::Impl {
       const std::function<void(uint64_t, uint64_t, const char*)>& ref,
       const std::function<void(std::string)>& corruption);
 
+  // --- image.cc ------------------------------------------------------------
+  // The steps of a read-write open beyond a read-only one (autoclear bits,
+  // dirty repair, bitmaps in use); mu held exclusively, ro clear.
+  Status finish_writable_open();
+
   // --- header.cc -----------------------------------------------------------
   Status parse_header();
   Status load_tables();
   std::error_code write_header_u64(size_t off, uint64_t v);
+  // Rewrites the first cluster with a new backing file name and format
+  // (empty: none) in one write; see Image::change_backing_file.
+  Status rewrite_backing(const std::string& name, const std::string& format);
   std::error_code set_incompat_bit(uint64_t bit, bool on);
   // The dirty bit protocol (see image.h): sets the dirty bit, durably,
   // before this Image's first metadata change (called by begin_write and
