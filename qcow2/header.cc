@@ -2,6 +2,7 @@
 // the table placements; small in-place header rewrites.
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <unordered_set>
 
 #include "qcow2/internal.h"
@@ -400,6 +401,71 @@ std::error_code Image::Impl::check_data_write(uint64_t off, uint64_t len) {
   return {};
 }
 
+// One crash-safe step, as QEMU's qcow2_update_header: the whole first
+// cluster is built in memory from what is on disk (the header fields as
+// they are, every extension but the backing format kept byte for byte,
+// unknown ones included, in their order), with the new backing format
+// extension first and the new name after the end marker, and written with
+// one pwrite. A torn write could only mix old and new bytes of the first
+// cluster's sectors; the fields that decide what is read (name offset and
+// length at bytes 8-20) share the first sector with the rest of the header.
+Status Image::Impl::rewrite_backing(const std::string& name,
+                                    const std::string& format) {
+  std::lock_guard lk(hdr_mu);
+  std::vector<std::byte> old(cs), out(cs);
+  if (auto ec = file->pread(old, 0))
+    return Status::IoError(ec, "reading the header");
+  const uint64_t hl = h.header_length;
+  const uint64_t old_backing = fmt::load64(&old[fmt::kOffBackingOffset]);
+  const uint64_t ext_end = old_backing ? old_backing : cs;
+  std::copy(old.begin(), old.begin() + static_cast<ptrdiff_t>(hl), out.begin());
+  uint64_t pos = hl;
+  const auto too_long = [] { return Status::Invalid("backing file name too long"); };
+  auto put = [&](uint32_t type, const std::byte* data, uint32_t len) {
+    uint64_t padded = fmt::round_up(len, 8);
+    if (pos + 8 + padded > cs) return false;
+    fmt::store32(&out[pos], type);
+    fmt::store32(&out[pos + 4], len);
+    if (len) std::memcpy(&out[pos + 8], data, len);
+    pos += 8 + padded;
+    return true;
+  };
+  if (!format.empty() &&
+      !put(fmt::kExtBackingFormat, reinterpret_cast<const std::byte*>(format.data()),
+           static_cast<uint32_t>(format.size())))
+    return too_long();
+  uint64_t new_bitmaps_ext = bitmaps_ext_offset;
+  for (uint64_t p = hl; p + 8 <= ext_end;) {
+    uint32_t type = fmt::load32(&old[p]);
+    uint32_t len = fmt::load32(&old[p + 4]);
+    if (type == fmt::kExtEnd) break;
+    if (len > ext_end - p - 8) return Status::Invalid("header extension too long");
+    if (type != fmt::kExtBackingFormat) {
+      if (type == fmt::kExtBitmaps) new_bitmaps_ext = pos + 8;
+      if (!put(type, &old[p + 8], len)) return too_long();
+    }
+    p += 8 + fmt::round_up(len, 8);
+  }
+  if (!put(fmt::kExtEnd, nullptr, 0)) return too_long();
+  if (!name.empty()) {
+    if (name.size() > fmt::kMaxBackingNameLength || pos + name.size() > cs)
+      return too_long();
+    std::memcpy(&out[pos], name.data(), name.size());
+    fmt::store64(&out[fmt::kOffBackingOffset], pos);
+    fmt::store32(&out[fmt::kOffBackingSize], static_cast<uint32_t>(name.size()));
+  } else {
+    fmt::store64(&out[fmt::kOffBackingOffset], 0);
+    fmt::store32(&out[fmt::kOffBackingSize], 0);
+  }
+  if (auto ec = file->pwrite(out, 0))
+    return Status::IoError(ec, "writing the header");
+  if (auto ec = file->flush()) return Status::IoError(ec, "flush");
+  h.backing_file = name;
+  h.backing_format = format;
+  bitmaps_ext_offset = new_bitmaps_ext;
+  return Status::Ok();
+}
+
 std::error_code Image::Impl::write_header_u64(size_t off, uint64_t v) {
   std::byte b[8];
   fmt::store64(b, v);
@@ -424,6 +490,20 @@ std::error_code Image::Impl::mark_dirty() {
   dirty_bit = true;
   dirty_set_by_us = true;
   return {};
+}
+
+Status Image::change_backing_file(const std::string& name,
+                                  const std::string& format) {
+  Impl& I = *impl_;
+  if (I.is_view || I.ro)
+    return Status::Invalid("changing the backing file needs a writable image");
+  if (name.empty() && !format.empty())
+    return Status::Invalid("a backing format needs a backing file name");
+  if (name.size() > fmt::kMaxBackingNameLength)
+    return Status::Invalid("backing file name too long");
+  std::unique_lock lk(I.mu);
+  if (I.corrupt) return Status::IoError(eio(), "image is corrupt");
+  return I.rewrite_backing(name, format);
 }
 
 std::error_code Image::Impl::mark_corrupt(const std::string& why) {
