@@ -72,6 +72,15 @@ class OfdLocks {
  public:
   explicit OfdLocks(int fd) : fd_(fd) {}
 
+  // Runs `f(fd)` with the descriptor the locks live on, with no lock
+  // change in progress; `f` may return another descriptor of the same
+  // open file description to use from then on (or the same one).
+  template <typename F>
+  std::error_code with_fd(F&& f) {
+    std::lock_guard guard(mutex_);
+    return f(fd_);
+  }
+
   std::error_code set(const LockSet& wanted, LockConflict* conflict) {
     std::lock_guard guard(mutex_);
     const LockBytes before = held_;
@@ -124,7 +133,7 @@ class OfdLocks {
     return {};
   }
 
-  const int fd_;
+  int fd_;  // guarded by mutex_ (with_fd may move it to a dup)
   std::mutex mutex_;
   LockBytes held_;
 };
@@ -135,10 +144,14 @@ class PosixFile final : public File {
       : fd_(fd),
         writable_(writable),
         block_device_(block_device),
+        direct_(direct),
         size_(size),
         nowait_supported_(!direct),
         locks_(fd) {}
-  ~PosixFile() override { ::close(fd_); }
+  ~PosixFile() override {
+    ::close(fd_);
+    if (lock_fd_ >= 0) ::close(lock_fd_);
+  }
 
   std::error_code pread(std::span<std::byte> buf, uint64_t offset) override {
     size_t done = 0;
@@ -249,10 +262,61 @@ class PosixFile final : public File {
     return std::min<uint64_t>(static_cast<uint64_t>(hole), end) - offset;
   }
 
-  bool writable() const override { return writable_; }
+  bool writable() const override { return writable_.load(); }
 
   std::error_code lock(const LockSet& wanted, LockConflict* conflict) override {
     return locks_.set(wanted, conflict);
+  }
+
+  // The new open file description comes from /proc/self/fd (the same
+  // inode even if the file was renamed or unlinked meanwhile) and replaces
+  // the old one under the same descriptor number with dup3, which the
+  // kernel does atomically: a concurrent pread uses either description,
+  // both of the same file. The first description, which holds the OFD
+  // locks, is kept open on lock_fd_ (a dup made at the first reopen) and
+  // lock() goes on working on it.
+  std::error_code reopen(OpenMode mode) override {
+    std::lock_guard guard(reopen_mutex_);
+    const bool want_write = mode == OpenMode::ReadWrite;
+    int flags = O_CLOEXEC | (want_write ? O_RDWR : O_RDONLY);
+    if (direct_) flags |= O_DIRECT;
+    const std::string self = "/proc/self/fd/" + std::to_string(fd_);
+    int nfd = ::open(self.c_str(), flags);
+    if (nfd < 0) return errno_code();
+    struct stat a {}, b {};
+    if (::fstat(fd_, &a) != 0 || ::fstat(nfd, &b) != 0) {
+      std::error_code ec = errno_code();
+      ::close(nfd);
+      return ec;
+    }
+    if (a.st_dev != b.st_dev || a.st_ino != b.st_ino) {  // not the same file
+      ::close(nfd);
+      return std::make_error_code(std::errc::no_such_device);
+    }
+    // Keep the locking description alive before fd_ stops referring to it.
+    std::error_code ec = locks_.with_fd([&](int& lock_fd) -> std::error_code {
+      if (lock_fd_ >= 0) return {};
+      int d = ::fcntl(fd_, F_DUPFD_CLOEXEC, 0);
+      if (d < 0) return errno_code();
+      lock_fd_ = d;
+      lock_fd = d;
+      return {};
+    });
+    if (ec) {
+      ::close(nfd);
+      return ec;
+    }
+    int r;
+    while ((r = ::dup3(nfd, fd_, O_CLOEXEC)) < 0 && errno == EINTR) {
+    }
+    if (r < 0) {
+      ec = errno_code();
+      ::close(nfd);
+      return ec;
+    }
+    ::close(nfd);
+    writable_.store(want_write);
+    return {};
   }
 
  private:
@@ -262,9 +326,12 @@ class PosixFile final : public File {
     }
   }
 
-  int fd_;
-  bool writable_;
+  int fd_;  // the I/O descriptor: its number never changes
+  int lock_fd_ = -1;  // the first description, once reopen() moved fd_
+  std::mutex reopen_mutex_;
+  std::atomic<bool> writable_;
   bool block_device_;
+  bool direct_;
   std::atomic<uint64_t> size_;
   // O_DIRECT reads always go to the disk; RWF_NOWAIT cannot help them.
   std::atomic<bool> nowait_supported_;
@@ -293,6 +360,7 @@ class MemoryFile final : public File {
 
   std::error_code pwrite(std::span<const std::byte> data,
                          uint64_t offset) override {
+    if (!writable_) return read_only();
     std::unique_lock lock(mutex_);
     if (offset + data.size() > data_.size()) data_.resize(offset + data.size());
     if (!data.empty()) std::memcpy(data_.data() + offset, data.data(), data.size());
@@ -302,15 +370,18 @@ class MemoryFile final : public File {
   std::error_code flush() override { return {}; }
 
   std::error_code truncate(uint64_t size) override {
+    if (!writable_) return read_only();
     std::unique_lock lock(mutex_);
     data_.resize(size);
     return {};
   }
 
   std::error_code punch_hole(uint64_t offset, uint64_t length) override {
+    if (!writable_) return read_only();
     return zero_range(offset, length);
   }
   std::error_code write_zeroes(uint64_t offset, uint64_t length) override {
+    if (!writable_) return read_only();
     std::unique_lock lock(mutex_);
     if (offset + length > data_.size()) data_.resize(offset + length);
     std::fill_n(data_.begin() + static_cast<ptrdiff_t>(offset), length,
@@ -328,9 +399,20 @@ class MemoryFile final : public File {
     return length;
   }
 
-  bool writable() const override { return true; }
+  bool writable() const override { return writable_; }
+
+  // A memory file "opened" read-only refuses writes like a read-only
+  // descriptor (EBADF).
+  std::error_code reopen(OpenMode mode) override {
+    writable_ = mode == OpenMode::ReadWrite;
+    return {};
+  }
 
  private:
+  static std::error_code read_only() {
+    return std::make_error_code(std::errc::bad_file_descriptor);
+  }
+  std::atomic<bool> writable_{true};
   std::error_code zero_range(uint64_t offset, uint64_t length) {
     std::unique_lock lock(mutex_);
     if (offset >= data_.size()) return {};
@@ -418,6 +500,10 @@ std::error_code link_temp_file(int fd, const std::string& path) {
 }
 
 std::error_code File::lock(const LockSet&, LockConflict*) { return {}; }
+
+std::error_code File::reopen(OpenMode) {
+  return std::make_error_code(std::errc::operation_not_supported);
+}
 
 std::string permission_name(uint32_t permission) {
   switch (permission) {

@@ -15,11 +15,13 @@
 // it"). A user read-locks the bytes of what it takes and of what it does
 // not share, then checks that no other open file description holds the
 // opposite byte (an exclusive F_OFD_GETLK test). The locks are Linux
-// open-file-description locks on the file's own descriptor: they belong to
-// that one open, so two opens in one process conflict just as two
-// processes do, closing another descriptor of the file releases nothing,
-// closing this File releases them all, and a forked child (layerd --fork)
-// shares them.
+// open-file-description locks on the File's first open file description:
+// they belong to that one open, so two opens in one process conflict just
+// as two processes do, closing another descriptor of the file releases
+// nothing, closing this File releases them all, and a forked child
+// (layerd --fork) shares them. reopen() keeps that first description open
+// (on a second descriptor) and moves only the I/O descriptor to the new
+// one, so a reopen never drops a lock.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +31,8 @@
 #include <system_error>
 
 namespace layerd {
+
+enum class OpenMode { ReadOnly, ReadWrite };
 
 // QEMU's block permissions (BLK_PERM_* in include/block/block-common.h).
 // The bit numbers decide which bytes are locked: they are QEMU's and must
@@ -110,7 +114,20 @@ class File {
   virtual uint64_t extent_at(uint64_t offset, uint64_t length,
                              bool* is_data) const = 0;
 
+  // True when the file is open for writing (after the last reopen()).
   virtual bool writable() const = 0;
+
+  // Reopens the file in `mode` in place, for live jobs that make a backing
+  // image writable and back: this File stays the same object, the locks of
+  // lock() stay held throughout, and I/O from other threads goes on during
+  // the call, every pread reading this same file (before or after the
+  // switch; none fails because of it). writable() reports `mode` once it
+  // returns. On failure (EACCES, EROFS, a block device that cannot be
+  // written...) returns the error and leaves the File as it was. The caller
+  // makes sure no write is in flight when going to ReadOnly (writes then
+  // fail with EBADF). Files that cannot do this return
+  // errc::operation_not_supported (the default).
+  virtual std::error_code reopen(OpenMode mode);
 
   // Holds exactly the locks of `wanted` from now on (see the top of this
   // file); call it again to change them in place, as a reopen from
@@ -123,8 +140,6 @@ class File {
   // every request; wrappers forward to the file they wrap.
   virtual std::error_code lock(const LockSet& wanted, LockConflict* conflict);
 };
-
-enum class OpenMode { ReadOnly, ReadWrite };
 
 struct FileOptions {
   OpenMode mode = OpenMode::ReadOnly;

@@ -302,8 +302,10 @@ class JobFollower {
     }
     if (bool_of(*mine, "ready") && complete_on_ready_) complete();
     auto now = Clock::now();
+    if (samples_.empty() && first_.second == 0 && first_.first == Clock::time_point{})
+      first_ = {now, offset_};
     samples_.emplace_back(now, offset_);
-    while (samples_.size() > 2 && now - samples_.front().first > 5s) samples_.pop_front();
+    while (samples_.size() > 2 && now - samples_.front().first > 10s) samples_.pop_front();
     show_progress(now);
   }
 
@@ -314,11 +316,18 @@ class JobFollower {
     note("ready, completing");
   }
 
+  // Bytes/s over the last 10 s of samples; over the whole run when that
+  // window saw no change (a rate-limited job moves in bursts).
   double rate() const {
+    auto between = [](const std::pair<Clock::time_point, uint64_t>& from,
+                      const std::pair<Clock::time_point, uint64_t>& to) {
+      double dt = std::chrono::duration<double>(to.first - from.first).count();
+      if (dt < 0.2 || to.second <= from.second) return 0.0;
+      return static_cast<double>(to.second - from.second) / dt;
+    };
     if (samples_.size() < 2) return 0;
-    double dt = std::chrono::duration<double>(samples_.back().first - samples_.front().first).count();
-    if (dt < 0.2 || samples_.back().second < samples_.front().second) return 0;
-    return static_cast<double>(samples_.back().second - samples_.front().second) / dt;
+    double recent = between(samples_.front(), samples_.back());
+    return recent > 0 ? recent : between(first_, samples_.back());
   }
 
   std::string progress_text() const {
@@ -373,6 +382,7 @@ class JobFollower {
   std::string status_;
   uint64_t offset_ = 0, len_ = 0, speed_ = 0;
   std::deque<std::pair<Clock::time_point, uint64_t>> samples_;
+  std::pair<Clock::time_point, uint64_t> first_{};  // the first sample
   Clock::time_point last_plain_ = Clock::now();
 };
 
@@ -397,7 +407,18 @@ int live_snapshot(QmpClient& qmp, const LiveArgs& a) {
   if (a.node_name) args["snapshot-node-name"] = *a.node_name;
   // Synchronous: once it returns the overlay is in place (--wait is
   // accepted for symmetry with the job commands).
-  qmp.execute("blockdev-snapshot-sync", args);
+  try {
+    qmp.execute("blockdev-snapshot-sync", args);
+  } catch (const QmpError& e) {
+    // QEMU looks `device` up among devices (BlockBackends) only; a node
+    // (all there is on qemu-storage-daemon) is named by "node-name".
+    if (e.desc.find("Cannot find device") == std::string::npos) throw;
+    args.erase("device");
+    args["node-name"] = a.positional[0];
+    qmp.execute("blockdev-snapshot-sync", args);
+    args.erase("node-name");
+    args["device"] = a.positional[0];
+  }
   if (a.as_json)
     fmt::print("{}\n", pretty_json(args));
   else

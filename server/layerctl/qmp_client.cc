@@ -5,6 +5,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -37,8 +38,12 @@ QmpClient::QmpClient(const std::string& path, std::chrono::milliseconds timeout)
     throw QmpConnectionError(
         fmt::format("Failed to connect to QMP socket {}: {}", path, why));
   }
-  auto greeting = read_message(timeout_);
-  if (!greeting) throw QmpConnectionError("No QMP greeting from the server");
+  // QEMU's monitors serve one client at a time and leave the others
+  // waiting, connected but unanswered: do not wait long for a greeting.
+  auto greeting = read_message(std::min(timeout_, std::chrono::milliseconds(5000)));
+  if (!greeting)
+    throw QmpConnectionError(fmt::format(
+        "No QMP greeting on {} within 5 s (is another client using the monitor?)", path));
   if (!greeting->contains("QMP"))
     throw QmpConnectionError(
         fmt::format("Not a QMP greeting: {}", json::serialize(*greeting)));

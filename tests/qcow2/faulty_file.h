@@ -45,6 +45,7 @@ class FaultyFile : public File {
   std::error_code lock(const LockSet& wanted, LockConflict* conflict) override {
     return inner_->lock(wanted, conflict);
   }
+  std::error_code reopen(OpenMode mode) override { return inner_->reopen(mode); }
 
  private:
   static bool tick(std::atomic<int>& left);
