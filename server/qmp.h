@@ -1,0 +1,132 @@
+// The QMP control socket: QEMU's monitor protocol on Unix sockets, so that
+// tools written for qemu-storage-daemon (qemu's Python QMP client, virsh's
+// QMP layer, scripts) talk to layerd unchanged.
+//
+// Wire protocol (QEMU's docs/interop/qmp-spec.txt), as qemu-storage-daemon
+// 7.2 speaks it, byte for byte where we could compare: on connect the
+// server sends {"QMP": {"version": {"qemu": {"micro": 0, "minor": 2,
+// "major": 7}, "package": "layerd 0.1.0"}, "capabilities": []}}. The "qemu"
+// triple is the QEMU release whose QMP behaviour layerd follows (7.2.0), not
+// layerd's version (that is in "package", from LAYERD_VERSION): clients that
+// gate features on the QEMU version then treat us as that release. No
+// capabilities are offered (no "oob"). The client must
+// first send {"execute": "qmp_capabilities"}; until then every other
+// command gets a CommandNotFound error. A command is
+// {"execute": NAME, "arguments": {...}, "id": ANY} and is answered by
+// {"return": VALUE, "id": ANY} or
+// {"id": ANY, "error": {"class": CLASS, "desc": TEXT}} (the id, any JSON
+// value, is echoed when given; key order as QEMU prints it). Events, sent
+// to every negotiated client, are {"timestamp": {"seconds": S,
+// "microseconds": US}, "event": NAME, "data": {...}} (wall clock; "data"
+// left out when empty, as QEMU does for events without members). Every
+// reply and event is one line: JSON in QEMU's spacing (", " and ": "),
+// ASCII only (other characters as \uXXXX), then "\r\n".
+//
+// Input: JSON values one after another (newlines between them optional),
+// each at most kMaxMessageBytes and nested at most 1024 deep (QEMU's
+// limits for depth; its words "JSON token size limit exceeded" and "JSON
+// nesting depth limit exceeded"). QEMU's single-quoted strings are
+// accepted. Malformed JSON, a message that is not an object, an oversized
+// or too deep message, an unknown command or bad arguments get an error
+// reply and the connection goes on: the rest of a bad message (up to where
+// its brackets close) is dropped and the next message is read normally.
+//
+// Threading: the server runs one thread of its own (start() to stop()),
+// apart from the NBD event loops. Command handlers run on that thread, one
+// at a time for all clients (as QEMU's monitor runs them), so a handler
+// may block briefly (a graph change waits for in-flight requests) but long
+// work belongs to a job thread. emit() may be called from any thread.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <initializer_list>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include <boost/json.hpp>
+
+namespace layerd {
+
+// Thrown by a command handler to answer with an error. Classes are QEMU's:
+// "GenericError" (the default), "CommandNotFound", "DeviceNotFound",
+// "DeviceNotActive", "KVMMissingCap".
+struct QmpError {
+  std::string error_class = "GenericError";
+  std::string desc;
+};
+
+// Throws a GenericError with `desc`.
+[[noreturn]] void qmp_fail(std::string desc);
+
+// Argument access for handlers: each throws a GenericError in QEMU's words
+// ("Parameter 'device' is missing", "Invalid parameter type for 'speed',
+// expected: integer") when the argument is absent (the required forms) or
+// of the wrong type.
+std::string qmp_required_string(const boost::json::object& args,
+                                std::string_view name);
+int64_t qmp_required_int(const boost::json::object& args, std::string_view name);
+std::string qmp_optional_string(const boost::json::object& args,
+                                std::string_view name, std::string fallback = {});
+int64_t qmp_optional_int(const boost::json::object& args,
+                         std::string_view name, int64_t fallback);
+bool qmp_optional_bool(const boost::json::object& args, std::string_view name,
+                       bool fallback);
+// Refuses arguments other than `known` ("Parameter 'X' is unexpected").
+void qmp_only_arguments(const boost::json::object& args,
+                        std::initializer_list<std::string_view> known);
+
+class QmpServer {
+ public:
+  static constexpr size_t kMaxMessageBytes = 1 << 20;
+  static constexpr size_t kMaxQueuedBytes = kMaxMessageBytes * 16;
+  static constexpr int kMaxDepth = 1024;
+  // The "qemu" triple of the greeting and query-version.
+  static constexpr int kQemuMajor = 7, kQemuMinor = 2, kQemuMicro = 0;
+
+  // Runs on the server thread. Returns the "return" value ({} for none);
+  // throws QmpError.
+  using Handler = std::function<boost::json::value(const boost::json::object& arguments)>;
+
+  QmpServer();
+  ~QmpServer();  // stop()s
+  QmpServer(const QmpServer&) = delete;
+  QmpServer& operator=(const QmpServer&) = delete;
+
+  // Registers a command (before start()); a second add_command of a name
+  // replaces the first. qmp_capabilities, query-version and query-commands
+  // are built in and cannot be replaced (std::invalid_argument). A handler
+  // that throws something other than QmpError is answered with a
+  // GenericError carrying what() and the server goes on. A client that
+  // disconnects while its command runs loses only the reply.
+  void add_command(std::string name, Handler handler);
+
+  // Listens on a Unix socket at `path` (a stale socket file there, one no
+  // one accepts on, is replaced; a socket someone listens on is refused as
+  // "in use"; any other file is an error and left alone), or on an already
+  // listening socket `fd` (socket activation; the server owns it then).
+  // Before start(); may be called more than once. false with `error` set
+  // on failure.
+  bool listen(const std::string& path, std::string* error);
+  bool adopt(int fd, std::string* error);
+
+  void start();
+  // Closes every connection and the listening sockets (removing the socket
+  // files it created) and joins the thread. Idempotent.
+  void stop();
+
+  // Sends an event to every client past qmp_capabilities, timestamped now.
+  // Thread-safe; never blocks on a slow client (a client that does not
+  // read its events is disconnected once kMaxQueuedBytes are queued; the
+  // same limit holds for replies it does not read). Before start() and
+  // after stop() the event goes nowhere.
+  void emit(std::string_view event, boost::json::object data);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace layerd
