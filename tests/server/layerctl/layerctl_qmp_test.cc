@@ -92,7 +92,8 @@ class LayerctlQmpTest : public ::testing::Test {
     o.binary = kQsd;
     o.args = {"--blockdev", "driver=file,filename=" + path("base.qcow2") + ",node-name=base-file",
               "--blockdev", "driver=qcow2,file=base-file,node-name=base",
-              "--blockdev", "driver=file,filename=" + path("mid.qcow2") + ",node-name=mid-file",
+              "--blockdev", "driver=file,filename=" + path("mid.qcow2") + ",node-name=" +
+                                (faulty_mid() ? "mid-raw" : "mid-file"),
               "--blockdev", "driver=qcow2,file=mid-file,backing=base,node-name=mid",
               "--blockdev", "driver=file,filename=" + path("top.qcow2") + ",node-name=top-file",
               "--blockdev", "driver=qcow2,file=top-file,backing=mid,node-name=top",
@@ -104,10 +105,19 @@ class LayerctlQmpTest : public ::testing::Test {
               // for a follower that stays connected.
               "--chardev", "socket,path=" + path("qmp2.sock") + ",server=on,wait=off,id=m2",
               "--monitor", "chardev=m2"};
+    if (faulty_mid()) {
+      // Every data read from mid's file fails with EIO. (Its filename is
+      // then blkdebug's JSON, not mid.qcow2.)
+      o.args.insert(o.args.begin() + 6,
+                    {"--blockdev", "driver=blkdebug,image=mid-raw,node-name=mid-file,"
+                                   "inject-error.0.event=read_aio,inject-error.0.errno=5"});
+    }
     o.unix_socket = dir_ / "qmp2.sock";  // made after qmp.sock
     o.log_file = dir_ / "qsd.log";
     ASSERT_TRUE(qsd_.start(std::move(o))) << qsd_.error();
   }
+
+  virtual bool faulty_mid() const { return false; }
 
   std::string path(std::string_view name) const { return (dir_ / name).string(); }
   std::string qmp() const { return path("qmp.sock"); }
@@ -336,6 +346,27 @@ TEST_F(LayerctlQmpTest, JsonOutputParses) {
   RunResult j = live({"commit", "--top=" + path("mid.qcow2"), "--output=json", "top"});
   ASSERT_EQ(j.exit_code, 0) << j.describe();
   EXPECT_EQ(parse(j.out).at("job-id"), "top");
+}
+
+// Every data read from mid's file fails with EIO (blkdebug).
+class LayerctlQmpFaultTest : public LayerctlQmpTest {
+ protected:
+  bool faulty_mid() const override { return true; }
+};
+
+TEST_F(LayerctlQmpFaultTest, JobThatFailsWithWaitExits1WithTheError) {
+  RunResult r = live({"stream", "--wait", "top"});
+  EXPECT_EQ(r.exit_code, 1) << r.describe();
+  EXPECT_NE(r.out.find("I/O error on read"), std::string::npos) << r.out;
+  EXPECT_NE(r.err.find("layerctl: job top failed: Input/output error"), std::string::npos)
+      << r.describe();
+
+  RunResult j = live({"stream", "--wait", "--output=json", "top"});
+  EXPECT_EQ(j.exit_code, 1) << j.describe();
+  json::value event = parse(j.out);
+  ASSERT_TRUE(event.is_object()) << j.out;
+  EXPECT_EQ(event.at("event"), "BLOCK_JOB_COMPLETED");
+  EXPECT_TRUE(event.at("data").as_object().contains("error")) << j.out;
 }
 
 }  // namespace
