@@ -336,6 +336,34 @@ class Image {
   // afterwards; do not call them concurrently with this.
   Status change_backing_file(const std::string& name, const std::string& format);
 
+  // Grows the virtual disk to `new_size` (qemu-img resize, growing only):
+  // the L1 table grows when needed (a new one in new clusters, then the
+  // size and the table switch in one header write, then the old table is
+  // freed), else only the size is rewritten. The new area is unallocated
+  // here, so it reads from below. QEMU (since 5.1) zeroes it instead when
+  // the backing file is longer than the old size, so that no backing data
+  // shows through; only the caller knows the sizes below, so it does that
+  // itself (write_zeroes of [old size, new_size)) where it matters.
+  // Invalid for shrinking, and for images with internal snapshots (QEMU
+  // refuses them too) or persistent dirty bitmaps (their size is fixed in
+  // the directory); NotSupported with an external data file. The caller
+  // sees to it that no request is in flight (size() changes).
+  Status grow(uint64_t new_size);
+
+  // Drops every cluster of the image (QEMU's bdrv_make_empty): afterwards
+  // every guest offset reads from below, and the file shrinks to its
+  // header and fresh, empty tables. Fast (a few small writes and syncs,
+  // whatever the size) and crash-safe: a kill at any moment leaves the old
+  // content or the empty image, never a mix, and a file that checks clean
+  // (see resize.cc for the steps). The Image stays open and writable. The
+  // caller sees to it that no request is in flight. Invalid for images
+  // with internal snapshots or persistent dirty bitmaps (whose clusters
+  // must be kept: remove the bitmaps first); NotSupported with an external
+  // data file. On an I/O error the image is marked corrupt in memory (the
+  // file is consistent, but which tables it uses is unknown): writes fail
+  // with EIO, and the next read-write open repairs it.
+  Status make_empty();
+
   // --- Header facts ------------------------------------------------------
   // Fixed at open, except the refcount table placement in info() (which
   // moves when the table grows), the backing file name and format

@@ -11,6 +11,7 @@
 //   bitmaps.cc   persistent dirty bitmaps: load, mark in use, record writes,
 //                write back at close, count for check (codec in bitmaps.h)
 //   check.cc     check and repair (refcount rebuild)
+//   resize.cc    growing the disk (a larger L1 table), emptying the image
 //   create.cc    laying out new images
 //   compress.cc  deflate / zstd decompression
 //   rwlock.h     the writer-preferring metadata lock
