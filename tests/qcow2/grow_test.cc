@@ -1,0 +1,158 @@
+// Image::grow: a larger virtual disk (qemu-img resize semantics, growing
+// only), with a larger L1 table when needed; QEMU reads the result.
+#include "tests/qcow2/faulty_file.h"
+#include "test_util.h"
+
+namespace layerd::qcow2::test {
+namespace {
+
+std::string q(const std::string& s) { return "'" + s + "'"; }
+
+class Grow : public ::testing::Test {
+ protected:
+  TempDir dir_;
+  std::string img_ = dir_ / "img.qcow2";
+};
+
+TEST_F(Grow, WithinTheL1TableOnlyTheSizeChanges) {
+  run("qemu-img create -q -f qcow2 " + q(img_) + " 1M");
+  run("qemu-io -c 'write -P 1 0 1M' " + q(img_));
+  uint64_t l1 = peek(img_, 40, 8);
+  {
+    auto img = open_image(img_, true);
+    Status st = img->grow(100 << 20);
+    ASSERT_TRUE(st.ok()) << st.message();
+    EXPECT_EQ(img->size(), 100u << 20);
+    EXPECT_EQ(img->info().virtual_size, 100u << 20);
+    std::vector<std::byte> w(4096, std::byte{2});
+    ASSERT_FALSE(img->write((100 << 20) - 4096, w, zero_below()));
+  }
+  EXPECT_EQ(peek(img_, 40, 8), l1);
+  std::string out = run("qemu-img info --output=json " + q(img_));
+  EXPECT_NE(out.find("\"virtual-size\": 104857600"), std::string::npos) << out;
+  qemu_check_clean(img_);
+  run("qemu-io -c 'read -P 1 0 1M' -c 'read -P 0 1M 103804928' "
+      "-c 'read -P 2 104853504 4096' " + q(img_));
+}
+
+TEST_F(Grow, ALargerL1TableIsWrittenAndTheOldOneFreed) {
+  // 512-byte clusters: each L2 table maps 32 KiB, the L1 of 1 MiB is 256
+  // bytes; growing to 64 MiB needs 2048 entries (16 KiB of L1).
+  run("qemu-img create -q -f qcow2 -o cluster_size=512 " + q(img_) + " 1M");
+  run("qemu-io -c 'write -P 1 0 1M' " + q(img_));
+  uint64_t l1 = peek(img_, 40, 8);
+  {
+    auto img = open_image(img_, true);
+    Status st = img->grow(64 << 20);
+    ASSERT_TRUE(st.ok()) << st.message();
+    EXPECT_EQ(img->info().l1_size, 2048u);
+    EXPECT_NE(img->info().l1_table_offset, l1);
+    std::vector<std::byte> w(65536, std::byte{3});
+    ASSERT_FALSE(img->write((64 << 20) - 65536, w, zero_below()));
+    ASSERT_FALSE(img->write(0, std::span(w.data(), 512), zero_below()));
+    CheckReport rep;
+    ASSERT_TRUE(img->check(Repair::None, &rep).ok());
+    EXPECT_TRUE(rep.clean()) << (rep.messages.empty() ? "" : rep.messages[0]);
+  }
+  EXPECT_EQ(peek(img_, 36, 4), 2048u);
+  qemu_check_clean(img_);
+  std::string out = run("qemu-img info --output=json " + q(img_));
+  EXPECT_NE(out.find("\"virtual-size\": 67108864"), std::string::npos) << out;
+  run("qemu-io -c 'read -P 3 0 512' -c 'read -P 1 512 1048064' -c 'read -P 0 1M 62M' "
+      "-c 'read -P 3 67043328 65536' " + q(img_));
+  // QEMU can go on from there.
+  run("qemu-io -c 'write -P 4 40M 1M' " + q(img_));
+  qemu_check_clean(img_);
+}
+
+TEST_F(Grow, TheNewAreaReadsFromBelow) {
+  std::string base = dir_ / "base.qcow2";
+  run("qemu-img create -q -f qcow2 " + q(base) + " 8M");
+  run("qemu-io -c 'write -P 5 0 8M' " + q(base));
+  run("qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 " + q(img_) + " 4M");
+  {
+    auto img = open_image(img_, true);
+    ASSERT_TRUE(img->grow(8 << 20).ok());
+    MapExtent e;
+    ASSERT_FALSE(img->block_status(4 << 20, 4 << 20, &e));
+    EXPECT_EQ(e.kind, ExtentKind::Unallocated);
+  }
+  // As documented: unallocated, so the longer backing file shows through
+  // (the caller zeroes it where QEMU would).
+  run("qemu-io -c 'read -P 5 4M 4M' " + q(img_));
+  qemu_check_clean(img_);
+}
+
+TEST_F(Grow, RefusesShrinkingSnapshotsAndReadOnlyImages) {
+  run("qemu-img create -q -f qcow2 " + q(img_) + " 4M");
+  {
+    auto img = open_image(img_, true);
+    EXPECT_EQ(img->grow(1 << 20).code(), std::errc::invalid_argument);
+    EXPECT_TRUE(img->grow(4 << 20).ok());  // the same size: nothing to do
+    EXPECT_EQ(img->size(), 4u << 20);
+  }
+  {
+    auto img = open_image(img_, false);
+    EXPECT_EQ(img->grow(8 << 20).code(), std::errc::invalid_argument);
+  }
+  run("qemu-img snapshot -c s " + q(img_));
+  {
+    auto img = open_image(img_, true);
+    Status st = img->grow(8 << 20);
+    EXPECT_EQ(st.code(), std::errc::invalid_argument);
+    EXPECT_NE(st.message().find("snapshots"), std::string::npos);
+    EXPECT_EQ(img->size(), 4u << 20);
+  }
+  std::string out = run("qemu-img info --output=json " + q(img_));
+  EXPECT_NE(out.find("\"virtual-size\": 4194304"), std::string::npos) << out;
+}
+
+// A crash at any write of a growth that moves the L1 table leaves the old
+// disk or the grown one, both readable, and nothing worse than leaks.
+TEST(GrowCrash, AKillAtAnyWriteLeavesOldOrGrown) {
+  CreateOptions co;
+  co.size = 1 << 20;
+  co.cluster_size = 512;
+  auto mem = std::shared_ptr<File>(make_memory_file());
+  ASSERT_TRUE(Image::create(*mem, co).ok());
+  std::vector<std::byte> data(1 << 20);
+  for (size_t i = 0; i < data.size(); ++i) data[i] = std::byte(i * 13 / 512);
+  {
+    std::unique_ptr<Image> img;
+    ASSERT_TRUE(Image::open(mem, {}, &img).ok());
+    ASSERT_FALSE(img->write(0, data, zero_below()));
+    ASSERT_FALSE(img->close());
+  }
+  std::vector<std::byte> pristine(mem->size());
+  ASSERT_FALSE(mem->pread(pristine, 0));
+  for (int n = 0;; ++n) {
+    auto copy = std::shared_ptr<File>(make_memory_file());
+    ASSERT_FALSE(copy->pwrite(pristine, 0));
+    auto faulty = std::make_shared<FaultyFile>(copy);
+    bool done;
+    {
+      std::unique_ptr<Image> img;
+      ASSERT_TRUE(Image::open(faulty, {}, &img).ok());
+      faulty->fail_pwrite_after(n, true);
+      done = img->grow(16 << 20).ok();
+    }
+    std::unique_ptr<Image> img;
+    Status st = Image::open(copy, {}, &img);  // repairs a dirty image
+    ASSERT_TRUE(st.ok()) << n << ": " << st.message();
+    EXPECT_TRUE(img->size() == (1u << 20) || img->size() == (16u << 20)) << n;
+    if (done) {
+      EXPECT_EQ(img->size(), 16u << 20);
+    }
+    std::vector<std::byte> got(1 << 20);
+    ASSERT_FALSE(img->read(0, got, zero_below()));
+    EXPECT_EQ(got, data) << n;
+    CheckReport rep;
+    ASSERT_TRUE(img->check(Repair::None, &rep).ok());
+    EXPECT_TRUE(rep.clean()) << n;
+    if (done) break;
+    ASSERT_LT(n, 100);
+  }
+}
+
+}  // namespace
+}  // namespace layerd::qcow2::test
