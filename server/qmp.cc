@@ -450,7 +450,8 @@ struct QmpServer::Impl {
   std::optional<asio::executor_work_guard<asio::io_context::executor_type>> guard;
   std::thread thread;
   std::atomic<bool> running{false};
-  bool stopped = false;
+  std::atomic<bool> stopped{false};
+  bool files_removed = false;
   std::vector<std::pair<std::string, Handler>> commands;  // registration order
   std::vector<std::unique_ptr<Listener>> listeners;
   std::vector<std::shared_ptr<Client>> clients;  // server thread only
@@ -700,6 +701,7 @@ bool QmpServer::listen(const std::string& path, std::string* error) {
     if (error) *error = std::move(msg);
     return false;
   };
+  if (impl_->running || impl_->stopped) return fail("QMP: listen() after start()");
   sockaddr_un sun{};
   if (path.empty() || path.size() >= sizeof sun.sun_path)
     return fail("QMP socket path '" + path + "' is empty or too long");
@@ -747,6 +749,7 @@ bool QmpServer::adopt(int fd, std::string* error) {
     if (error) *error = std::move(msg);
     return false;
   };
+  if (impl_->running || impl_->stopped) return fail("QMP: adopt() after start()");
   int domain = 0, listening = 0;
   socklen_t len = sizeof domain;
   if (::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0)
@@ -775,21 +778,28 @@ void QmpServer::start() {
 
 void QmpServer::stop() {
   Impl& m = *impl_;
-  if (m.stopped) return;
-  m.stopped = true;
-  m.running = false;
-  if (m.thread.joinable()) {
-    // Closing cancels every pending operation; their handlers see the
-    // client closed and stop, and run() returns when nothing is left.
-    asio::post(m.io, [&m] {
+  bool on_server_thread = m.io.get_executor().running_in_this_thread();
+  if (!m.stopped.exchange(true)) {
+    m.running = false;
+    if (m.thread.joinable()) {
+      // Closing cancels every pending operation; their handlers see the
+      // client closed and stop, and run() returns when nothing is left.
+      asio::post(m.io, [&m] {
+        m.close_all();
+        m.guard.reset();
+      });
+    } else {
       m.close_all();
-      m.guard.reset();
-    });
-    m.thread.join();
-  } else {
-    m.close_all();
+    }
   }
-  m.remove_socket_files();
+  // From a handler the server thread cannot join itself: the next stop()
+  // (the destructor's at the latest) joins and removes the files.
+  if (on_server_thread) return;
+  if (m.thread.joinable()) m.thread.join();
+  if (!m.files_removed) {
+    m.files_removed = true;
+    m.remove_socket_files();
+  }
 }
 
 void QmpServer::emit(std::string_view event, json::object data) {
@@ -802,11 +812,18 @@ void QmpServer::emit(std::string_view event, json::object data) {
   o["event"] = event;
   if (!data.empty()) o["data"] = std::move(data);
   auto line = std::make_shared<const std::string>(to_line(o));
-  asio::post(m.io, [&m, line] {
+  auto deliver = [&m, line] {
     auto list = m.clients;  // send() may close and unlist a client
     for (auto& c : list)
       if (c->negotiated) c->send(line);
-  });
+  };
+  // From a handler: at once, so that the event goes before the command's
+  // reply as in QEMU (block-export-del's BLOCK_EXPORT_DELETED, say).
+  if (m.io.get_executor().running_in_this_thread()) {
+    deliver();
+  } else {
+    asio::post(m.io, std::move(deliver));
+  }
 }
 
 }  // namespace layerd

@@ -114,11 +114,17 @@ class QmpServer {
 
   void start();
   // Closes every connection and the listening sockets (removing the socket
-  // files it created) and joins the thread. Idempotent.
+  // files it created) and joins the thread. Idempotent; any thread. From a
+  // handler (a "quit" command) it closes everything but cannot join its
+  // own thread: the reply is lost, and a later stop() or the destructor
+  // joins and removes the files. A quit that should answer first had
+  // better tell the main thread, which then calls stop().
   void stop();
 
   // Sends an event to every client past qmp_capabilities, timestamped now.
-  // Thread-safe; never blocks on a slow client (a client that does not
+  // Called from a handler, the event goes before that command's reply (as
+  // QEMU orders them); from other threads it is queued for the server
+  // thread. Thread-safe; never blocks on a slow client (a client that does not
   // read its events is disconnected once kMaxQueuedBytes are queued; the
   // same limit holds for replies it does not read). Before start() and
   // after stop() the event goes nowhere.

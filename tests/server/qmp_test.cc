@@ -502,6 +502,22 @@ TEST_F(QmpTest, EventsReachOnlyNegotiatedClientsWithTimestamps) {
   EXPECT_EQ(json::parse(ready.line()).at("event"), "X");
 }
 
+TEST_F(QmpTest, EventEmittedByAHandlerGoesBeforeItsReply) {
+  QmpServer* server = nullptr;
+  start([&](QmpServer& s) {
+    server = &s;
+    s.add_command("x-del", [&](const json::object&) {
+      server->emit("BLOCK_EXPORT_DELETED", json::object{{"id", "e0"}});
+      return json::object{};
+    });
+  });
+  RawClient c(path_);
+  c.negotiate();
+  c.send(R"({"execute": "x-del"})");
+  EXPECT_EQ(json::parse(c.line()).at("event"), "BLOCK_EXPORT_DELETED");
+  EXPECT_EQ(c.line(), "{\"return\": {}}\r\n");
+}
+
 TEST_F(QmpTest, EmitFromOtherThreadsKeepsEachThreadsOrder) {
   QmpServer& s = start();
   RawClient c(path_);
@@ -574,6 +590,24 @@ TEST_F(QmpTest, StopClosesClientsAndRemovesTheSocketFile) {
   EXPECT_TRUE(c.read_to_eof(5s));
   s.stop();  // idempotent
   s.emit("AFTER", {});  // goes nowhere
+}
+
+TEST_F(QmpTest, StopFromAHandlerClosesEverythingAndALaterStopJoins) {
+  QmpServer* server = nullptr;
+  start([&](QmpServer& s) {
+    server = &s;
+    s.add_command("quit", [&](const json::object&) {
+      server->stop();
+      return json::object{};
+    });
+  });
+  RawClient c(path_), other(path_);
+  c.negotiate();
+  c.send(R"({"execute": "quit"})");
+  EXPECT_TRUE(c.read_to_eof(5s));
+  EXPECT_TRUE(other.read_to_eof(5s));
+  server_->stop();
+  EXPECT_FALSE(fs::exists(path_));
 }
 
 TEST_F(QmpTest, StaleSocketFileIsReplaced) {
