@@ -58,10 +58,12 @@ std::error_code read_walk(const Graph& g, size_t depth, uint64_t offset,
   }
 }
 
-std::error_code status_at(const Graph& g, size_t depth, uint64_t offset,
-                          uint64_t length, Extent* e) {
+// Block status of the nodes [depth, to): the first that says anything but
+// "not here" decides. Below `to`, a hole of depth 0.
+std::error_code status_at(const Graph& g, size_t depth, size_t to,
+                          uint64_t offset, uint64_t length, Extent* e) {
   for (;; ++depth) {
-    if (depth >= g.nodes.size()) {
+    if (depth >= to || depth >= g.nodes.size()) {
       *e = Extent{.length = length, .hole = true, .zero = true, .depth = 0};
       return {};
     }
@@ -157,7 +159,110 @@ Capabilities capabilities_of(bool writable) {
                       .buffered_writes = true};
 }
 
+// Runs a client's change of the top (`top_op`) under the graph's mirror:
+// tracked for the job's copy, or also made on the target (`target_op`,
+// given the target node and the reader below it) before it completes.
+template <typename TopOp, typename TargetOp>
+std::error_code mirrored(const Graph& g, uint64_t offset, uint64_t length,
+                         TopOp top_op, TargetOp target_op) {
+  Mirror& m = *g.mirror;
+  if (!m.in_sync()) {
+    std::error_code ec = top_op();
+    m.mark_dirty(offset, length);  // even a failed write may have changed it
+    return ec;
+  }
+  m.lock_range(offset, length);
+  std::error_code ec = top_op();
+  if (ec || target_op(*m.target(), Below<false>{&g, m.target_depth()}))
+    m.mark_dirty(offset, length);
+  m.unlock_range(offset, length);
+  return ec;
+}
+
 }  // namespace
+
+std::error_code read_graph(const Graph& g, size_t depth, uint64_t offset,
+                           std::span<std::byte> buf) {
+  return read_walk<false>(g, depth, offset, buf);
+}
+
+std::error_code allocation_between(const Graph& g, size_t from, size_t to,
+                                   uint64_t offset, uint64_t length, Extent* e) {
+  return status_at(g, from, to, offset, length, e);
+}
+
+// --- Mirror ----------------------------------------------------------------
+
+Mirror::Mirror(std::shared_ptr<BlockNode> target, size_t target_depth,
+               uint64_t size, uint64_t granularity)
+    : target_(std::move(target)),
+      target_depth_(target_depth),
+      size_(size),
+      granularity_(granularity),
+      words_(((size + granularity - 1) / granularity + 63) / 64) {
+  bits_ = std::make_unique<std::atomic<uint64_t>[]>(words_);
+  for (size_t i = 0; i < words_; ++i) bits_[i].store(0);
+}
+
+void Mirror::mark_dirty(uint64_t offset, uint64_t length) {
+  if (length == 0 || offset >= size_) return;
+  const uint64_t first = offset / granularity_;
+  const uint64_t last = (std::min(offset + length, size_) - 1) / granularity_;
+  for (uint64_t b = first; b <= last; ++b)
+    bits_[b / 64].fetch_or(1ull << (b % 64), std::memory_order_acq_rel);
+}
+
+bool Mirror::take_dirty(uint64_t from, uint64_t max_length, uint64_t* offset,
+                        uint64_t* length) {
+  const uint64_t chunks = (size_ + granularity_ - 1) / granularity_;
+  uint64_t b = from / granularity_;
+  while (b < chunks) {
+    uint64_t word = bits_[b / 64].load(std::memory_order_acquire) >> (b % 64);
+    if (word == 0) {
+      b = (b / 64 + 1) * 64;
+      continue;
+    }
+    b += static_cast<uint64_t>(__builtin_ctzll(word));
+    break;
+  }
+  if (b >= chunks) return false;
+  const uint64_t max_chunks = std::max<uint64_t>(1, max_length / granularity_);
+  uint64_t n = 0;
+  for (; b + n < chunks && n < max_chunks; ++n) {
+    const uint64_t bit = 1ull << ((b + n) % 64);
+    uint64_t before = bits_[(b + n) / 64].fetch_and(~bit, std::memory_order_acq_rel);
+    if (!(before & bit)) break;
+  }
+  *offset = b * granularity_;
+  *length = std::min((b + n) * granularity_, size_) - *offset;
+  return true;
+}
+
+uint64_t Mirror::dirty_bytes() const {
+  uint64_t n = 0;
+  for (size_t i = 0; i < words_; ++i)
+    n += static_cast<uint64_t>(__builtin_popcountll(bits_[i].load()));
+  return n * granularity_;
+}
+
+void Mirror::lock_range(uint64_t offset, uint64_t length) {
+  const uint64_t end = offset + length;
+  std::unique_lock lock(ranges_mutex_);
+  ranges_changed_.wait(lock, [&] {
+    for (const auto& [b, e] : ranges_)
+      if (b < end && offset < e) return false;
+    return true;
+  });
+  ranges_.emplace_back(offset, end);
+}
+
+void Mirror::unlock_range(uint64_t offset, uint64_t length) {
+  std::lock_guard lock(ranges_mutex_);
+  auto it = std::find(ranges_.begin(), ranges_.end(),
+                      std::pair<uint64_t, uint64_t>{offset, offset + length});
+  if (it != ranges_.end()) ranges_.erase(it);
+  ranges_changed_.notify_all();
+}
 
 std::shared_ptr<const Graph> Graph::make(
     std::vector<std::shared_ptr<BlockNode>> nodes, bool copy_on_read) {
@@ -262,7 +367,22 @@ std::error_code GraphLayer::do_write(uint64_t offset,
                                      std::span<const std::byte> data, bool fua) {
   Entered in(gate_);
   const Graph& g = *graph_;
-  return g.nodes.front()->image->write(offset, data, Below<false>{&g, 0}, fua);
+  auto top_write = [&] {
+    return g.nodes.front()->image->write(offset, data, Below<false>{&g, 0}, fua);
+  };
+  if (!g.mirror) return top_write();
+  return mirrored(g, offset, data.size(), top_write,
+                  [&](BlockNode& target, auto below) {
+                    if (target.raw) return target.raw->pwrite(data, offset);
+                    return target.image->write(offset, data, below);
+                  });
+}
+
+// Zeros on the mirror's target, for zeroing and trimming the top.
+static std::error_code zero_target(BlockNode& target, uint64_t offset,
+                                   uint64_t length, qcow2::BelowReader below) {
+  if (target.raw) return target.raw->write_zeroes(offset, length);
+  return target.image->write_zeroes(offset, length, /*may_unmap=*/true, below);
 }
 
 std::error_code GraphLayer::do_write_zeroes(uint64_t offset, uint64_t length,
@@ -274,8 +394,15 @@ std::error_code GraphLayer::do_write_zeroes(uint64_t offset, uint64_t length,
   if (f.fast_only && (!g.zero_clusters || offset % g.zero_granularity != 0 ||
                       length % g.zero_granularity != 0))
     return std::make_error_code(std::errc::operation_not_supported);
-  return g.nodes.front()->image->write_zeroes(offset, length, f.may_trim,
-                                              Below<false>{&g, 0}, f.fua);
+  auto top_zero = [&] {
+    return g.nodes.front()->image->write_zeroes(offset, length, f.may_trim,
+                                                Below<false>{&g, 0}, f.fua);
+  };
+  if (!g.mirror) return top_zero();
+  return mirrored(g, offset, length, top_zero,
+                  [&](BlockNode& target, auto below) {
+                    return zero_target(target, offset, length, below);
+                  });
 }
 
 std::error_code GraphLayer::do_trim(uint64_t offset, uint64_t length, bool fua) {
@@ -286,9 +413,18 @@ std::error_code GraphLayer::do_trim(uint64_t offset, uint64_t length, bool fua) 
   // below it again: it becomes a zero cluster instead.
   auto mode = g.nodes.size() > 1 ? qcow2::DiscardMode::Zero
                                  : qcow2::DiscardMode::Unallocate;
-  std::error_code ec = top.discard(offset, length, mode, Below<false>{&g, 0});
-  if (!ec && fua) ec = top.flush();
-  return ec;
+  auto top_trim = [&] {
+    std::error_code ec = top.discard(offset, length, mode, Below<false>{&g, 0});
+    if (!ec && fua) ec = top.flush();
+    return ec;
+  };
+  if (!g.mirror) return top_trim();
+  // The trimmed range reads as zeros in the top (it has a backing image),
+  // so the target gets zeros too.
+  return mirrored(g, offset, length, top_trim,
+                  [&](BlockNode& target, auto below) {
+                    return zero_target(target, offset, length, below);
+                  });
 }
 
 std::error_code GraphLayer::do_flush() {
@@ -304,7 +440,7 @@ std::error_code GraphLayer::do_block_status(uint64_t offset, uint64_t length,
   size_t n = 0;
   while (length > 0 && n < out.size()) {
     Extent e;
-    if (auto ec = status_at(g, 0, offset, length, &e)) {
+    if (auto ec = status_at(g, 0, g.nodes.size(), offset, length, &e)) {
       if (n > 0) break;  // report what we have; the client asks again
       return ec;
     }

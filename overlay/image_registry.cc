@@ -277,6 +277,99 @@ std::shared_ptr<BlockNode> ImageRegistry::open_snapshot(
   return node;
 }
 
+namespace {
+
+// Reopens the files of `node` in `mode` and takes the locks of `access`.
+// On failure, what was done is undone.
+bool reopen_files(BlockNode& node, OpenMode mode, Access access, std::string* error) {
+  struct Step {
+    File* file;
+    LockedFile kind;
+    std::string path;
+  };
+  const LockedFile own = node.image ? LockedFile::Qcow2Image : LockedFile::RawImage;
+  std::vector<Step> steps{{node.file.get(), own, node.path}};
+  if (node.data_file)
+    steps.push_back({node.data_file.get(), LockedFile::DataFile, node.data_file_path});
+  const OpenMode back = mode == OpenMode::ReadWrite ? OpenMode::ReadOnly : OpenMode::ReadWrite;
+  const Access old_access = access == Access::Write ? Access::Read : Access::Write;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    Step& s = steps[i];
+    // Write locks before the write mode, and read-only mode before the
+    // write locks go.
+    std::error_code ec;
+    std::string why;
+    if (mode == OpenMode::ReadWrite) {
+      if (!lock_image_file(*s.file, s.path, qemu_locks(s.kind, access, false), &why))
+        ec = std::make_error_code(std::errc::resource_unavailable_try_again);
+      else if ((ec = s.file->reopen(mode)))
+        (void)s.file->lock(qemu_locks(s.kind, old_access, false), nullptr);
+    } else if (!(ec = s.file->reopen(mode))) {
+      (void)s.file->lock(qemu_locks(s.kind, access, false), nullptr);
+    }
+    if (ec) {
+      *error = !why.empty() ? why
+                            : fmt::format("cannot reopen '{}' {}: {}", s.path,
+                                          mode == OpenMode::ReadWrite ? "read-write"
+                                                                      : "read-only",
+                                          ec.message());
+      for (size_t j = 0; j < i; ++j) {
+        (void)steps[j].file->reopen(back);
+        (void)steps[j].file->lock(qemu_locks(steps[j].kind, old_access, false), nullptr);
+      }
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+bool ImageRegistry::set_writable(const std::shared_ptr<BlockNode>& node,
+                                 bool writable, std::string* error) {
+  std::lock_guard lock(mutex_);
+  if (node->writable == writable) return true;
+  if (!node->snapshot_id.empty()) {
+    *error = fmt::format("'{}' is an internal snapshot, which cannot be written",
+                         node->path);
+    return false;
+  }
+  if (writable) {
+    if (!reopen_files(*node, OpenMode::ReadWrite, Access::Write, error)) return false;
+    if (node->image) {
+      qcow2::Status st = node->image->reopen_read_write();
+      if (!st.ok()) {
+        std::string ignored;
+        (void)reopen_files(*node, OpenMode::ReadOnly, Access::Read, &ignored);
+        *error = fmt::format("cannot make '{}' writable: {}", node->path, st.message());
+        return false;
+      }
+    }
+  } else {
+    if (node->image) {
+      qcow2::Status st = node->image->reopen_read_only();
+      if (!st.ok()) {
+        *error = fmt::format("cannot make '{}' read-only: {}", node->path, st.message());
+        return false;
+      }
+    }
+    if (!reopen_files(*node, OpenMode::ReadOnly, Access::Read, error)) return false;
+  }
+  node->writable = writable;
+  return true;
+}
+
+void ImageRegistry::mark_backing(const std::shared_ptr<BlockNode>& node,
+                                 const std::string& named_by) {
+  std::lock_guard lock(mutex_);
+  for (auto& [_, entry] : entries_) {
+    if (entry.node.lock() == node && !entry.backing) {
+      entry.backing = true;
+      entry.backing_of = named_by;
+    }
+  }
+}
+
 size_t ImageRegistry::open_count() const {
   std::lock_guard lock(mutex_);
   size_t n = 0;

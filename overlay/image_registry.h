@@ -12,8 +12,8 @@
 //   - a file that is the backing image of a graph must not change under
 //     its overlays, so it cannot also be opened writable, and a writable
 //     file cannot become a backing image;
-//   - a file opened read-only cannot later be opened writable (that needs
-//     an in-place reopen, which the live jobs bring).
+//   - a file opened read-only cannot later be opened writable by an
+//     export (block jobs reopen nodes in place with set_writable).
 // Each refusal names the file and the user that holds it.
 //
 // Thread safety: open() and open_snapshot() may be called from any thread;
@@ -59,7 +59,7 @@ struct BlockNode {
   std::string path;  // as first named (resolved for backing images)
   ImageFormat format = ImageFormat::Raw;
   uint64_t size = 0;  // virtual size
-  bool writable = false;
+  bool writable = false;  // changes only under the registry's mutex
   std::string snapshot_id;  // set for an internal snapshot view
   std::shared_ptr<const BlockNode> snapshot_of;  // the view's active image
   std::shared_ptr<qcow2::Image> image;  // qcow2
@@ -113,6 +113,20 @@ class ImageRegistry {
   std::shared_ptr<BlockNode> open_snapshot(
       const std::shared_ptr<BlockNode>& active, const SnapshotSelector& which,
       std::string* error);
+
+  // Block jobs: makes `node` (a qcow2 image or raw file, not a snapshot
+  // view) writable or read-only in place, with QEMU's locks for the new use
+  // taken before the old ones go; everyone using the node goes on using
+  // it (no close and reopen). Going read-only writes everything back first
+  // (Image::reopen_read_only). false with `error` when it cannot (another
+  // process holds the file, the file cannot be written, bitmaps in the
+  // way); the node is then as it was.
+  bool set_writable(const std::shared_ptr<BlockNode>& node, bool writable,
+                    std::string* error);
+  // Records that `node` is now the backing image of `named_by` (after a
+  // live snapshot), so that no export may open it writable.
+  void mark_backing(const std::shared_ptr<BlockNode>& node,
+                    const std::string& named_by);
 
   // The number of files (and views) open now, for tests and logs.
   size_t open_count() const;

@@ -15,11 +15,13 @@
 
 #include "overlay/chain.h"
 #include "qcow2/file.h"
+#include "server/control.h"
 #include "server/export.h"
 #include "server/list_client.h"
 #include "server/listeners.h"
 #include "server/log.h"
 #include "server/options.h"
+#include "server/qmp.h"
 #include "server/server.h"
 
 namespace layerd {
@@ -293,6 +295,21 @@ int run(int argc, char** argv) {
     if (listeners.empty()) return fail(error);
   }
 
+  // The control socket is listening before anyone is told layerd is up.
+  std::unique_ptr<QmpServer> qmp;
+  std::unique_ptr<Control> control;
+  if (!o.qmp_sockets.empty()) {
+    qmp = std::make_unique<QmpServer>();
+    control = std::make_unique<Control>(
+        exports, process_registry(), *qmp,
+        [&o](const ExportSpec& spec, std::string* why) {
+          return open_export(o, spec, *why);
+        });
+    control->register_commands();
+    for (const auto& path : o.qmp_sockets)
+      if (!qmp->listen(path, &error)) return fail(error);
+  }
+
   int ready_fd = o.fork ? daemonize() : -1;
   if (!o.pid_file.empty() && !write_pid_file(o.pid_file, error)) {
     int status = fail(error);
@@ -308,7 +325,11 @@ int run(int argc, char** argv) {
   config.worker_threads = o.threads ? o.threads : default_worker_threads();
   if (!o.config_file.empty())
     config.reload = [&] { reload_config(o, exports); };
-  return serve(config, exports, std::move(listeners));
+  if (qmp) qmp->start();
+  int status = serve(config, exports, std::move(listeners));
+  if (qmp) qmp->stop();
+  if (control) control->cancel_all_jobs();
+  return status;
 }
 
 }  // namespace

@@ -38,6 +38,7 @@ enum LongOnly {
   kOptTempDir,
   kOptOverlay,
   kOptKeepOverlay,
+  kOptQmp,
   kOptCopyOnRead,
   kOptExport,
   kOptConfig,
@@ -87,6 +88,7 @@ const option kLongOptions[] = {
     {"temp-dir", required_argument, nullptr, kOptTempDir},
     {"overlay", required_argument, nullptr, kOptOverlay},
     {"keep-overlay", required_argument, nullptr, kOptKeepOverlay},
+    {"qmp", required_argument, nullptr, kOptQmp},
     {"copy-on-read", no_argument, nullptr, kOptCopyOnRead},
     {"export", required_argument, nullptr, kOptExport},
     {"config", required_argument, nullptr, kOptConfig},
@@ -324,6 +326,9 @@ Image options:
                             else /var/tmp)
       --keep-overlay=DIR    keep each throwaway overlay as a qcow2 file in DIR
                             when its client leaves or layerd exits
+      --qmp=PATH            a QMP control socket at PATH (repeatable): live
+                            snapshot, commit and stream jobs, exports
+                            (docs/control.md; use with -t)
   -U, --force-share         serve the image even if another process (QEMU,
                             qemu-nbd, qemu-io) writes it; only with -r
   -n, --nocache             same as --cache=none
@@ -483,6 +488,7 @@ ParseResult parse_command_line(int argc, char** argv) {
       case kOptCopyOnRead: o.copy_on_read = true; break;
       case kOptTempDir: o.temp_dir = std::string(arg); break;
       case kOptKeepOverlay: o.keep_overlay_dir = std::string(arg); break;
+      case kOptQmp: o.qmp_sockets.emplace_back(arg); break;
       case kOptExport: {
         ExportSpec e;
         if (auto m = parse_export_spec(arg, &e); !m.empty()) return fail(m);

@@ -75,6 +75,7 @@ struct ServerOptions {
 
   std::string temp_dir;             // --temp-dir; empty: default_temp_dir()
   std::string keep_overlay_dir;     // --keep-overlay
+  std::vector<std::string> qmp_sockets;  // --qmp PATH (repeatable)
 
   bool list = false;                // -L: client mode
   std::string file;                 // the FILE argument (absent with -L)

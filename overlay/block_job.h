@@ -1,0 +1,165 @@
+// Block jobs: long-running operations on an export's graph (stream, commit)
+// that run on a thread of their own while clients are served.
+//
+// A job follows QEMU's job state machine with auto-finalize and
+// auto-dismiss (qapi/job.json): created -> running [<-> paused]
+// [-> ready (<-> standby)] -> waiting -> pending -> concluded -> null, or
+// -> aborting -> concluded -> null when it fails or is cancelled. Every
+// transition is reported to the JobObserver (JOB_STATUS_CHANGE), as are
+// readiness (BLOCK_JOB_READY), the end (BLOCK_JOB_COMPLETED with or without
+// an error, or BLOCK_JOB_CANCELLED) and I/O errors (BLOCK_JOB_ERROR).
+//
+// A subclass implements run(), which copies in pieces and calls
+// checkpoint() between them (pauses wait there, cancellation is seen
+// there) and throttle() after each (the rate limit). A job that reaches a
+// steady state (active commit in sync) calls wait_ready(), which returns
+// when the user completes or cancels it.
+//
+// Thread safety: the control calls (pause, resume, cancel, complete,
+// set_speed) and the getters may be called from any thread. Observer calls
+// come from the job's thread (and from the control caller's thread for
+// pause/resume transitions) and must not call back into the job's control
+// calls synchronously.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+
+namespace layerd {
+
+enum class JobStatus {
+  Created, Running, Paused, Ready, Standby, Waiting, Pending, Aborting,
+  Concluded, Null,
+};
+// QEMU's names: "created", "running", ..., "null".
+const char* job_status_name(JobStatus s);
+
+// A snapshot of a job's state, for query-block-jobs and events.
+struct JobInfo {
+  std::string id;
+  std::string type;    // "stream", "commit"
+  std::string device;  // the export
+  JobStatus status = JobStatus::Created;
+  uint64_t offset = 0;
+  uint64_t len = 0;
+  uint64_t speed = 0;  // bytes per second, 0: unlimited
+  bool busy = false;
+  bool paused = false;
+  bool ready = false;
+};
+
+// Receives a job's transitions. Calls come from the job's thread (and from
+// control callers for pause and resume) with the job's lock held: an
+// observer must not call back into the job; `info` is the job's state.
+class JobObserver {
+ public:
+  virtual ~JobObserver() = default;
+  virtual void status_changed(const JobInfo& info) = 0;
+  virtual void ready(const JobInfo& info) = 0;
+  // `error` is empty on success.
+  virtual void completed(const JobInfo& info, const std::string& error) = 0;
+  virtual void cancelled(const JobInfo& info) = 0;
+  // `operation` is "read" or "write"; the job then fails (action "report").
+  virtual void io_error(const JobInfo& info, const std::string& operation) = 0;
+};
+
+class BlockJob {
+ public:
+  BlockJob(std::string id, std::string type, std::string device,
+           JobObserver* observer);
+  virtual ~BlockJob();  // the job must have ended (wait_finished)
+  BlockJob(const BlockJob&) = delete;
+  BlockJob& operator=(const BlockJob&) = delete;
+
+  const std::string& id() const { return id_; }
+  const std::string& type() const { return type_; }
+  const std::string& device() const { return device_; }
+  JobInfo info() const;
+  JobStatus status() const;
+  bool finished() const;  // concluded (or null)
+
+  // Starts the job's thread (created -> running).
+  void start(uint64_t speed);
+
+  void set_speed(uint64_t bytes_per_second);
+  // Pauses are counted: each pause() needs a resume().
+  void pause();
+  // false if the job was not paused by the user.
+  bool resume();
+  // Cancels: a job that is not ready ends as cancelled, its work undone
+  // where the job type says so (the graph is always left valid). A ready
+  // job cancelled without `force` ends as completed without its final
+  // switch (QEMU's "point-in-time copy" semantics); with `force`, as
+  // cancelled.
+  void cancel(bool force);
+  // Asks a ready job to make its final switch. false (with `error`) when
+  // the job is not ready or does not support it.
+  bool complete(std::string* error);
+
+  // Waits for the thread to end.
+  void wait_finished();
+
+ protected:
+  // The work. Returns "" on success or the error message. Runs on the
+  // job's thread.
+  virtual std::string run() = 0;
+  // Whether complete() is accepted at all (active commit).
+  virtual bool completable() const { return false; }
+
+  // --- For run() ----------------------------------------------------------
+  // Waits while paused; false when the job was cancelled (run() then
+  // undoes what it must and returns).
+  bool checkpoint();
+  // Accounts `bytes` of work against the speed limit and sleeps as long
+  // as the limit asks; a pause, a cancel or a speed change wakes it.
+  void throttle(uint64_t bytes);
+  void set_len(uint64_t len) { len_.store(len); }
+  void add_len(uint64_t more) { len_.fetch_add(more); }
+  void add_offset(uint64_t done) { offset_.fetch_add(done); }
+  uint64_t offset_done() const { return offset_.load(); }
+  uint64_t len_now() const { return len_.load(); }
+  // Reports an I/O error of `operation` ("read"/"write") to the observer.
+  void report_io_error(const std::string& operation);
+  // Enters the ready state and waits until the user completes (true) or
+  // cancels (false) the job. `keep_in_sync` runs (without the job's lock)
+  // every 100 ms while waiting, e.g. to copy what fell out of sync; its
+  // non-empty result fails the job (returned in `*error`).
+  enum class ReadyEnd { Complete, Cancel, Error };
+  ReadyEnd wait_ready(const std::function<std::string()>& keep_in_sync,
+                      std::string* error);
+  bool cancelled() const { return cancel_.load(); }
+  bool force_cancelled() const { return force_.load(); }
+
+ private:
+  void set_status(JobStatus s);  // with mutex_ held
+  JobInfo info_locked() const;
+  void thread_main();
+
+  const std::string id_, type_, device_;
+  JobObserver* const observer_;
+
+  mutable std::mutex mutex_;
+  std::condition_variable wake_;
+  JobStatus status_ = JobStatus::Created;
+  int pauses_ = 0;
+  bool complete_requested_ = false;
+  bool completed_by_cancel_ = false;  // a ready job cancelled without force
+  bool busy_ = false;
+  std::atomic<bool> cancel_{false};
+  std::atomic<bool> force_{false};
+  std::atomic<uint64_t> offset_{0};
+  std::atomic<uint64_t> len_{0};
+  uint64_t speed_ = 0;
+  // Rate limit: the work done since `window_start_`.
+  std::chrono::steady_clock::time_point window_start_;
+  uint64_t window_bytes_ = 0;
+  std::thread thread_;
+};
+
+}  // namespace layerd

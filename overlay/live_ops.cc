@@ -1,0 +1,685 @@
+// Live snapshot, stream and commit (see live_ops.h for the guarantees).
+//
+// The jobs read from the Graph they started on (holding it keeps its
+// nodes open) and never take one image's lock while reading another:
+// data is read into the job's buffer first, then written. Pieces are
+// kCopyPiece bytes, aligned, so one piece is one pread and one pwrite in
+// the common case.
+#include "overlay/live_ops.h"
+
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "qcow2/file.h"
+
+namespace layerd {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr uint64_t kCopyPiece = 2 << 20;
+constexpr uint64_t kMirrorGranularity = 64 << 10;
+// Active commit turns to sync mode once this little is left to copy: the
+// rest is copied while client requests wait (a bounded pause).
+constexpr uint64_t kSyncThreshold = 4 << 20;
+
+bool same_file(const std::string& a, const std::string& b) {
+  struct stat sa {}, sb {};
+  return ::stat(a.c_str(), &sa) == 0 && ::stat(b.c_str(), &sb) == 0 &&
+         sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+// The depth of the node that `name` names (QEMU's "top"/"base" file
+// names): the path it was opened by, or another name of the same file.
+// Snapshot views are not chain members of their own.
+bool find_node(const Graph& g, const std::string& name, size_t* depth) {
+  for (size_t i = 0; i < g.nodes.size(); ++i)
+    if (g.nodes[i]->path == name) return (*depth = i), true;
+  for (size_t i = 0; i < g.nodes.size(); ++i)
+    if (g.nodes[i]->snapshot_id.empty() && same_file(g.nodes[i]->path, name))
+      return (*depth = i), true;
+  return false;
+}
+
+// The backing name to record in the image at `above` for the node at
+// `below`: the name the chain already used for it, when it resolves from
+// `above`'s directory to the same file; else its absolute path.
+std::string backing_name(const Graph& g, size_t above, size_t below) {
+  const BlockNode& b = *g.nodes[below];
+  const fs::path dir = fs::path(g.nodes[above]->path).parent_path();
+  const BlockNode& named_by = *g.nodes[below - 1];
+  if (named_by.image) {
+    const std::string& used = named_by.image->backing_file();
+    fs::path resolved = fs::path(used).is_absolute() ? fs::path(used) : dir / used;
+    if (!used.empty() && same_file(resolved.string(), b.path)) return used;
+  }
+  std::error_code ec;
+  fs::path abs = fs::absolute(b.path, ec);
+  return ec ? b.path : abs.lexically_normal().string();
+}
+
+std::string refuse_shared(const LiveTarget& t, const Graph& g, size_t from,
+                          size_t to) {
+  for (size_t i = from; i <= to && i < g.nodes.size(); ++i) {
+    std::string user = t.other_user ? t.other_user(*g.nodes[i]) : std::string();
+    if (!user.empty())
+      return fmt::format("'{}' is also used by {}; the operation would change "
+                         "what it serves", g.nodes[i]->path, user);
+  }
+  return {};
+}
+
+// Replaces `current` by a graph of `nodes` (same filters, no mirror),
+// provided the export still serves `expected`.
+std::error_code switch_graph(GraphLayer& layer, const Graph* expected,
+                             std::vector<std::shared_ptr<BlockNode>> nodes,
+                             const std::function<std::error_code()>& at_switch = {}) {
+  return layer.change([&](const Graph& current, std::shared_ptr<const Graph>* next) {
+    if (&current != expected) return std::make_error_code(std::errc::device_or_resource_busy);
+    if (at_switch)
+      if (auto ec = at_switch()) return ec;
+    *next = Graph::make(std::move(nodes), current.copy_on_read);
+    return std::error_code{};
+  });
+}
+
+// Writes what the nodes [from, to) hold of [offset, offset + length)
+// into the node at `to` (reading what the graph shows from `from` down).
+// `*failed_op` says which side failed.
+std::error_code copy_down(const Graph& g, size_t from, size_t to,
+                          uint64_t offset, uint64_t length,
+                          std::vector<std::byte>& buf, const char** failed_op,
+                          uint64_t* copied) {
+  BlockNode& target = *g.nodes[to];
+  const size_t below = to + 1;
+  auto below_reader = [&](uint64_t off, std::span<std::byte> b) {
+    return read_graph(g, below, off, b);
+  };
+  while (length > 0) {
+    Extent e;
+    if (auto ec = allocation_between(g, from, to, offset, length, &e)) {
+      *failed_op = "read";
+      return ec;
+    }
+    const uint64_t n = std::min(e.length, length);
+    if (e.depth != 0) {
+      std::error_code ec;
+      if (e.zero) {
+        ec = target.raw ? target.raw->write_zeroes(offset, n)
+                        : target.image->write_zeroes(offset, n, true, below_reader);
+      } else {
+        buf.resize(std::max<size_t>(buf.size(), n));
+        std::span<std::byte> data(buf.data(), n);
+        if ((ec = read_graph(g, from, offset, data))) {
+          *failed_op = "read";
+          return ec;
+        }
+        ec = target.raw ? target.raw->pwrite(data, offset)
+                        : target.image->write(offset, data, below_reader);
+      }
+      if (ec) {
+        *failed_op = "write";
+        return ec;
+      }
+      *copied += n;
+    }
+    offset += n;
+    length -= n;
+  }
+  return {};
+}
+
+// Makes the base hold at least `size` bytes (a commit of larger images
+// into it). What it gains reads as zeros, as it did through the chain.
+std::error_code grow_base(const Graph& g, size_t base, uint64_t size,
+                          GraphLayer& layer, std::string* error) {
+  BlockNode& node = *g.nodes[base];
+  const uint64_t old = node.size;
+  if (old >= size) return {};
+  if (!node.image) {
+    *error = fmt::format("'{}' is smaller than the images committed into it; "
+                         "growing a raw base is not supported", node.path);
+    return std::make_error_code(std::errc::not_supported);
+  }
+  qcow2::Status st = node.image->grow(size);
+  if (!st.ok()) {
+    *error = fmt::format("cannot grow '{}': {}", node.path, st.message());
+    return st.code();
+  }
+  if (base + 1 < g.nodes.size()) {  // not what a longer backing image holds
+    if (auto ec = node.image->write_zeroes(old, size - old, true, qcow2::zero_below())) {
+      *error = fmt::format("cannot grow '{}': {}", node.path, ec.message());
+      return ec;
+    }
+  }
+  // The node's size is read by the graph walk: change it with requests
+  // paused (the ranges it gains are shadowed by the committed images).
+  return layer.change([&](const Graph&, std::shared_ptr<const Graph>*) {
+    node.size = size;
+    return std::error_code{};
+  });
+}
+
+// --- Jobs ----------------------------------------------------------------------
+
+class LiveJob : public BlockJob {
+ public:
+  LiveJob(const LiveTarget& t, std::string id, std::string type,
+          std::shared_ptr<const Graph> g, uint64_t speed, JobObserver* observer)
+      : BlockJob(std::move(id), std::move(type), t.device, observer),
+        target_(t),
+        graph_(std::move(g)),
+        speed_(speed) {}
+
+ protected:
+  // A failure of `op` with `ec` at `what`: reported, and the job's error.
+  std::string io_failure(const char* op, std::error_code ec, const std::string& what) {
+    report_io_error(op);
+    return fmt::format("{}: {}", what, ec.message());
+  }
+
+  LiveTarget target_;
+  std::shared_ptr<const Graph> graph_;
+  uint64_t speed_;
+  std::vector<std::byte> buf_;
+};
+
+class StreamJob final : public LiveJob {
+ public:
+  StreamJob(const LiveTarget& t, std::string id, std::shared_ptr<const Graph> g,
+            size_t base, std::string backing, uint64_t speed, JobObserver* o)
+      : LiveJob(t, std::move(id), "stream", std::move(g), speed, o),
+        base_(base),
+        backing_(std::move(backing)) {}
+
+ protected:
+  std::string run() override {
+    const Graph& g = *graph_;
+    qcow2::Image& top = *g.nodes[0]->image;
+    const uint64_t size = top.size();
+    const uint64_t cs = top.cluster_size();
+    set_len(size);
+    for (uint64_t pos = 0; pos < size;) {
+      if (!checkpoint()) return {};
+      const uint64_t piece = std::min(kCopyPiece, size - pos);
+      uint64_t copied = 0;
+      for (uint64_t at = pos; at < pos + piece;) {
+        Extent e;
+        if (auto ec = allocation_between(g, 0, base_, at, pos + piece - at, &e))
+          return io_failure("read", ec, "reading the chain");
+        // Held by an image that goes (depth 2 and more): into the top, in
+        // whole clusters (populate leaves those a client wrote alone).
+        if (e.depth > 1) {
+          const uint64_t first = at / cs * cs;
+          const uint64_t last = std::min((at + e.length + cs - 1) / cs * cs,
+                                         (size + cs - 1) / cs * cs);
+          buf_.resize(last - first);
+          std::span<std::byte> data(buf_);
+          const uint64_t inside = std::min(last, size) - first;
+          std::fill(buf_.begin() + static_cast<ptrdiff_t>(inside), buf_.end(), std::byte{0});
+          if (auto ec = read_graph(g, 1, first, data.first(inside)))
+            return io_failure("read", ec, "reading the chain");
+          if (auto ec = top.populate(first, data))
+            return io_failure("write", ec, fmt::format("writing '{}'", g.nodes[0]->path));
+          copied += inside;
+        }
+        at += e.length;
+      }
+      pos += piece;
+      add_offset(piece);
+      throttle(copied);
+    }
+    if (!checkpoint()) return {};
+    return finish();
+  }
+
+ private:
+  // The top holds everything the streamed images held: make it durable,
+  // then name the new backing image in one step, then drop them.
+  std::string finish() {
+    const Graph& g = *graph_;
+    qcow2::Image& top = *g.nodes[0]->image;
+    if (auto ec = top.flush()) return io_failure("write", ec, "flushing the top");
+    const bool to_base = base_ < g.nodes.size();
+    const std::string name = !to_base ? "" : backing_.empty() ? backing_name(g, 0, base_) : backing_;
+    const std::string format = to_base ? format_name(g.nodes[base_]->format) : "";
+    qcow2::Status st = top.change_backing_file(name, format);
+    if (!st.ok()) {
+      report_io_error("write");
+      return fmt::format("rewriting the backing file of '{}': {}", g.nodes[0]->path, st.message());
+    }
+    std::vector<std::shared_ptr<BlockNode>> nodes{g.nodes[0]};
+    nodes.insert(nodes.end(), g.nodes.begin() + static_cast<ptrdiff_t>(base_), g.nodes.end());
+    if (auto ec = switch_graph(*target_.layer, &g, std::move(nodes)))
+      return fmt::format("switching the export's graph: {}", ec.message());
+    return {};
+  }
+
+  const size_t base_;  // the first node kept below the top
+  const std::string backing_;
+};
+
+class CommitJob final : public LiveJob {
+ public:
+  CommitJob(const LiveTarget& t, std::string id, std::shared_ptr<const Graph> g,
+            size_t top, size_t base, std::string backing, bool empty,
+            uint64_t speed, JobObserver* o)
+      : LiveJob(t, std::move(id), "commit", std::move(g), speed, o),
+        top_(top),
+        base_(base),
+        backing_(std::move(backing)),
+        empty_(empty) {}
+
+ protected:
+  bool completable() const override { return top_ == 0; }
+
+  std::string run() override {
+    std::string error;
+    const std::shared_ptr<BlockNode> base = graph_->nodes[base_];
+    if (!target_.registry->set_writable(base, true, &error)) return error;
+    if (auto ec = grow_base(*graph_, base_, graph_->nodes[top_]->size, *target_.layer, &error)) {
+      restore_base();
+      return error;
+    }
+    error = top_ == 0 ? run_active() : run_intermediate();
+    restore_base();
+    return error;
+  }
+
+ private:
+  void restore_base() {
+    // After a pivot the base is the export's top and stays writable.
+    if (pivoted_) return;
+    std::string error;
+    if (!target_.registry->set_writable(graph_->nodes[base_], false, &error))
+      std::fprintf(stderr, "layerd: job %s: %s\n", id().c_str(), error.c_str());
+  }
+
+  // Copies what [from, base) holds of the whole disk into the base.
+  std::string copy_all(const Graph& g, size_t from) {
+    const uint64_t size = g.nodes[from]->size;
+    set_len(size);
+    for (uint64_t pos = 0; pos < size;) {
+      if (!checkpoint()) return {};
+      const uint64_t piece = std::min(kCopyPiece, size - pos);
+      const char* op = "read";
+      uint64_t copied = 0;
+      if (auto ec = copy_down(g, from, base_, pos, piece, buf_, &op, &copied))
+        return io_failure(op, ec, fmt::format("committing into '{}'", g.nodes[base_]->path));
+      pos += piece;
+      add_offset(piece);
+      throttle(copied);
+    }
+    return {};
+  }
+
+  std::string run_intermediate() {
+    const Graph& g = *graph_;
+    std::string error = copy_all(g, top_);
+    if (!error.empty() || cancelled()) return error;
+    // The base holds it all: durable first, then the image above `top`
+    // names the base, then the graph drops what was committed.
+    if (auto ec = g.nodes[base_]->image ? g.nodes[base_]->image->flush()
+                                        : g.nodes[base_]->raw->flush())
+      return io_failure("write", ec, "flushing the base");
+    const size_t above = top_ - 1;
+    const std::shared_ptr<BlockNode> above_node = g.nodes[above];
+    const bool reopen_above = !above_node->writable;
+    if (reopen_above && !target_.registry->set_writable(above_node, true, &error))
+      return error;
+    const std::string name = backing_.empty() ? backing_name(g, above, base_) : backing_;
+    qcow2::Status st = above_node->image->change_backing_file(
+        name, format_name(g.nodes[base_]->format));
+    if (reopen_above) {
+      std::string ignored;
+      (void)target_.registry->set_writable(above_node, false, &ignored);
+    }
+    if (!st.ok()) {
+      report_io_error("write");
+      return fmt::format("rewriting the backing file of '{}': {}", above_node->path, st.message());
+    }
+    std::vector<std::shared_ptr<BlockNode>> nodes(g.nodes.begin(),
+                                                  g.nodes.begin() + static_cast<ptrdiff_t>(top_));
+    nodes.insert(nodes.end(), g.nodes.begin() + static_cast<ptrdiff_t>(base_), g.nodes.end());
+    if (auto ec = switch_graph(*target_.layer, &g, std::move(nodes)))
+      return fmt::format("switching the export's graph: {}", ec.message());
+    return {};
+  }
+
+  // --- Active commit ---------------------------------------------------------
+
+  // Copies the dirty ranges from `from` on (all of them with `all`);
+  // `locked`: under the mirror's range lock (sync mode).
+  std::string copy_dirty(const Graph& g, Mirror& m, bool throttled, bool locked) {
+    uint64_t cursor = 0, offset = 0, length = 0;
+    while (m.take_dirty(cursor, kCopyPiece, &offset, &length)) {
+      if (throttled && !checkpoint()) return {};
+      const char* op = "read";
+      uint64_t copied = 0;
+      if (locked) m.lock_range(offset, length);
+      std::error_code ec = copy_down(g, 0, base_, offset, length, buf_, &op, &copied);
+      if (locked) m.unlock_range(offset, length);
+      if (ec) {
+        m.mark_dirty(offset, length);
+        return io_failure(op, ec, fmt::format("committing into '{}'", g.nodes[base_]->path));
+      }
+      cursor = offset + length;
+      add_offset(length);
+      set_len(std::max(len_now(), offset_done() + m.dirty_bytes()));
+      if (throttled) throttle(copied);
+    }
+    return {};
+  }
+
+  // Installs the mirror (tracking), marks everything the images above
+  // the base hold as dirty, and copies until little is left; then, with
+  // requests paused, the rest, and turns to sync mode.
+  std::string run_active() {
+    auto mirror = std::make_shared<Mirror>(graph_->nodes[base_], base_,
+                                           graph_->nodes[0]->size, kMirrorGranularity);
+    std::shared_ptr<const Graph> mirrored;
+    std::error_code ec = target_.layer->change(
+        [&](const Graph& current, std::shared_ptr<const Graph>* next) {
+          if (&current != graph_.get())
+            return std::make_error_code(std::errc::device_or_resource_busy);
+          auto g = std::make_shared<Graph>(current);
+          g->mirror = mirror;
+          mirrored = g;
+          *next = g;
+          return std::error_code{};
+        });
+    if (ec) return fmt::format("installing the mirror: {}", ec.message());
+    const Graph& g = *mirrored;
+    std::string error = mark_allocated(g, *mirror);
+    while (error.empty() && !cancelled()) {
+      error = copy_dirty(g, *mirror, true, false);
+      if (!error.empty() || cancelled()) break;
+      if (mirror->dirty_bytes() > kSyncThreshold) continue;
+      ec = target_.layer->change([&](const Graph& current, std::shared_ptr<const Graph>*) {
+        if (&current != &g) return std::make_error_code(std::errc::device_or_resource_busy);
+        error = copy_dirty(g, *mirror, false, false);
+        if (error.empty()) mirror->set_sync(true);
+        return std::error_code{};
+      });
+      if (ec) error = fmt::format("entering sync: {}", ec.message());
+      break;
+    }
+    if (!error.empty() || cancelled()) {
+      drop_mirror(g);
+      return error;
+    }
+    std::string sync_error;
+    ReadyEnd end = wait_ready([&] { return copy_dirty(g, *mirror, false, true); }, &sync_error);
+    if (end == ReadyEnd::Complete) return empty_ ? empty_top(g) : pivot(g);
+    drop_mirror(g);
+    return end == ReadyEnd::Error ? sync_error : std::string();
+  }
+
+  std::string mark_allocated(const Graph& g, Mirror& m) {
+    const uint64_t size = g.nodes[0]->size;
+    for (uint64_t pos = 0; pos < size;) {
+      Extent e;
+      if (auto ec = allocation_between(g, 0, base_, pos, size - pos, &e))
+        return io_failure("read", ec, "reading the chain");
+      if (e.depth != 0) m.mark_dirty(pos, e.length);
+      pos += e.length;
+    }
+    set_len(m.dirty_bytes());
+    return {};
+  }
+
+  void drop_mirror(const Graph& g) {
+    (void)switch_graph(*target_.layer, &g,
+                       std::vector<std::shared_ptr<BlockNode>>(graph_->nodes));
+  }
+
+  std::error_code flush_base(const Graph& g) {
+    BlockNode& b = *g.nodes[base_];
+    return b.image ? b.image->flush() : b.raw->flush();
+  }
+
+  // The base is in sync: it becomes the export's top.
+  std::string pivot(const Graph& g) {
+    if (auto ec = flush_base(g)) {
+      drop_mirror(g);
+      return io_failure("write", ec, "flushing the base");
+    }
+    std::vector<std::shared_ptr<BlockNode>> nodes(g.nodes.begin() + static_cast<ptrdiff_t>(base_),
+                                                  g.nodes.end());
+    if (auto ec = switch_graph(*target_.layer, &g, std::move(nodes))) {
+      drop_mirror(g);
+      return fmt::format("pivoting: {}", ec.message());
+    }
+    pivoted_ = true;
+    return {};
+  }
+
+  // The base is in sync: the top stays the export's top, over the base,
+  // and is emptied (its data lives in the base now). In order, each step
+  // keeping the content: the base durable, the top's backing name, then
+  // the emptying.
+  std::string empty_top(const Graph& g) {
+    if (auto ec = flush_base(g)) {
+      drop_mirror(g);
+      return io_failure("write", ec, "flushing the base");
+    }
+    qcow2::Image& top = *g.nodes[0]->image;
+    std::string error;
+    std::vector<std::shared_ptr<BlockNode>> nodes{g.nodes[0]};
+    nodes.insert(nodes.end(), g.nodes.begin() + static_cast<ptrdiff_t>(base_), g.nodes.end());
+    auto ec = switch_graph(*target_.layer, &g, std::move(nodes), [&]() -> std::error_code {
+      if (auto e = flush_base(g)) {
+        error = io_failure("write", e, "flushing the base");
+        return e;
+      }
+      if (base_ > 1) {
+        qcow2::Status st = top.change_backing_file(
+            backing_.empty() ? backing_name(g, 0, base_) : backing_,
+            format_name(g.nodes[base_]->format));
+        if (!st.ok()) {
+          error = fmt::format("rewriting the backing file of '{}': {}", g.nodes[0]->path, st.message());
+          return st.code();
+        }
+      }
+      qcow2::Status st = top.make_empty();
+      if (!st.ok()) {
+        error = fmt::format("emptying '{}': {}", g.nodes[0]->path, st.message());
+        return st.code();
+      }
+      return {};
+    });
+    if (ec) {
+      drop_mirror(g);
+      return error.empty() ? fmt::format("emptying: {}", ec.message()) : error;
+    }
+    return {};
+  }
+
+  const size_t top_, base_;
+  const std::string backing_;
+  const bool empty_;
+  bool pivoted_ = false;
+};
+
+std::string job_id_for(const std::string& asked, const LiveTarget& t) {
+  return asked.empty() ? t.device : asked;
+}
+
+// Common refusals: a writable qcow2 chain served through a graph.
+std::shared_ptr<const Graph> job_graph(const LiveTarget& t, std::string* error) {
+  if (!t.layer) {
+    *error = fmt::format("export '{}' is not a qcow2 chain (a raw image is served "
+                         "directly; its graph cannot change)", t.device);
+    return nullptr;
+  }
+  if (!t.layer->capabilities().writable) {
+    *error = fmt::format("export '{}' is read-only", t.device);
+    return nullptr;
+  }
+  auto g = t.layer->graph();
+  if (g->mirror) {
+    *error = fmt::format("export '{}' has a job running", t.device);
+    return nullptr;
+  }
+  return g;
+}
+
+}  // namespace
+
+bool live_snapshot(const LiveTarget& t, const SnapshotRequest& r, std::string* error) {
+  std::shared_ptr<const Graph> g = job_graph(t, error);
+  if (!g) return false;
+  const std::shared_ptr<BlockNode> old_top = g->nodes[0];
+  if (r.format != "qcow2") {
+    *error = fmt::format("snapshot format '{}' is not supported (only qcow2)", r.format);
+    return false;
+  }
+  if (r.file.empty()) {
+    *error = "Parameter 'snapshot-file' is missing";
+    return false;
+  }
+  std::error_code ec;
+  const std::string backing = fs::absolute(old_top->path, ec).lexically_normal().string();
+  if (!r.existing) {
+    if (fs::exists(r.file, ec)) {
+      *error = fmt::format("'{}' already exists; remove it or use mode 'existing'", r.file);
+      return false;
+    }
+    FileOptions fo{.mode = OpenMode::ReadWrite, .create = true};
+    auto file = open_posix_file(r.file, fo, ec);
+    if (!file) {
+      *error = fmt::format("cannot create '{}': {}", r.file, ec.message());
+      return false;
+    }
+    qcow2::CreateOptions co;
+    co.size = old_top->size;
+    co.backing_file = backing;
+    co.backing_format = format_name(old_top->format);
+    qcow2::Status st = qcow2::Image::create(*file, co);
+    if (st.ok() && (ec = file->flush())) st = qcow2::Status::IoError(ec, "flush");
+    if (!st.ok()) {
+      fs::remove(r.file, ec);
+      *error = fmt::format("cannot create '{}': {}", r.file, st.message());
+      return false;
+    }
+  }
+  NodeOptions no;
+  no.writable = true;
+  std::shared_ptr<BlockNode> node =
+      t.registry->open(r.file, ImageFormat::Qcow2, no, error);
+  if (!node) return false;
+  auto fail = [&](std::string why) {
+    *error = std::move(why);
+    if (!r.existing) {
+      node.reset();
+      std::error_code ignored;
+      fs::remove(r.file, ignored);
+    }
+    return false;
+  };
+  if (node == old_top) return fail(fmt::format("'{}' is the active image", r.file));
+  if (node->size != old_top->size)
+    return fail(fmt::format("'{}' is {} bytes, the export {}", r.file, node->size, old_top->size));
+  if (r.existing) {
+    const std::string& named = node->image->backing_file();
+    fs::path resolved = fs::path(named).is_absolute()
+                            ? fs::path(named)
+                            : fs::path(r.file).parent_path() / named;
+    if (named.empty() || !same_file(resolved.string(), old_top->path))
+      return fail(fmt::format("'{}' does not have '{}' as its backing file", r.file,
+                              old_top->path));
+  }
+  // Most of the old top's pending metadata goes to disk before requests
+  // pause; what is left is flushed while they wait.
+  if (auto e = old_top->image->flush())
+    return fail(fmt::format("flushing '{}': {}", old_top->path, e.message()));
+  std::vector<std::shared_ptr<BlockNode>> nodes{node};
+  nodes.insert(nodes.end(), g->nodes.begin(), g->nodes.end());
+  ec = switch_graph(*t.layer, g.get(), std::move(nodes),
+                    [&] { return old_top->image->flush(); });
+  if (ec) return fail(fmt::format("switching to '{}': {}", r.file, ec.message()));
+  t.registry->mark_backing(old_top, r.file);
+  std::string why;
+  if (!t.registry->set_writable(old_top, false, &why))
+    std::fprintf(stderr, "layerd: after the snapshot: %s\n", why.c_str());
+  return true;
+}
+
+std::unique_ptr<BlockJob> start_stream(const LiveTarget& t, const StreamRequest& r,
+                                       JobObserver* observer, std::string* error) {
+  std::shared_ptr<const Graph> g = job_graph(t, error);
+  if (!g) return nullptr;
+  size_t base = g->nodes.size();
+  if (!r.base.empty()) {
+    if (!find_node(*g, r.base, &base) || base == 0) {
+      *error = fmt::format("Can't find '{}' in the backing chain", r.base);
+      return nullptr;
+    }
+  }
+  if (!g->nodes[0]->image->has_zero_clusters() && base < g->nodes.size()) {
+    *error = fmt::format("'{}' is a version 2 image, which cannot record the zeros "
+                         "of a stream that keeps a base", g->nodes[0]->path);
+    return nullptr;
+  }
+  if (auto why = refuse_shared(t, *g, 1, base - 1); !why.empty()) {
+    *error = why;
+    return nullptr;
+  }
+  auto job = std::make_unique<StreamJob>(t, job_id_for(r.job_id, t), g, base,
+                                         r.backing_file, r.speed, observer);
+  job->start(r.speed);
+  return job;
+}
+
+std::unique_ptr<BlockJob> start_commit(const LiveTarget& t, const CommitRequest& r,
+                                       JobObserver* observer, std::string* error) {
+  std::shared_ptr<const Graph> g = job_graph(t, error);
+  if (!g) return nullptr;
+  size_t top = 0, base = g->nodes.size() - 1;
+  if (!r.top.empty() && !find_node(*g, r.top, &top)) {
+    *error = fmt::format("Top image file {} not found", r.top);
+    return nullptr;
+  }
+  if (!r.base.empty() && !find_node(*g, r.base, &base)) {
+    *error = fmt::format("Can't find '{}' in the backing chain", r.base);
+    return nullptr;
+  }
+  if (top == base) {
+    *error = "cannot commit an image into itself";
+    return nullptr;
+  }
+  if (base < top) {
+    *error = fmt::format("'{}' is not below '{}' in the backing chain",
+                         g->nodes[base]->path, g->nodes[top]->path);
+    return nullptr;
+  }
+  if (r.empty && top != 0) {
+    *error = "'empty' needs an active commit (no 'top', or the active image)";
+    return nullptr;
+  }
+  if (!g->nodes[base]->snapshot_id.empty()) {
+    *error = fmt::format("'{}' is an internal snapshot, which cannot be written",
+                         g->nodes[base]->path);
+    return nullptr;
+  }
+  if (top == 0 && g->nodes[base]->size > g->nodes[0]->size) {
+    *error = fmt::format("'{}' is larger than the active image; pivoting to it "
+                         "would change the export's size", g->nodes[base]->path);
+    return nullptr;
+  }
+  if (auto why = refuse_shared(t, *g, top, base); !why.empty()) {
+    *error = why;
+    return nullptr;
+  }
+  auto job = std::make_unique<CommitJob>(t, job_id_for(r.job_id, t), g, top, base,
+                                         r.backing_file, r.empty, r.speed, observer);
+  job->start(r.speed);
+  return job;
+}
+
+}  // namespace layerd

@@ -1,0 +1,475 @@
+// Live chain operations end to end: layerd with a QMP socket, a client
+// doing verified I/O the whole time (every read compared with a model of
+// the disk that every acknowledged write updated), and qemu-img as the
+// oracle for the files afterwards: live snapshots, stream, intermediate
+// commit, active commit with pivot and with cancel, commit-and-empty, and
+// the refusals.
+#include <unistd.h>
+
+#include <atomic>
+#include <random>
+#include <thread>
+
+#include <boost/json.hpp>
+
+#include "server/layerctl/qmp_client.h"
+#include "tests/server/harness.h"
+#include "tests/server/qcow2_tools.h"
+
+namespace layerd::test {
+namespace {
+
+namespace json = boost::json;
+using ctl::QmpClient;
+using qcow2e2e::run_expect;
+
+constexpr uint64_t kDisk = 8 << 20;
+constexpr uint32_t kBlock = 4096;
+
+// One libnbd connection that writes and reads random 4 KiB-aligned ranges
+// and checks every read against its model of the disk, on a thread of its
+// own, until stopped.
+class VerifiedClient {
+ public:
+  VerifiedClient(nbd_handle* h, uint32_t seed) : h_(h), rng_(seed) {
+    model_.resize(kDisk);
+    EXPECT_EQ(nbd_pread(h_, model_.data(), kDisk, 0, 0), 0) << nbd_error_text();
+  }
+  ~VerifiedClient() { stop(); }
+
+  void start() {
+    thread_ = std::thread([this] { loop(); });
+  }
+  // Stops the thread and returns the model.
+  const std::vector<uint8_t>& stop() {
+    running_ = false;
+    if (thread_.joinable()) thread_.join();
+    return model_;
+  }
+  uint64_t ops() const { return ops_.load(); }
+  // Waits until at least `n` more operations completed.
+  void wait_ops(uint64_t n) {
+    uint64_t target = ops() + n;
+    wait_until([&] { return ops() >= target || !failure_.empty(); }, 60s);
+  }
+  std::string failure() const { return failure_; }
+  const std::vector<uint8_t>& model() const { return model_; }
+
+ private:
+  void loop() {
+    std::vector<uint8_t> buf;
+    while (running_ && failure_.empty()) {
+      const uint64_t blocks = 1 + rng_() % 32;
+      const uint64_t offset = (rng_() % (kDisk / kBlock - blocks)) * kBlock;
+      const size_t len = blocks * kBlock;
+      buf.resize(len);
+      switch (rng_() % 4) {
+        case 0: {  // write
+          const uint8_t v = static_cast<uint8_t>(rng_());
+          for (size_t i = 0; i < len; ++i) buf[i] = static_cast<uint8_t>(v + i / 512);
+          if (nbd_pwrite(h_, buf.data(), len, offset, 0) != 0) {
+            failure_ = "write failed: " + nbd_error_text();
+            break;
+          }
+          std::copy(buf.begin(), buf.end(), model_.begin() + static_cast<ptrdiff_t>(offset));
+          break;
+        }
+        case 1:
+          if (rng_() % 4 == 0) {  // zero
+            if (nbd_zero(h_, len, offset, 0) != 0) {
+              failure_ = "zero failed: " + nbd_error_text();
+              break;
+            }
+            std::fill_n(model_.begin() + static_cast<ptrdiff_t>(offset), len, 0);
+            break;
+          }
+          [[fallthrough]];
+        default: {  // read and verify
+          if (nbd_pread(h_, buf.data(), len, offset, 0) != 0) {
+            failure_ = "read failed: " + nbd_error_text();
+            break;
+          }
+          int64_t d = first_difference(
+              buf, std::span<const uint8_t>(model_.data() + offset, len));
+          if (d >= 0)
+            failure_ = "read at " + std::to_string(offset + static_cast<uint64_t>(d)) +
+                       " returned " + std::to_string(buf[d]) + ", expected " +
+                       std::to_string(model_[offset + d]);
+        }
+      }
+      ops_.fetch_add(1);
+    }
+  }
+
+  nbd_handle* h_;
+  std::mt19937_64 rng_;
+  std::vector<uint8_t> model_;
+  std::atomic<bool> running_{true};
+  std::atomic<uint64_t> ops_{0};
+  std::string failure_;
+  std::thread thread_;
+};
+
+class LiveJobs : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (server_is_qemu_nbd()) GTEST_SKIP() << "layerd's control socket";
+  }
+  void TearDown() override {
+    qmp_.reset();
+    if (server_.running()) server_.stop();
+  }
+
+  std::string path(const std::string& name) const { return (dir_.path() / name).string(); }
+
+  // base (0x11 over 0..4M) <- mid (0x22 at 2M..3M, zeros at 3.5M..4M)
+  // <- top (0x33 at 3M..3.5M), 8 MiB each.
+  void make_chain() {
+    run_expect({"qemu-img", "create", "-q", "-f", "qcow2", path("base.qcow2"), "8M"});
+    run_expect({"qemu-io", "-c", "write -P 0x11 0 4M", path("base.qcow2")});
+    run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                path("mid.qcow2")});
+    run_expect({"qemu-io", "-c", "write -P 0x22 2M 1M", "-c", "write -z 3584k 512k",
+                path("mid.qcow2")});
+    run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
+                path("top.qcow2")});
+    run_expect({"qemu-io", "-c", "write -P 0x33 3M 512k", path("top.qcow2")});
+  }
+
+  void start_server(const std::string& file, std::vector<std::string> extra = {}) {
+    ServerOptions o;
+    o.args = {"-t", "-e", "0", "-f", "qcow2", "-x", "disk", "-k", socket().string(),
+              "--qmp", qmp_socket().string()};
+    o.args.insert(o.args.end(), extra.begin(), extra.end());
+    o.args.push_back(file);
+    o.unix_socket = socket();
+    o.log_file = dir_.path() / "server.log";
+    ASSERT_TRUE(server_.start(o)) << server_.error();
+    ASSERT_TRUE(wait_until([&] { return unix_socket_listening(qmp_socket()); }, 10s));
+    qmp_ = std::make_unique<QmpClient>(qmp_socket().string());
+  }
+
+  fs::path socket() const { return dir_.path() / "nbd.sock"; }
+  fs::path qmp_socket() const { return dir_.path() / "qmp.sock"; }
+
+  Nbd connect() {
+    return nbd_connect_to_unix(socket(), [](nbd_handle* h) { nbd_set_export_name(h, "disk"); });
+  }
+
+  json::value execute(const std::string& cmd, json::object args = {}) {
+    return qmp_->execute(cmd, args);
+  }
+  // The QMP error text of `cmd`, failing the test if it succeeds.
+  std::string refused(const std::string& cmd, json::object args) {
+    try {
+      qmp_->execute(cmd, args);
+    } catch (const ctl::QmpError& e) {
+      return e.desc;
+    }
+    ADD_FAILURE() << cmd << " " << json::serialize(args) << " was accepted";
+    return {};
+  }
+
+  // Waits for event `name` of job `id`; returns its data.
+  json::object wait_event(const std::string& name, const std::string& id = "disk",
+                          Millis timeout = 60s) {
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < deadline) {
+      auto ev = qmp_->next_event(std::chrono::duration_cast<std::chrono::milliseconds>(
+          deadline - std::chrono::steady_clock::now()));
+      if (!ev) break;
+      events_.push_back(json::serialize(*ev));
+      if ((*ev)["event"].as_string() != name) continue;
+      json::object data = (*ev)["data"].as_object();
+      const char* key = name == "JOB_STATUS_CHANGE" ? "id" : "device";
+      if (data.contains(key) && data[key].as_string() == id) return data;
+    }
+    ADD_FAILURE() << "no " << name << " for " << id << "; events: " << ::testing::PrintToString(events_);
+    return {};
+  }
+
+  // The guest view of `file` (its chain) as qemu-img reads it.
+  std::vector<uint8_t> qemu_view(const std::string& file) {
+    const std::string out = path("view.raw");
+    run_expect({"qemu-img", "convert", "-U", "-O", "raw", file, out});
+    auto data = read_file_range(out, 0, kDisk);
+    fs::remove(out);
+    return data;
+  }
+
+  void expect_clean(const std::string& file) {
+    RunResult r = run({"qemu-img", "check", "-U", file});
+    EXPECT_EQ(r.exit_code, 0) << file << ": " << r.out << r.err;
+  }
+
+  std::string backing_of(const std::string& file) {
+    RunResult r = run_expect({"qemu-img", "info", "-U", "--output=json", file});
+    json::object o = json::parse(r.out).as_object();
+    return o.contains("backing-filename") ? std::string(o["backing-filename"].as_string()) : "";
+  }
+
+  TempDir dir_;
+  Server server_;
+  std::unique_ptr<QmpClient> qmp_;
+  std::vector<std::string> events_;
+};
+
+TEST_F(LiveJobs, SnapshotsSwitchToNewOverlaysWithoutFailingARequest) {
+  make_chain();
+  ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+  Nbd h = connect();
+  VerifiedClient client(h.get(), 1);
+  client.start();
+  for (const char* name : {"sn1.qcow2", "sn2.qcow2", "cur.qcow2"}) {
+    client.wait_ops(200);
+    execute("blockdev-snapshot-sync",
+            {{"device", "disk"}, {"snapshot-file", path(name)}, {"format", "qcow2"}});
+  }
+  client.wait_ops(300);
+  const auto model = client.stop();
+  ASSERT_EQ(client.failure(), "");
+  // The chain: cur <- sn2 <- sn1 <- top <- mid <- base, as query-block says.
+  json::value blocks = execute("query-block");
+  json::object image = blocks.as_array()[0].as_object()["inserted"].as_object()["image"].as_object();
+  std::vector<std::string> chain;
+  for (json::object* i = &image;;) {
+    chain.push_back(std::string(fs::path(std::string((*i)["filename"].as_string())).filename()));
+    if (!i->contains("backing-image")) break;
+    i = &(*i)["backing-image"].as_object();
+  }
+  EXPECT_EQ(chain, (std::vector<std::string>{"cur.qcow2", "sn2.qcow2", "sn1.qcow2",
+                                             "top.qcow2", "mid.qcow2", "base.qcow2"}));
+  h.reset();
+  qmp_.reset();
+  EXPECT_EQ(server_.stop(), 0) << server_.log();
+  for (const char* f : {"sn1.qcow2", "sn2.qcow2", "cur.qcow2", "top.qcow2"}) expect_clean(path(f));
+  EXPECT_EQ(backing_of(path("cur.qcow2")), path("sn2.qcow2"));
+  EXPECT_EQ(qemu_view(path("cur.qcow2")), model);
+}
+
+TEST_F(LiveJobs, StreamPullsTheChainIntoTheTopWhileClientsWrite) {
+  make_chain();
+  ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+  const auto before = qemu_view(path("top.qcow2"));
+  Nbd h = connect();
+  VerifiedClient client(h.get(), 2);
+  client.start();
+  client.wait_ops(100);
+  // Slow enough that the client's I/O runs across the whole copy.
+  execute("block-stream", {{"device", "disk"}, {"speed", 8 << 20}});
+  json::value jobs = execute("query-block-jobs");
+  ASSERT_EQ(jobs.as_array().size(), 1u);
+  EXPECT_EQ(jobs.as_array()[0].as_object()["type"].as_string(), "stream");
+  json::object done = wait_event("BLOCK_JOB_COMPLETED");
+  EXPECT_FALSE(done.contains("error")) << json::serialize(done);
+  EXPECT_EQ(done["offset"].to_number<uint64_t>(), kDisk);
+  client.wait_ops(100);
+  const auto model = client.stop();
+  ASSERT_EQ(client.failure(), "");
+  h.reset();
+  qmp_.reset();
+  EXPECT_EQ(server_.stop(), 0) << server_.log();
+  expect_clean(path("top.qcow2"));
+  EXPECT_EQ(backing_of(path("top.qcow2")), "");
+  EXPECT_EQ(qemu_view(path("top.qcow2")), model);
+  EXPECT_NE(before, model);  // the client did write
+}
+
+TEST_F(LiveJobs, StreamToABaseKeepsTheBaseBelow) {
+  make_chain();
+  ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+  Nbd h = connect();
+  VerifiedClient client(h.get(), 3);
+  client.start();
+  execute("block-stream", {{"device", "disk"}, {"base", path("base.qcow2")}});
+  json::object done = wait_event("BLOCK_JOB_COMPLETED");
+  EXPECT_FALSE(done.contains("error")) << json::serialize(done);
+  client.wait_ops(200);
+  const auto model = client.stop();
+  ASSERT_EQ(client.failure(), "");
+  h.reset();
+  qmp_.reset();
+  EXPECT_EQ(server_.stop(), 0) << server_.log();
+  expect_clean(path("top.qcow2"));
+  EXPECT_EQ(backing_of(path("top.qcow2")), "base.qcow2");
+  EXPECT_EQ(qemu_view(path("top.qcow2")), model);
+}
+
+TEST_F(LiveJobs, IntermediateCommitShortensTheChainWhileClientsWrite) {
+  make_chain();
+  const auto base_view = qemu_view(path("base.qcow2"));
+  ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+  Nbd h = connect();
+  VerifiedClient client(h.get(), 4);
+  client.start();
+  client.wait_ops(100);
+  execute("block-commit", {{"device", "disk"}, {"top", path("mid.qcow2")},
+                           {"base", path("base.qcow2")}, {"speed", 4 << 20}});
+  json::object done = wait_event("BLOCK_JOB_COMPLETED");
+  EXPECT_FALSE(done.contains("error")) << json::serialize(done);
+  client.wait_ops(200);
+  const auto model = client.stop();
+  ASSERT_EQ(client.failure(), "");
+  json::value blocks = execute("query-block");
+  EXPECT_EQ(blocks.as_array()[0].as_object()["inserted"].as_object()["backing_file_depth"].to_number<uint64_t>(), 1u);
+  h.reset();
+  qmp_.reset();
+  EXPECT_EQ(server_.stop(), 0) << server_.log();
+  for (const char* f : {"top.qcow2", "base.qcow2"}) expect_clean(path(f));
+  EXPECT_EQ(backing_of(path("top.qcow2")), "base.qcow2");
+  EXPECT_EQ(qemu_view(path("top.qcow2")), model);
+  // The base now holds what mid held: 0x22 at 2M..3M, zeros at 3.5M..4M.
+  auto base_after = qemu_view(path("base.qcow2"));
+  EXPECT_EQ(base_after[2 << 20], 0x22);
+  EXPECT_EQ(base_after[(3 << 20) + (600 << 10)], 0);
+  EXPECT_EQ(base_after[0], base_view[0]);
+}
+
+// Seed 004's picture, at the chain's granularity: the guest view before,
+// after phase one (base == guest view), after a write E, and after the
+// pivot (the export reads the base alone).
+TEST_F(LiveJobs, ActiveCommitMirrorsWritesAndPivotsToTheBase) {
+  make_chain();
+  ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+  Nbd h = connect();
+  VerifiedClient client(h.get(), 5);
+  client.start();
+  client.wait_ops(100);
+  execute("block-commit", {{"device", "disk"}, {"base", path("base.qcow2")}});
+  wait_event("BLOCK_JOB_READY");
+  // In sync: every write from now on reaches the base too.
+  client.wait_ops(300);
+  json::value jobs = execute("query-block-jobs");
+  EXPECT_TRUE(jobs.as_array()[0].as_object()["ready"].as_bool());
+  execute("block-job-complete", {{"device", "disk"}});
+  json::object done = wait_event("BLOCK_JOB_COMPLETED");
+  EXPECT_FALSE(done.contains("error")) << json::serialize(done);
+  client.wait_ops(200);
+  const auto model = client.stop();
+  ASSERT_EQ(client.failure(), "");
+  json::value blocks = execute("query-block");
+  json::object inserted = blocks.as_array()[0].as_object()["inserted"].as_object();
+  EXPECT_EQ(inserted["file"].as_string(), path("base.qcow2"));
+  EXPECT_EQ(inserted["backing_file_depth"].to_number<uint64_t>(), 0u);
+  h.reset();
+  qmp_.reset();
+  EXPECT_EQ(server_.stop(), 0) << server_.log();
+  expect_clean(path("base.qcow2"));
+  EXPECT_EQ(qemu_view(path("base.qcow2")), model);
+}
+
+TEST_F(LiveJobs, CancellingAReadyActiveCommitKeepsTheChain) {
+  make_chain();
+  ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+  Nbd h = connect();
+  VerifiedClient client(h.get(), 6);
+  client.start();
+  execute("block-commit", {{"device", "disk"}});
+  wait_event("BLOCK_JOB_READY");
+  client.wait_ops(200);
+  execute("block-job-cancel", {{"device", "disk"}});
+  // Without force, a ready job ends as completed, without the pivot.
+  json::object done = wait_event("BLOCK_JOB_COMPLETED");
+  EXPECT_FALSE(done.contains("error")) << json::serialize(done);
+  client.wait_ops(200);
+  const auto model = client.stop();
+  ASSERT_EQ(client.failure(), "");
+  json::value blocks = execute("query-block");
+  EXPECT_EQ(blocks.as_array()[0].as_object()["inserted"].as_object()["file"].as_string(),
+            path("top.qcow2"));
+  h.reset();
+  qmp_.reset();
+  EXPECT_EQ(server_.stop(), 0) << server_.log();
+  for (const char* f : {"top.qcow2", "mid.qcow2", "base.qcow2"}) expect_clean(path(f));
+  EXPECT_EQ(qemu_view(path("top.qcow2")), model);
+}
+
+TEST_F(LiveJobs, CommitAndEmptyKeepsTheTopActiveAndEmpty) {
+  make_chain();
+  ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+  Nbd h = connect();
+  VerifiedClient client(h.get(), 7);
+  client.start();
+  client.wait_ops(200);
+  execute("block-commit", {{"device", "disk"}, {"empty", true}});
+  wait_event("BLOCK_JOB_READY");
+  client.wait_ops(200);
+  execute("block-job-complete", {{"device", "disk"}});
+  json::object done = wait_event("BLOCK_JOB_COMPLETED");
+  EXPECT_FALSE(done.contains("error")) << json::serialize(done);
+  // The top is still the active image, now directly over the base.
+  json::value blocks = execute("query-block");
+  json::object inserted = blocks.as_array()[0].as_object()["inserted"].as_object();
+  EXPECT_EQ(inserted["file"].as_string(), path("top.qcow2"));
+  EXPECT_EQ(inserted["backing_file_depth"].to_number<uint64_t>(), 1u);
+  client.wait_ops(200);
+  const auto model = client.stop();
+  ASSERT_EQ(client.failure(), "");
+  h.reset();
+  qmp_.reset();
+  EXPECT_EQ(server_.stop(), 0) << server_.log();
+  for (const char* f : {"top.qcow2", "base.qcow2"}) expect_clean(path(f));
+  EXPECT_EQ(backing_of(path("top.qcow2")), "base.qcow2");
+  EXPECT_EQ(qemu_view(path("top.qcow2")), model);
+}
+
+TEST_F(LiveJobs, RefusesWhatCannotBeDone) {
+  make_chain();
+  ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+  EXPECT_NE(refused("block-commit", {{"device", "disk"}, {"top", path("base.qcow2")},
+                                     {"base", path("base.qcow2")}}), "");
+  EXPECT_NE(refused("block-commit", {{"device", "disk"}, {"top", path("nothere.qcow2")}})
+                .find("not found"), std::string::npos);
+  EXPECT_NE(refused("block-stream", {{"device", "disk"}, {"base", path("nothere.qcow2")}}), "");
+  EXPECT_NE(refused("block-commit", {{"device", "nosuch"}}).find("not found"), std::string::npos);
+  EXPECT_NE(refused("block-commit", {{"device", "disk"}, {"top", path("base.qcow2")},
+                                     {"base", path("mid.qcow2")}}), "");
+  EXPECT_NE(refused("block-job-cancel", {{"device", "nojob"}}), "");
+  // One job per chain.
+  execute("block-stream", {{"device", "disk"}, {"speed", 1 << 20}});
+  EXPECT_NE(refused("block-commit", {{"device", "disk"}, {"top", path("mid.qcow2")}})
+                .find("busy"), std::string::npos);
+  EXPECT_NE(refused("blockdev-snapshot-sync", {{"device", "disk"},
+                                               {"snapshot-file", path("s.qcow2")}}), "");
+  EXPECT_NE(refused("block-job-complete", {{"device", "disk"}}), "");
+  execute("block-job-cancel", {{"device", "disk"}, {"force", true}});
+  wait_event("BLOCK_JOB_CANCELLED");
+  // The chain is as it was.
+  json::value blocks = execute("query-block");
+  EXPECT_EQ(blocks.as_array()[0].as_object()["inserted"].as_object()["backing_file_depth"].to_number<uint64_t>(), 2u);
+}
+
+TEST_F(LiveJobs, RefusesJobsOnReadOnlyExports) {
+  make_chain();
+  ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2"), {"-r"}));
+  EXPECT_NE(refused("block-stream", {{"device", "disk"}}).find("read-only"), std::string::npos);
+  EXPECT_NE(refused("blockdev-snapshot-sync",
+                    {{"device", "disk"}, {"snapshot-file", path("s.qcow2")}})
+                .find("read-only"), std::string::npos);
+}
+
+TEST_F(LiveJobs, PauseResumeAndSpeedShowInQueryBlockJobs) {
+  make_chain();
+  ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+  execute("block-stream", {{"device", "disk"}, {"speed", 1 << 20}});
+  execute("block-job-pause", {{"device", "disk"}});
+  // Paused once it reaches its next pause point.
+  json::object job;
+  ASSERT_TRUE(wait_until([&] {
+    job = execute("query-block-jobs").as_array()[0].as_object();
+    return job["status"].as_string() == "paused";
+  }, 10s));
+  EXPECT_TRUE(job["paused"].as_bool());
+  EXPECT_EQ(job["status"].as_string(), "paused");
+  const uint64_t at = job["offset"].to_number<uint64_t>();
+  std::this_thread::sleep_for(500ms);
+  EXPECT_EQ(execute("query-block-jobs").as_array()[0].as_object()["offset"].to_number<uint64_t>(), at);
+  execute("block-job-set-speed", {{"device", "disk"}, {"speed", 0}});
+  execute("block-job-resume", {{"device", "disk"}});
+  json::object done = wait_event("BLOCK_JOB_COMPLETED");
+  EXPECT_FALSE(done.contains("error"));
+  EXPECT_EQ(done["speed"].to_number<uint64_t>(), 0u);
+}
+
+}  // namespace
+}  // namespace layerd::test
