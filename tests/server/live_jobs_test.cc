@@ -413,6 +413,124 @@ TEST_F(LiveJobs, CommitAndEmptyKeepsTheTopActiveAndEmpty) {
   EXPECT_EQ(qemu_view(path("top.qcow2")), model);
 }
 
+// Seed 004's picture, one letter per 64 KiB cluster ('-' reads as zeros):
+//   base: AAAA--------   sn1: --BBBB------   sn2: -----CCCC---
+//   cur:  D-------DD--   guest sees DABBBCCCDD--
+class SeedPicture : public LiveJobs {
+ protected:
+  static constexpr uint64_t kUnit = 64 << 10;
+  static constexpr size_t kUnits = 12;
+
+  void make_picture() {
+    auto fill = [&](const std::string& file, const std::string& row) {
+      std::vector<std::string> argv{"qemu-io"};
+      for (size_t i = 0; i < row.size(); ++i)
+        if (row[i] != '-')
+          argv.insert(argv.end(), {"-c", fmt("write -P 0x%x %llu 64k", row[i],
+                                             static_cast<unsigned long long>(i * kUnit))});
+      argv.push_back(file);
+      run_expect(argv);
+    };
+    run_expect({"qemu-img", "create", "-q", "-f", "qcow2", path("base.qcow2"), "768k"});
+    fill(path("base.qcow2"), "AAAA--------");
+    const char* chain[][2] = {{"sn1.qcow2", "base.qcow2"}, {"sn2.qcow2", "sn1.qcow2"},
+                              {"cur.qcow2", "sn2.qcow2"}};
+    for (auto& [file, backing] : chain)
+      run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2",
+                  path(file)});
+    fill(path("sn1.qcow2"), "--BBBB------");
+    fill(path("sn2.qcow2"), "-----CCCC---");
+    fill(path("cur.qcow2"), "D-------DD--");
+  }
+
+  static std::string fmt(const char* f, int a, unsigned long long b) {
+    char buf[128];
+    std::snprintf(buf, sizeof buf, f, a, b);
+    return buf;
+  }
+
+  // One letter per unit of `data`: the unit's first byte, '-' for zero;
+  // '?' if the unit is not uniform.
+  static std::string letters(const std::vector<uint8_t>& data) {
+    std::string out;
+    for (size_t u = 0; u * kUnit < data.size(); ++u) {
+      uint8_t c = data[u * kUnit];
+      for (size_t i = 0; i < kUnit; ++i)
+        if (data[u * kUnit + i] != c) c = '?';
+      out.push_back(c == 0 ? '-' : static_cast<char>(c));
+    }
+    return out;
+  }
+
+  std::string view_of(const std::string& file) {
+    const std::string out = path("view.raw");
+    run_expect({"qemu-img", "convert", "-U", "-O", "raw", file, out});
+    auto data = read_file_range(out, 0, kUnits * kUnit);
+    fs::remove(out);
+    return letters(data);
+  }
+
+  std::string guest_view(nbd_handle* h) {
+    std::vector<uint8_t> data(kUnits * kUnit);
+    EXPECT_EQ(nbd_pread(h, data.data(), data.size(), 0, 0), 0) << nbd_error_text();
+    return letters(data);
+  }
+
+  void write_e(nbd_handle* h, size_t unit) {
+    std::vector<uint8_t> e(kUnit, 'E');
+    ASSERT_EQ(nbd_pwrite(h, e.data(), e.size(), unit * kUnit, 0), 0) << nbd_error_text();
+  }
+};
+
+TEST_F(SeedPicture, PhaseOneMakesTheBaseTheGuestViewAndInvalidatesTheSnapshots) {
+  make_picture();
+  ASSERT_NO_FATAL_FAILURE(start_server(path("cur.qcow2")));
+  Nbd h = connect();
+  EXPECT_EQ(guest_view(h.get()), "DABBBCCCDD--");
+  execute("block-commit", {{"device", "disk"}, {"base", path("base.qcow2")}});
+  wait_event("BLOCK_JOB_READY");
+  EXPECT_EQ(guest_view(h.get()), "DABBBCCCDD--");
+  // Cancelled without force once ready: completed, no pivot; the base is
+  // written back and shows the guest's view on its own.
+  execute("block-job-cancel", {{"device", "disk"}});
+  wait_event("BLOCK_JOB_COMPLETED");
+  EXPECT_EQ(guest_view(h.get()), "DABBBCCCDD--");
+  h.reset();
+  qmp_.reset();
+  EXPECT_EQ(server_.stop(), 0) << server_.log();
+  EXPECT_EQ(view_of(path("base.qcow2")), "DABBBCCCDD--");
+  EXPECT_EQ(view_of(path("sn1.qcow2")), "DABBBBCCDD--");
+  EXPECT_EQ(view_of(path("sn2.qcow2")), "DABBBCCCCD--");
+  EXPECT_EQ(view_of(path("cur.qcow2")), "DABBBCCCDD--");
+  for (const char* f : {"base.qcow2", "sn1.qcow2", "sn2.qcow2", "cur.qcow2"}) expect_clean(path(f));
+}
+
+TEST_F(SeedPicture, AWriteInSyncReachesTheBaseAndThePivotServesTheBase) {
+  make_picture();
+  ASSERT_NO_FATAL_FAILURE(start_server(path("cur.qcow2")));
+  Nbd h = connect();
+  execute("block-commit", {{"device", "disk"}});
+  wait_event("BLOCK_JOB_READY");
+  // Modification E, half of it in sync (into cur and the base both), half
+  // after the pivot (into the base alone).
+  ASSERT_NO_FATAL_FAILURE(write_e(h.get(), 10));
+  EXPECT_EQ(guest_view(h.get()), "DABBBCCCDDE-");
+  execute("block-job-complete", {{"device", "disk"}});
+  wait_event("BLOCK_JOB_COMPLETED");
+  EXPECT_EQ(guest_view(h.get()), "DABBBCCCDDE-");
+  ASSERT_NO_FATAL_FAILURE(write_e(h.get(), 0));
+  EXPECT_EQ(guest_view(h.get()), "EABBBCCCDDE-");
+  h.reset();
+  qmp_.reset();
+  EXPECT_EQ(server_.stop(), 0) << server_.log();
+  EXPECT_EQ(view_of(path("base.qcow2")), "EABBBCCCDDE-");
+  // The seed's picture of the images left behind: all invalidated.
+  EXPECT_EQ(view_of(path("sn1.qcow2")), "EABBBBCCDDE-");
+  EXPECT_EQ(view_of(path("sn2.qcow2")), "EABBBCCCCDE-");
+  EXPECT_EQ(view_of(path("cur.qcow2")), "DABBBCCCDDE-");
+  for (const char* f : {"base.qcow2", "cur.qcow2"}) expect_clean(path(f));
+}
+
 TEST_F(LiveJobs, RefusesWhatCannotBeDone) {
   make_chain();
   ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
