@@ -11,6 +11,7 @@
 // cancelled, 3 a QMP command refused or the connection lost.
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -520,23 +521,72 @@ int live_exports(QmpClient& qmp, const LiveArgs& a) {
   return 0;
 }
 
-// The image chain under an ImageInfo, one line per image.
-void print_image_chain(const json::object& image, const std::string& indent) {
+// The image chain under an ImageInfo (top first), as a table: depth,
+// file, format, virtual and actual size, and whether the server has the
+// image open read-only. layerd reports "depth" and "ro" per image; for
+// qemu's ImageInfo the depth is the position in the chain and "ro" is known
+// only for the top (the node's), else "-".
+void print_image_chain(const json::object& image, const std::string& indent,
+                       std::optional<bool> top_ro) {
+  struct Row {
+    std::string depth, file, format, virt, actual, ro;
+  };
+  std::vector<Row> rows;
   const json::object* img = &image;
-  for (bool first = true; img; first = false) {
-    fmt::print("{}{}{} ({}, {})\n", indent, first ? "" : "backing: ", str_of(*img, "filename"),
-               str_of(*img, "format"), human_size(u64_of(*img, "virtual-size")));
+  for (size_t i = 0; img; ++i) {
+    Row r;
+    r.depth = img->contains("depth") ? str_of(*img, "depth") : std::to_string(i);
+    r.file = str_of(*img, "filename");
+    r.format = str_of(*img, "format");
+    r.virt = human_size(u64_of(*img, "virtual-size"));
+    r.actual = img->contains("actual-size") ? human_size(u64_of(*img, "actual-size")) : "-";
+    if (const json::value* ro = img->if_contains("ro"); ro && ro->is_bool())
+      r.ro = ro->get_bool() ? "ro" : "rw";
+    else if (i == 0 && top_ro)
+      r.ro = *top_ro ? "ro" : "rw";
+    else
+      r.ro = "-";
+    if (bool_of(*img, "dirty-flag")) r.format += "*";
+    rows.push_back(std::move(r));
     const json::value* b = img->if_contains("backing-image");
     img = b && b->is_object() ? &b->get_object() : nullptr;
   }
+  size_t wfile = 4, wformat = 6, wvirt = 7, wactual = 6;
+  for (const Row& r : rows) {
+    wfile = std::max(wfile, r.file.size());
+    wformat = std::max(wformat, r.format.size());
+    wvirt = std::max(wvirt, r.virt.size());
+    wactual = std::max(wactual, r.actual.size());
+  }
+  auto line = [&](const Row& r) {
+    fmt::print("{}{:<5} {:<{}} {:<{}} {:>{}} {:>{}} {}\n", indent, r.depth, r.file, wfile,
+               r.format, wformat, r.virt, wvirt, r.actual, wactual, r.ro);
+  };
+  line({"DEPTH", "FILE", "FORMAT", "VIRTUAL", "ACTUAL", "RO"});
+  for (const Row& r : rows) line(r);
 }
 
-// A BlockDeviceInfo (a node, or the medium of a device).
+// A BlockDeviceInfo (a node, or the medium of a device), with the export
+// or node name it is known by.
 void print_node(const std::string& name, const json::object& node) {
-  fmt::print("{} ({}, {})\n", name, str_of(node, "drv"),
-             bool_of(node, "ro") ? "read-only" : "read-write");
+  std::string what = fmt::format("{}, {}", str_of(node, "drv"),
+                                 bool_of(node, "ro") ? "read-only" : "read-write");
+  if (const json::value* img = node.if_contains("image"); img && img->is_object()) {
+    size_t below = 0;
+    for (const json::object* i = &img->get_object();;) {
+      const json::value* b = i->if_contains("backing-image");
+      if (!b || !b->is_object()) break;
+      ++below;
+      i = &b->get_object();
+    }
+    if (below) what += fmt::format(", {} backing image{}", below, below == 1 ? "" : "s");
+  }
+  // layerd: an export that serves throwaway overlays ("temp", "per-client").
+  if (std::string overlay = str_of(node, "overlay"); !overlay.empty())
+    what += fmt::format(", {} overlay", overlay);
+  fmt::print("{}: {} ({})\n", name, str_of(node, "file"), what);
   if (const json::value* img = node.if_contains("image"); img && img->is_object())
-    print_image_chain(img->get_object(), "  ");
+    print_image_chain(img->get_object(), "  ", bool_of(node, "ro"));
 }
 
 int live_info(QmpClient& qmp, const LiveArgs& a) {
@@ -544,8 +594,8 @@ int live_info(QmpClient& qmp, const LiveArgs& a) {
   std::optional<std::string> device;
   if (!a.positional.empty()) device = a.positional[0];
 
-  // Devices (BlockBackends with a name) first; qemu-storage-daemon has
-  // none, so then the named nodes.
+  // Devices (BlockBackends with a name; layerd's exports) first;
+  // qemu-storage-daemon has none, so then the named nodes.
   json::value devices = qmp.execute("query-block");
   json::array picked;
   if (devices.is_array() && !devices.get_array().empty()) {
@@ -563,8 +613,11 @@ int live_info(QmpClient& qmp, const LiveArgs& a) {
         fmt::print("{}\n", pretty_json(device ? picked.front() : json::value(picked)));
         return 0;
       }
+      bool first = true;
       for (const auto& v : picked) {
         const json::object& d = v.get_object();
+        if (!first) fmt::print("\n");
+        first = false;
         const json::value* ins = d.if_contains("inserted");
         if (ins && ins->is_object())
           print_node(str_of(d, "device"), ins->get_object());
@@ -574,7 +627,13 @@ int live_info(QmpClient& qmp, const LiveArgs& a) {
       return 0;
     }
   }
-  json::value nodes = qmp.execute("query-named-block-nodes");
+  json::value nodes;
+  try {
+    nodes = qmp.execute("query-named-block-nodes");
+  } catch (const QmpError& e) {
+    // layerd has no nodes apart from its exports' images.
+    if (e.error_class != "CommandNotFound") throw;
+  }
   picked.clear();
   if (nodes.is_array())
     for (const auto& v : nodes.get_array())
@@ -587,7 +646,12 @@ int live_info(QmpClient& qmp, const LiveArgs& a) {
     fmt::print("{}\n", pretty_json(device ? picked.front() : json::value(picked)));
     return 0;
   }
-  for (const auto& v : picked) print_node(str_of(v.get_object(), "node-name"), v.get_object());
+  bool first = true;
+  for (const auto& v : picked) {
+    if (!first) fmt::print("\n");
+    first = false;
+    print_node(str_of(v.get_object(), "node-name"), v.get_object());
+  }
   return 0;
 }
 
