@@ -60,7 +60,8 @@
 // allocates under the exclusive lock, then releases it for its data I/O
 // (copy-on-write reads from below included) and retakes it to map the new
 // clusters; other metadata changes to the same guest clusters wait for it.
-// Zeroing, discard, flush, check and snapshots take the lock exclusively.
+// Zeroing, discard, check and snapshots take the lock exclusively; flush
+// takes it only to write metadata, not for its syncs of data.
 // A read of a cached L2 mapping allocates nothing. Dirty bitmaps need no
 // lock on the data path: the set of bitmaps is fixed at open, bits are set
 // with atomic ORs (no allocation) and dirty_status() reads them the same
@@ -443,6 +444,8 @@ class Image {
                                MapExtent* out);
 
   // Writes back dirty metadata in dependency order and syncs the file(s).
+  // The syncs of data run without the metadata lock (reads and writes go on
+  // meanwhile); the lock is held only while the metadata is written.
   std::error_code flush();
 
   // --- Persistent dirty bitmaps (see the top of this file) ----------------

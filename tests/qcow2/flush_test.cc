@@ -1,0 +1,89 @@
+// Image::flush syncs data without the metadata lock: while its fdatasync
+// waits for the disk, reads (and in-place writes) of the image go on.
+#include <condition_variable>
+#include <future>
+#include <mutex>
+#include <thread>
+
+#include "tests/qcow2/test_util.h"
+
+namespace layerd::qcow2::test {
+namespace {
+
+// Forwards to a file; flush() blocks until release() while held.
+class HeldFlushFile final : public File {
+ public:
+  explicit HeldFlushFile(std::shared_ptr<File> inner) : inner_(std::move(inner)) {}
+  void hold() { std::lock_guard l(m_); held_ = true; }
+  void release() { std::lock_guard l(m_); held_ = false; cv_.notify_all(); }
+  // Waits until a flush is blocked in this file.
+  bool wait_blocked() {
+    std::unique_lock l(m_);
+    return cv_.wait_for(l, std::chrono::seconds(10), [&] { return blocked_ > 0; });
+  }
+
+  std::error_code pread(std::span<std::byte> b, uint64_t o) override { return inner_->pread(b, o); }
+  std::error_code pwrite(std::span<const std::byte> d, uint64_t o) override {
+    return inner_->pwrite(d, o);
+  }
+  std::error_code flush() override {
+    std::unique_lock l(m_);
+    ++blocked_;
+    cv_.notify_all();
+    cv_.wait(l, [&] { return !held_; });
+    --blocked_;
+    l.unlock();
+    return inner_->flush();
+  }
+  std::error_code truncate(uint64_t s) override { return inner_->truncate(s); }
+  std::error_code punch_hole(uint64_t o, uint64_t l) override { return inner_->punch_hole(o, l); }
+  std::error_code write_zeroes(uint64_t o, uint64_t l) override { return inner_->write_zeroes(o, l); }
+  uint64_t size() const override { return inner_->size(); }
+  uint64_t extent_at(uint64_t o, uint64_t l, bool* d) const override {
+    return inner_->extent_at(o, l, d);
+  }
+  bool writable() const override { return inner_->writable(); }
+
+ private:
+  std::shared_ptr<File> inner_;
+  std::mutex m_;
+  std::condition_variable cv_;
+  bool held_ = false;
+  int blocked_ = 0;
+};
+
+TEST(Flush, ReadsAndOverwritesGoOnWhileTheSyncWaits) {
+  TempDir d;
+  const std::string img = d / "img.qcow2";
+  run("qemu-img create -q -f qcow2 '" + img + "' 4M");
+  run("qemu-io -c 'write -P 0x5a 0 1M' '" + img + "'");
+  auto file = std::make_shared<HeldFlushFile>(open_file(img, true));
+  std::unique_ptr<Image> image;
+  ASSERT_TRUE(Image::open(file, OpenOptions{}, &image).ok());
+  // New metadata to write back, so that the flush has real work.
+  std::vector<std::byte> data(65536, std::byte{0x77});
+  ASSERT_FALSE(image->write(2 << 20, data, zero_below()));
+
+  file->hold();
+  auto flushed = std::async(std::launch::async, [&] { return image->flush(); });
+  ASSERT_TRUE(file->wait_blocked());
+  // The flush waits for the disk: the image still answers.
+  auto reader = std::async(std::launch::async, [&] {
+    std::vector<std::byte> buf(65536);
+    std::error_code ec = image->read(0, buf, zero_below());
+    if (!ec) ec = image->write(0, data, zero_below());  // in place: no allocation
+    return ec;
+  });
+  ASSERT_EQ(reader.wait_for(std::chrono::seconds(10)), std::future_status::ready)
+      << "a read waited for the flush's sync";
+  EXPECT_FALSE(reader.get());
+  file->release();
+  EXPECT_FALSE(flushed.get());
+  ASSERT_FALSE(image->close());
+  qemu_check_clean(img);
+  run("qemu-io -c 'read -P 0x77 0 64k' -c 'read -P 0x5a 64k 960k' -c 'read -P 0x77 2M 64k' '" +
+      img + "'");
+}
+
+}  // namespace
+}  // namespace layerd::qcow2::test
