@@ -19,6 +19,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -669,16 +671,28 @@ TEST_F(QmpTest, AdoptedListeningSocketIsServed) {
   EXPECT_TRUE(fs::exists(path_));  // not ours to remove
 }
 
+// Where qemu's Python QMP package (qemu.qmp) is: "PYTHONPATH=DIR " for
+// the qemu source that scripts/qemu-iotests unpacks (into
+// $LAYERD_IOTESTS_CACHE or /var/cache/layerd-iotests), "" for an installed
+// package, nullopt (and *where says where it looked) if neither. ctest runs
+// these tests once more as server_qmp_python_test, after
+// `scripts/qemu-iotests --fetch-only` filled the cache (tests/CMakeLists.txt).
+std::optional<std::string> qemu_python_env(std::string* where) {
+  const char* cache_env = std::getenv("LAYERD_IOTESTS_CACHE");
+  std::string cache = cache_env && *cache_env ? cache_env : "/var/cache/layerd-iotests";
+  std::string pythonpath = cache + "/qemu/python";
+  *where = pythonpath;
+  if (fs::exists(pythonpath + "/qemu/qmp/legacy.py")) return "PYTHONPATH=" + pythonpath + " ";
+  if (std::system("python3 -c 'import qemu.qmp.legacy' >/dev/null 2>&1") == 0) return "";
+  return std::nullopt;
+}
+
 // qemu's own Python QMP client (qemu.qmp), from the qemu source that
 // scripts/qemu-iotests unpacks or from an installed package.
 TEST_F(QmpTest, QemusPythonClientTalksToUs) {
-  const char* cache_env = std::getenv("LAYERD_IOTESTS_CACHE");
-  std::string cache = cache_env ? cache_env : "/var/cache/layerd-iotests";
-  std::string pythonpath = cache + "/qemu/python";
-  bool in_cache = fs::exists(pythonpath + "/qemu/qmp/legacy.py");
-  std::string env = in_cache ? "PYTHONPATH=" + pythonpath + " " : "";
-  if (!in_cache && std::system("python3 -c 'import qemu.qmp.legacy' >/dev/null 2>&1") != 0)
-    GTEST_SKIP() << "qemu.qmp not found (neither in " << pythonpath << " nor installed)";
+  std::string where;
+  std::optional<std::string> env = qemu_python_env(&where);
+  if (!env) GTEST_SKIP() << "qemu.qmp not found (neither in " << where << " nor installed)";
   QmpServer& s = start([](QmpServer& srv) {
     srv.add_command("x-set-speed", set_speed_handler());
   });
@@ -712,9 +726,33 @@ print('ok')
     while (!fs::exists(ready) && Clock::now() < deadline) std::this_thread::sleep_for(10ms);
     s.emit("JOB_DONE", json::object{{"id", "j"}});
   });
-  int rc = std::system((env + "python3 " + script + " " + path_ + " " + ready).c_str());
+  int rc = std::system((*env + "python3 " + script + " " + path_ + " " + ready).c_str());
   emitter.join();
   EXPECT_TRUE(WIFEXITED(rc) && WEXITSTATUS(rc) == 0) << "python client failed: " << rc;
+}
+
+// qemu's Python QMP clients, the synchronous one and the asyncio one, run
+// a snapshot, a stream and an active commit with its pivot on a layerd
+// process ($LAYERD_BIN, which ctest sets), following the jobs by their
+// events (tests/server/qmp_python_live.py says what it checks).
+TEST_F(QmpTest, QemusPythonClientRunsLiveJobsOnLayerd) {
+  const char* layerd = std::getenv("LAYERD_BIN");
+  if (!layerd || !*layerd) GTEST_SKIP() << "LAYERD_BIN is not set";
+  if (fs::path(layerd).filename() == "qemu-nbd") GTEST_SKIP() << "layerd's control socket";
+  std::string where;
+  std::optional<std::string> env = qemu_python_env(&where);
+  if (!env) GTEST_SKIP() << "qemu.qmp not found (neither in " << where << " nor installed)";
+  const fs::path script = fs::path(__FILE__).parent_path() / "qmp_python_live.py";
+  ASSERT_TRUE(fs::exists(script)) << script;
+  const std::string out = dir_ + "/python.out";
+  const std::string command = *env + "timeout 120 python3 " + script.string() + " " + layerd +
+                              " " + dir_ + " >" + out + " 2>&1";
+  int rc = std::system(command.c_str());
+  std::ifstream in(out);
+  std::string output((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_TRUE(WIFEXITED(rc) && WEXITSTATUS(rc) == 0) << "python client failed (" << rc << "):\n"
+                                                     << output;
+  EXPECT_EQ(output, "ok\n");
 }
 
 }  // namespace
