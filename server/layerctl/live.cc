@@ -58,7 +58,9 @@ constexpr const char* kLiveHelp =
     "  wait     [--output=OFMT] JOB        follow a running job until it ends\n"
     "  exports  [--output=OFMT]            query-block-exports\n"
     "  info     [--output=OFMT] [DEVICE]   query-block (query-named-block-nodes\n"
-    "                                      where there are no devices)\n"
+    "                                      where there are no devices): each\n"
+    "                                      device's chain, top first, with depth,\n"
+    "                                      format, virtual and actual size, ro\n"
     "\n"
     "N and BYTES_PER_S take the suffixes k, M, G. A job's id is DEVICE unless\n"
     "--job-id is given. --wait follows the job until it ends, showing its\n"
@@ -546,7 +548,6 @@ void print_image_chain(const json::object& image, const std::string& indent,
       r.ro = *top_ro ? "ro" : "rw";
     else
       r.ro = "-";
-    if (bool_of(*img, "dirty-flag")) r.format += "*";
     rows.push_back(std::move(r));
     const json::value* b = img->if_contains("backing-image");
     img = b && b->is_object() ? &b->get_object() : nullptr;
