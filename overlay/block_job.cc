@@ -39,8 +39,8 @@ JobInfo BlockJob::info_locked() const {
                  .offset = offset_.load(),
                  .len = len_.load(),
                  .speed = speed_,
-                 .busy = busy_ && pauses_ == 0,
-                 .paused = pauses_ > 0,
+                 .busy = busy_,
+                 .paused = paused_,
                  .ready = status_ == JobStatus::Ready || status_ == JobStatus::Standby};
 }
 
@@ -74,7 +74,7 @@ void BlockJob::thread_main() {
   std::string error = run();
   std::unique_lock lock(mutex_);
   busy_ = false;
-  pauses_ = 0;
+  paused_ = false;
   const bool was_cancelled = cancel_.load() && !completed_by_cancel_;
   if (!error.empty() || was_cancelled) {
     set_status(JobStatus::Aborting);
@@ -94,6 +94,11 @@ void BlockJob::wait_finished() {
   if (thread_.joinable()) thread_.join();
 }
 
+uint64_t BlockJob::speed() const {
+  std::lock_guard lock(mutex_);
+  return speed_;
+}
+
 void BlockJob::set_speed(uint64_t bytes_per_second) {
   std::lock_guard lock(mutex_);
   speed_ = bytes_per_second;
@@ -102,22 +107,20 @@ void BlockJob::set_speed(uint64_t bytes_per_second) {
   wake_.notify_all();
 }
 
-// Pauses take effect when the job reaches its next checkpoint (its status
+// A pause takes effect when the job reaches its next checkpoint (its status
 // turns "paused" there), as QEMU's pause points do.
-void BlockJob::pause() {
+bool BlockJob::pause() {
   std::lock_guard lock(mutex_);
-  ++pauses_;
+  if (paused_) return false;
+  paused_ = true;
   wake_.notify_all();
+  return true;
 }
 
 bool BlockJob::resume() {
   std::lock_guard lock(mutex_);
-  if (pauses_ == 0) return false;
-  if (--pauses_ == 0) {
-    // A pause is no reason for a burst afterwards.
-    window_start_ = std::chrono::steady_clock::now();
-    window_bytes_ = 0;
-  }
+  if (!paused_) return false;
+  paused_ = false;
   wake_.notify_all();
   return true;
 }
@@ -147,10 +150,10 @@ bool BlockJob::complete(std::string* error) {
 
 bool BlockJob::checkpoint() {
   std::unique_lock lock(mutex_);
-  if (pauses_ > 0 && !cancel_.load()) {
+  if (paused_ && !cancel_.load()) {
     busy_ = false;
     set_status(JobStatus::Paused);
-    wake_.wait(lock, [&] { return pauses_ == 0 || cancel_.load(); });
+    wake_.wait(lock, [&] { return !paused_ || cancel_.load(); });
     set_status(JobStatus::Running);
     busy_ = true;
   }
@@ -172,7 +175,7 @@ void BlockJob::throttle(uint64_t bytes) {
   const uint64_t speed = speed_;
   busy_ = false;
   wake_.wait_until(lock, due, [&] {
-    return cancel_.load() || pauses_ > 0 || speed_ != speed;
+    return cancel_.load() || paused_ || speed_ != speed;
   });
   busy_ = true;
 }
@@ -192,10 +195,12 @@ BlockJob::ReadyEnd BlockJob::wait_ready(
       if (!force_.load()) completed_by_cancel_ = true;
       return ReadyEnd::Cancel;
     }
-    set_status(pauses_ > 0 ? JobStatus::Standby : JobStatus::Ready);
-    if (complete_requested_ && pauses_ == 0) return ReadyEnd::Complete;
+    set_status(paused_ ? JobStatus::Standby : JobStatus::Ready);
+    if (complete_requested_ && !paused_) return ReadyEnd::Complete;
+    busy_ = false;
     wake_.wait_for(lock, std::chrono::milliseconds(100));
-    if (complete_requested_ || cancel_.load() || pauses_ > 0) continue;
+    busy_ = true;
+    if (complete_requested_ || cancel_.load() || paused_) continue;
     lock.unlock();
     std::string why = keep_in_sync();
     lock.lock();

@@ -88,9 +88,8 @@ class BlockJob {
   void start(uint64_t speed);
 
   void set_speed(uint64_t bytes_per_second);
-  // Pauses are counted: each pause() needs a resume().
-  void pause();
-  // false if the job was not paused by the user.
+  // false if the job is paused already (pause) or was not (resume).
+  bool pause();
   bool resume();
   // Cancels: a job that is not ready ends as cancelled, its work undone
   // where the job type says so (the graph is always left valid). A ready
@@ -122,6 +121,7 @@ class BlockJob {
   void set_len(uint64_t len) { len_.store(len); }
   void add_len(uint64_t more) { len_.fetch_add(more); }
   void add_offset(uint64_t done) { offset_.fetch_add(done); }
+  uint64_t speed() const;
   uint64_t offset_done() const { return offset_.load(); }
   uint64_t len_now() const { return len_.load(); }
   // Reports an I/O error of `operation` ("read"/"write") to the observer.
@@ -147,7 +147,7 @@ class BlockJob {
   mutable std::mutex mutex_;
   std::condition_variable wake_;
   JobStatus status_ = JobStatus::Created;
-  int pauses_ = 0;
+  bool paused_ = false;  // by the user
   bool complete_requested_ = false;
   bool completed_by_cancel_ = false;  // a ready job cancelled without force
   bool busy_ = false;

@@ -178,6 +178,15 @@ class LiveJob : public BlockJob {
 
  protected:
   // A failure of `op` with `ec` at `what`: reported, and the job's error.
+  // Pieces of kCopyPiece, smaller under a low speed limit (an eighth of a
+  // second's worth, at least 64 KiB), so that progress and the limit stay
+  // smooth and a pause or cancel is seen soon.
+  uint64_t piece() const {
+    const uint64_t s = speed();
+    if (s == 0) return kCopyPiece;
+    return std::clamp<uint64_t>(s / 8 / (64 << 10) * (64 << 10), 64 << 10, kCopyPiece);
+  }
+
   std::string io_failure(const char* op, std::error_code ec, const std::string& what) {
     report_io_error(op);
     return fmt::format("{}: {}", what, ec.message());
@@ -206,7 +215,7 @@ class StreamJob final : public LiveJob {
     set_len(size);
     for (uint64_t pos = 0; pos < size;) {
       if (!checkpoint()) return {};
-      const uint64_t piece = std::min(kCopyPiece, size - pos);
+      const uint64_t piece = std::min(this->piece(), size - pos);
       uint64_t copied = 0;
       for (uint64_t at = pos; at < pos + piece;) {
         Extent e;
@@ -306,7 +315,7 @@ class CommitJob final : public LiveJob {
     set_len(size);
     for (uint64_t pos = 0; pos < size;) {
       if (!checkpoint()) return {};
-      const uint64_t piece = std::min(kCopyPiece, size - pos);
+      const uint64_t piece = std::min(this->piece(), size - pos);
       const char* op = "read";
       uint64_t copied = 0;
       if (auto ec = copy_down(g, from, base_, pos, piece, buf_, &op, &copied))
@@ -357,7 +366,7 @@ class CommitJob final : public LiveJob {
   // `locked`: under the mirror's range lock (sync mode).
   std::string copy_dirty(const Graph& g, Mirror& m, bool throttled, bool locked) {
     uint64_t cursor = 0, offset = 0, length = 0;
-    while (m.take_dirty(cursor, kCopyPiece, &offset, &length)) {
+    while (m.take_dirty(cursor, piece(), &offset, &length)) {
       if (throttled && !checkpoint()) return {};
       const char* op = "read";
       uint64_t copied = 0;

@@ -94,7 +94,7 @@ void refuse_unsupported_job_options(const json::object& args) {
 }
 
 [[noreturn]] void fail_job_not_found(const std::string& id) {
-  throw QmpError{"DeviceNotActive", fmt::format("No active block job on device '{}'", id)};
+  throw QmpError{"DeviceNotActive", fmt::format("Block job '{}' not found", id)};
 }
 
 }  // namespace
@@ -195,8 +195,10 @@ void Control::add_job(std::unique_ptr<BlockJob> job) {
   jobs_[job->id()] = std::move(job);
 }
 
-void Control::live_target(const std::string& device, LiveTarget* out) {
+void Control::live_target(const std::string& device, LiveTarget* out, bool as_node) {
   auto e = exports_.find(device);
+  if (!e && as_node)  // QEMU looks for a device or a node by that name
+    qmp_fail(fmt::format("Cannot find device='{}' nor node-name='{}'", device, device));
   if (!e) throw QmpError{"DeviceNotFound", fmt::format("Device '{}' not found", device)};
   {
     std::lock_guard lock(mutex_);
@@ -247,7 +249,7 @@ json::value Control::snapshot_sync(const json::object& args) {
     qmp_fail(fmt::format("Parameter 'mode' does not accept value '{}'", mode));
   r.existing = mode == "existing";
   LiveTarget t;
-  live_target(device, &t);
+  live_target(device, &t, true);
   std::string error;
   if (!live_snapshot(t, r, &error)) qmp_fail(error);
   log_info("export '{}': live snapshot, now writing '{}'", device, r.file);
@@ -289,7 +291,7 @@ json::value Control::block_stream(const json::object& args) {
   r.backing_file = qmp_optional_string(args, "backing-file");
   r.speed = speed_argument(args);
   LiveTarget t;
-  live_target(device, &t);
+  live_target(device, &t, true);
   std::string error;
   auto job = start_stream(t, r, this, &error);
   if (!job) qmp_fail(error);
@@ -312,15 +314,14 @@ json::value Control::job_complete(const json::object& args) {
 
 json::value Control::job_pause(const json::object& args) {
   qmp_only_arguments(args, {"device"});
-  find_job(qmp_required_string(args, "device")).pause();
+  if (!find_job(qmp_required_string(args, "device")).pause()) qmp_fail("Job is already paused");
   return json::object{};
 }
 
 json::value Control::job_resume(const json::object& args) {
   qmp_only_arguments(args, {"device"});
   const std::string id = qmp_required_string(args, "device");
-  if (!find_job(id).resume())
-    qmp_fail(fmt::format("Job '{}' in state 'running' cannot accept command verb 'resume'", id));
+  if (!find_job(id).resume()) qmp_fail("Can't resume a job that was not paused");
   return json::object{};
 }
 

@@ -63,8 +63,10 @@ class Control final : public JobObserver {
   boost::json::value query_exports(const boost::json::object& args);
 
   // The export `device` as a live target, refusing one with a job (any
-  // job on its chain) running.
-  void live_target(const std::string& device, struct LiveTarget* out);
+  // job on its chain) running. `as_node`: QEMU's wording for a command
+  // that also takes node names.
+  void live_target(const std::string& device, struct LiveTarget* out,
+                   bool as_node = false);
   BlockJob& find_job(const std::string& id);
   void add_job(std::unique_ptr<BlockJob> job);
   void reap_finished_jobs();  // with mutex_ held

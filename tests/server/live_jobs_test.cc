@@ -413,6 +413,97 @@ TEST_F(LiveJobs, CommitAndEmptyKeepsTheTopActiveAndEmpty) {
   EXPECT_EQ(qemu_view(path("top.qcow2")), model);
 }
 
+TEST_F(LiveJobs, AJobOutlivesTheControlClientThatStartedIt) {
+  make_chain();
+  ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+  execute("block-stream", {{"device", "disk"}, {"speed", 4 << 20}});
+  qmp_.reset();  // gone mid-job
+  qmp_ = std::make_unique<QmpClient>(qmp_socket().string());
+  json::value jobs = execute("query-block-jobs");
+  ASSERT_EQ(jobs.as_array().size(), 1u);
+  json::object done = wait_event("BLOCK_JOB_COMPLETED");
+  EXPECT_FALSE(done.contains("error")) << json::serialize(done);
+}
+
+TEST_F(LiveJobs, CommitGrowsASmallerBaseAndReopensItReadOnlyAfter) {
+  // base is 4 MiB under 8 MiB images; mid writes past its end.
+  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", path("base.qcow2"), "4M"});
+  run_expect({"qemu-io", "-c", "write -P 0x11 0 4M", path("base.qcow2")});
+  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+              path("mid.qcow2"), "8M"});
+  run_expect({"qemu-io", "-c", "write -P 0x22 3M 3M", path("mid.qcow2")});
+  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
+              path("top.qcow2"), "8M"});
+  ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+  Nbd h = connect();
+  VerifiedClient client(h.get(), 8);
+  client.start();
+  auto base_ro = [&] {
+    json::object img = execute("query-block").as_array()[0].as_object()["inserted"]
+                           .as_object()["image"].as_object();
+    while (img.contains("backing-image")) img = img["backing-image"].as_object();
+    return img["ro"].as_bool();
+  };
+  EXPECT_TRUE(base_ro());
+  execute("block-commit", {{"device", "disk"}, {"top", path("mid.qcow2")}, {"speed", 2 << 20}});
+  EXPECT_FALSE(base_ro());  // written in place while the job runs
+  json::object done = wait_event("BLOCK_JOB_COMPLETED");
+  EXPECT_FALSE(done.contains("error")) << json::serialize(done);
+  EXPECT_TRUE(base_ro());
+  client.wait_ops(200);
+  const auto model = client.stop();
+  ASSERT_EQ(client.failure(), "");
+  h.reset();
+  qmp_.reset();
+  EXPECT_EQ(server_.stop(), 0) << server_.log();
+  RunResult info = run_expect({"qemu-img", "info", "-U", "--output=json", path("base.qcow2")});
+  EXPECT_EQ(json::parse(info.out).as_object()["virtual-size"].to_number<uint64_t>(), kDisk);
+  expect_clean(path("base.qcow2"));
+  EXPECT_EQ(qemu_view(path("top.qcow2")), model);
+}
+
+TEST_F(LiveJobs, StreamTurnsZeroDataIntoZeroClusters) {
+  make_chain();
+  run_expect({"qemu-io", "-c", "write -P 0 5M 1M", path("mid.qcow2")});  // zeros as data
+  ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+  execute("block-stream", {{"device", "disk"}});
+  json::object done = wait_event("BLOCK_JOB_COMPLETED");
+  EXPECT_FALSE(done.contains("error")) << json::serialize(done);
+  qmp_.reset();
+  EXPECT_EQ(server_.stop(), 0) << server_.log();
+  RunResult map = run_expect({"qemu-img", "map", "-U", "--output=json", path("top.qcow2")});
+  bool zero_at_5m = false;
+  const json::value extents = json::parse(map.out);
+  for (const auto& e : extents.as_array()) {
+    const json::object& o = e.as_object();
+    const uint64_t start = o.at("start").to_number<uint64_t>();
+    const uint64_t len = o.at("length").to_number<uint64_t>();
+    if (start <= (5u << 20) && (5u << 20) < start + len)
+      zero_at_5m = o.at("zero").as_bool() && !o.at("data").as_bool();
+  }
+  EXPECT_TRUE(zero_at_5m) << map.out;
+  expect_clean(path("top.qcow2"));
+}
+
+TEST_F(LiveJobs, CommitAndEmptyGivesTheTopsSpaceBack) {
+  make_chain();
+  run_expect({"qemu-io", "-c", "write -P 0x44 0 6M", path("top.qcow2")});
+  const uint64_t before = allocated_bytes(path("top.qcow2"));
+  ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+  execute("block-commit", {{"device", "disk"}, {"empty", true}});
+  wait_event("BLOCK_JOB_READY");
+  execute("block-job-complete", {{"device", "disk"}});
+  json::object done = wait_event("BLOCK_JOB_COMPLETED");
+  EXPECT_FALSE(done.contains("error")) << json::serialize(done);
+  const uint64_t after = allocated_bytes(path("top.qcow2"));
+  EXPECT_LT(after, before / 8) << before << " -> " << after;
+  qmp_.reset();
+  EXPECT_EQ(server_.stop(), 0) << server_.log();
+  RunResult map = run_expect({"qemu-img", "map", "-U", "--output=json", path("top.qcow2")});
+  EXPECT_EQ(map.out.find("\"depth\": 0"), std::string::npos) << map.out;
+  expect_clean(path("top.qcow2"));
+}
+
 // Seed 004's picture, one letter per 64 KiB cluster ('-' reads as zeros):
 //   base: AAAA--------   sn1: --BBBB------   sn2: -----CCCC---
 //   cur:  D-------DD--   guest sees DABBBCCCDD--
