@@ -19,15 +19,19 @@
 //     refused;
 //   - a job's `speed` makes it take D/S seconds.
 //
-// LAYERD_FAULT_ROUNDS sets the rounds per crash and cancel test (default 3).
+// LAYERD_FAULT_ROUNDS sets the rounds per crash test (default 3; the cancel
+// tests do one fewer).
 #include <signal.h>
 #include <sys/mount.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cstdlib>
+#include <functional>
 #include <optional>
 #include <random>
+#include <sstream>
 #include <thread>
 
 #include <boost/json.hpp>
@@ -52,6 +56,7 @@ constexpr uint32_t kBlock = 4096;
 // Crash rounds copy at this rate, so that the kills land inside the copy.
 constexpr uint64_t kSpeed = 4 * MiB;
 
+// Rounds per crash test (cancel tests: one fewer, at least one).
 int rounds() {
   const char* s = std::getenv("LAYERD_FAULT_ROUNDS");
   return s && std::atoi(s) > 0 ? std::atoi(s) : 3;
@@ -181,6 +186,18 @@ class Client {
   std::string io_error_;
   std::thread thread_;
 };
+
+// The number of locks on `file` in /proc/locks (any process).
+size_t lock_count(const std::string& file) {
+  struct stat st {};
+  if (::stat(file.c_str(), &st) != 0) return 0;
+  const std::string inode = ":" + std::to_string(st.st_ino) + " ";
+  size_t n = 0;
+  std::istringstream in(read_text_file("/proc/locks"));
+  for (std::string line; std::getline(in, line);)
+    if (line.find(inode) != std::string::npos) ++n;
+  return n;
+}
 
 // A tmpfs of `size` mounted at `dir` for the scope; ok() false if the
 // mount failed (not root, no tmpfs).
@@ -643,6 +660,405 @@ TEST_F(LiveJobFaults, KillDuringStreamKeepsTheChainAndTheData) {
 }
 TEST_F(LiveJobFaults, KillDuringSnapshotLeavesTopOrOverlayWithTheData) {
   crash_rounds(Job::Snapshot);
+}
+
+// --- A full disk under the job's target ---------------------------------------
+
+class LiveJobFullDisk : public LiveJobFaults {
+ protected:
+  // The number of locks on `file` in /proc/locks (any process).
+size_t lock_count(const std::string& file) {
+  struct stat st {};
+  if (::stat(file.c_str(), &st) != 0) return 0;
+  const std::string inode = ":" + std::to_string(st.st_ino) + " ";
+  size_t n = 0;
+  std::istringstream in(read_text_file("/proc/locks"));
+  for (std::string line; std::getline(in, line);)
+    if (line.find(inode) != std::string::npos) ++n;
+  return n;
+}
+
+// A tmpfs of `size` at <work>/small; skips the test where it cannot be
+  // mounted.
+  void mount_small(const std::string& size) {
+    small_ = std::make_unique<Tmpfs>(work_ / "small", size);
+    if (!small_->ok()) GTEST_SKIP() << "cannot mount a tmpfs: " << small_->error();
+  }
+  void TearDown() override {
+    LiveJobFaults::TearDown();
+    small_.reset();
+  }
+  std::string small(const std::string& name) const { return (work_ / "small" / name).string(); }
+
+  // base (0x11 at 0..512K, on the small tmpfs) <- mid (0x22 at 1M..7M)
+  // <- top (0x33 at 2M..3M): committing needs 6 MiB more in the base.
+  void make_chain_over_small_base() {
+    run_expect({"qemu-img", "create", "-q", "-f", "qcow2", small("base.qcow2"), "8M"});
+    run_expect({"qemu-io", "-c", "write -P 0x11 0 512k", small("base.qcow2")});
+    run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", small("base.qcow2"), "-F",
+                "qcow2", path("mid.qcow2")});
+    run_expect({"qemu-io", "-c", "write -P 0x22 1M 6M", path("mid.qcow2")});
+    run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
+                path("top.qcow2")});
+    run_expect({"qemu-io", "-c", "write -P 0x33 2M 1M", path("top.qcow2")});
+  }
+
+  // A commit into the full base: BLOCK_JOB_ERROR (write), then
+  // BLOCK_JOB_COMPLETED with an error; the chain stays, the client goes on.
+  void commit_into_full_base(bool active) {
+    ASSERT_NO_FATAL_FAILURE(mount_small("2m"));
+    make_chain_over_small_base();
+    ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+    const auto chain_before = chain();
+    ASSERT_EQ(chain_before.size(), 3u);
+    Nbd h = connect();
+    Client client(h.get(), read_all(h.get()), active ? 21 : 22);
+    client.start();
+    client.wait_ops(50);
+    json::object args{{"device", "disk"}, {"base", small("base.qcow2")}};
+    if (!active) args["top"] = path("mid.qcow2");
+    execute("block-commit", args);
+    json::object error = wait_event("BLOCK_JOB_ERROR");
+    EXPECT_EQ(error["operation"], "write") << json::serialize(error);
+    EXPECT_EQ(error["action"], "report") << json::serialize(error);
+    json::object done = wait_event("BLOCK_JOB_COMPLETED");
+    ASSERT_TRUE(done.contains("error")) << json::serialize(done);
+    EXPECT_NE(std::string(done["error"].as_string()).find("No space"), std::string::npos)
+        << json::serialize(done);
+    EXPECT_FALSE(saw("BLOCK_JOB_READY"));
+    EXPECT_EQ(chain(), chain_before);
+    EXPECT_TRUE(execute("query-block-jobs").as_array().empty());
+    client.wait_ops(200);
+    client.stop();
+    EXPECT_EQ(client.wrong_read(), "");
+    EXPECT_EQ(client.io_error(), "");
+    h.reset();
+    stop_server();
+    check_clean(path("top.qcow2"));
+    check_clean(path("mid.qcow2"));
+    check_no_corruption(small("base.qcow2"));
+    EXPECT_EQ(content_mismatch(qemu_view(path("top.qcow2")), client.model()), "");
+  }
+
+  std::unique_ptr<Tmpfs> small_;
+};
+
+TEST_F(LiveJobFullDisk, IntermediateCommitIntoAFullBaseFailsAndKeepsTheChain) {
+  commit_into_full_base(false);
+}
+
+TEST_F(LiveJobFullDisk, ActiveCommitIntoAFullBaseFailsAndKeepsTheChain) {
+  commit_into_full_base(true);
+}
+
+// The client's writes would go to the full top too: it only reads.
+TEST_F(LiveJobFullDisk, StreamIntoAFullTopFailsAndReadsStayCorrect) {
+  ASSERT_NO_FATAL_FAILURE(mount_small("1m"));
+  make_chain();  // base <- mid <- top in <work>; the top is replaced
+  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", path("mid.qcow2"), "-F", "qcow2",
+              small("top.qcow2")});
+  run_expect({"qemu-io", "-c", "write -P 0x33 6M 256k", small("top.qcow2")});
+  ASSERT_NO_FATAL_FAILURE(start_server(small("top.qcow2")));
+  const auto chain_before = chain();
+  ASSERT_EQ(chain_before.size(), 3u);
+  const auto content = qemu_view(small("top.qcow2"));
+  Nbd h = connect();
+  Client client(h.get(), content, 23, /*writes=*/false);
+  client.start();
+  execute("block-stream", {{"device", "disk"}});
+  json::object error = wait_event("BLOCK_JOB_ERROR");
+  EXPECT_EQ(error["operation"], "write") << json::serialize(error);
+  json::object done = wait_event("BLOCK_JOB_COMPLETED");
+  EXPECT_TRUE(done.contains("error")) << json::serialize(done);
+  EXPECT_EQ(chain(), chain_before);
+  client.wait_ops(300);
+  EXPECT_TRUE(server_->running());
+  client.stop();
+  EXPECT_EQ(client.wrong_read(), "");
+  EXPECT_EQ(client.io_error(), "");
+  h.reset();
+  stop_server();
+  check_no_corruption(small("top.qcow2"));
+  EXPECT_EQ(content_mismatch(qemu_view(small("top.qcow2")), content), "");
+}
+
+TEST_F(LiveJobFullDisk, SnapshotIntoAFullOrMissingDirectoryIsRefused) {
+  ASSERT_NO_FATAL_FAILURE(mount_small("256k"));
+  {  // fill it
+    std::vector<uint8_t> chunk(64 << 10, 0xaa);
+    FILE* f = std::fopen(small("fill").c_str(), "wb");
+    ASSERT_NE(f, nullptr);
+    while (std::fwrite(chunk.data(), 1, chunk.size(), f) == chunk.size() && std::fflush(f) == 0) {
+    }
+    std::fclose(f);
+  }
+  make_chain();
+  ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+  const auto chain_before = chain();
+  Nbd h = connect();
+  Client client(h.get(), read_all(h.get()), 24);
+  client.start();
+  client.wait_ops(50);
+  std::string why = refused("blockdev-snapshot-sync",
+                            {{"device", "disk"}, {"snapshot-file", small("sn.qcow2")}});
+  EXPECT_NE(why.find("No space"), std::string::npos) << why;
+  EXPECT_FALSE(fs::exists(small("sn.qcow2")));
+  why = refused("blockdev-snapshot-sync",
+                {{"device", "disk"}, {"snapshot-file", path("nodir/sn.qcow2")}});
+  EXPECT_NE(why.find("No such file"), std::string::npos) << why;
+  EXPECT_EQ(chain(), chain_before);
+  client.wait_ops(200);
+  // Still possible where there is room.
+  execute("blockdev-snapshot-sync", {{"device", "disk"}, {"snapshot-file", path("sn.qcow2")}});
+  client.wait_ops(100);
+  client.stop();
+  EXPECT_EQ(client.wrong_read(), "");
+  EXPECT_EQ(client.io_error(), "");
+  EXPECT_EQ(chain().size(), chain_before.size() + 1);
+  h.reset();
+  stop_server();
+  check_clean(path("sn.qcow2"));
+  check_clean(path("top.qcow2"));
+  EXPECT_EQ(content_mismatch(qemu_view(path("sn.qcow2")), client.model()), "");
+}
+
+// --- Cancel at any point ------------------------------------------------------
+
+class LiveJobCancel : public LiveJobFaults {
+ protected:
+  void cancel_rounds(Job job) {
+    for (int round = 0; round < std::max(1, rounds() - 1); ++round) {
+      const uint64_t seed = stable_hash(std::string("cancel ") + job_name(job)) +
+                            static_cast<uint64_t>(round);
+      SCOPED_TRACE(std::string("cancel ") + job_name(job) + ", round " + std::to_string(round) +
+                   ", seed " + std::to_string(seed));
+      std::mt19937_64 rng(seed);
+      begin_round(round);
+      make_chain();
+      ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+      const auto chain_before = chain();
+      Nbd h = connect();
+      Client client(h.get(), read_all(h.get()), static_cast<uint32_t>(seed));
+      client.start();
+      client.wait_ops(20);
+      int64_t max_ms = 0;
+      switch (job) {
+        case Job::IntermediateCommit:
+          execute("block-commit", {{"device", "disk"}, {"top", path("mid.qcow2")},
+                                   {"base", path("base.qcow2")}, {"speed", kSpeed}});
+          max_ms = 800;
+          break;
+        case Job::Stream:
+          execute("block-stream", {{"device", "disk"}, {"speed", kSpeed}});
+          max_ms = 1000;
+          break;
+        default:
+          execute("block-commit", {{"device", "disk"}, {"speed", kSpeed}});
+          max_ms = 1200;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(
+          std::uniform_int_distribution<int64_t>(0, max_ms)(rng)));
+      bool cancelled = true;
+      try {
+        execute("block-job-cancel", {{"device", "disk"}, {"force", true}});
+      } catch (const ctl::QmpError& e) {
+        cancelled = false;  // it had ended already
+      }
+      auto end = wait_for({"BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED"});
+      ASSERT_TRUE(end.has_value()) << events_text();
+      if ((*end)["event"] == "BLOCK_JOB_CANCELLED") {
+        EXPECT_TRUE(cancelled);
+        EXPECT_EQ(chain(), chain_before) << events_text();
+        EXPECT_FALSE(saw("BLOCK_JOB_ERROR")) << events_text();
+      } else {
+        // Too late: it had finished (the active commit cannot: it waits in
+        // ready).
+        EXPECT_NE(job, Job::ActiveCommitCopying) << events_text();
+        EXPECT_FALSE((*end)["data"].as_object().contains("error")) << events_text();
+      }
+      client.wait_ops(100);
+      // The job again, to its end, with the client still going.
+      if (chain().size() == chain_before.size()) {
+        EXPECT_TRUE(run_job(job)) << events_text();
+      }
+      client.wait_ops(100);
+      client.stop();
+      EXPECT_EQ(client.wrong_read(), "");
+      EXPECT_EQ(client.io_error(), "");
+      const auto final_chain = chain();
+      h.reset();
+      stop_server();
+      for (const char* f : {"base.qcow2", "mid.qcow2", "top.qcow2"}) check_clean(path(f));
+      EXPECT_EQ(content_mismatch(qemu_view(final_chain[0]), client.model()), "");
+      if (HasFailure()) {
+        ADD_FAILURE() << "server log:\n" << read_text_file(work_ / "server.log");
+        return;
+      }
+    }
+  }
+};
+
+TEST_F(LiveJobCancel, CancelledIntermediateCommitKeepsTheChainAndRunsAgain) {
+  cancel_rounds(Job::IntermediateCommit);
+}
+TEST_F(LiveJobCancel, CancelledActiveCommitKeepsTheChainAndRunsAgain) {
+  cancel_rounds(Job::ActiveCommitCopying);
+}
+TEST_F(LiveJobCancel, CancelledStreamKeepsTheChainAndRunsAgain) {
+  cancel_rounds(Job::Stream);
+}
+
+// --- Refusals -----------------------------------------------------------------
+
+TEST_F(LiveJobFaults, RefusesToCommitOrStreamImagesAnotherExportServes) {
+  make_chain();
+  const auto mid_view = qemu_view(path("mid.qcow2"));
+  ASSERT_NO_FATAL_FAILURE(start_server(
+      "",
+      {"--export", "name=disk,file=" + path("top.qcow2") + ",format=qcow2", "--export",
+       "name=b,file=" + path("mid.qcow2") + ",format=qcow2,read-only=on"},
+      /*single_export=*/false));
+  const auto chain_before = chain();
+  ASSERT_EQ(chain_before.size(), 3u);
+  Nbd h = connect();
+  Client client(h.get(), read_all(h.get()), 31);
+  client.start();
+  std::string why = refused("block-commit", {{"device", "disk"}, {"top", path("mid.qcow2")},
+                                             {"base", path("base.qcow2")}});
+  EXPECT_NE(why.find("export 'b'"), std::string::npos) << why;
+  why = refused("block-commit", {{"device", "disk"}});
+  EXPECT_NE(why.find("export 'b'"), std::string::npos) << why;
+  why = refused("block-stream", {{"device", "disk"}});
+  EXPECT_NE(why.find("export 'b'"), std::string::npos) << why;
+  // What touches nothing b serves is allowed: a stream down to mid.
+  execute("block-stream", {{"device", "disk"}, {"base", path("mid.qcow2")}});
+  json::object done = wait_event("BLOCK_JOB_COMPLETED");
+  EXPECT_FALSE(done.contains("error")) << json::serialize(done);
+  EXPECT_EQ(chain(), chain_before);
+  client.wait_ops(200);
+  client.stop();
+  EXPECT_EQ(client.wrong_read(), "");
+  EXPECT_EQ(client.io_error(), "");
+  {
+    Nbd b = connect("b");
+    EXPECT_EQ(content_mismatch(read_all(b.get()), mid_view), "") << "export b";
+  }
+  h.reset();
+  stop_server();
+  for (const char* f : {"base.qcow2", "mid.qcow2", "top.qcow2"}) check_clean(path(f));
+}
+
+// The lock of another process on the base: QEMU refuses the command; a
+// job that fails at once with the lock error is as good (nothing changed).
+TEST_F(LiveJobFaults, RefusesToCommitIntoABaseAnotherProcessHolds) {
+  make_chain();
+  ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+  const auto chain_before = chain();
+  Nbd h = connect();
+  Client client(h.get(), read_all(h.get()), 32);
+  client.start();
+  {
+    // layerd holds the same lock bytes: wait for the holder's own locks.
+    const size_t ours = lock_count(path("base.qcow2"));
+    InteractiveProcess holder({"qemu-io", "-r", "-f", "qcow2", path("base.qcow2")});
+    ASSERT_TRUE(wait_until([&] { return lock_count(path("base.qcow2")) > ours; }, 10s));
+    for (bool active : {false, true}) {
+      SCOPED_TRACE(active ? "active commit" : "intermediate commit");
+      json::object args{{"device", "disk"}, {"base", path("base.qcow2")}};
+      if (!active) args["top"] = path("mid.qcow2");
+      std::string why;
+      try {
+        execute("block-commit", args);
+        auto end = wait_for({"BLOCK_JOB_COMPLETED", "BLOCK_JOB_READY"}, 20s);
+        ASSERT_TRUE(end.has_value()) << events_text();
+        if ((*end)["event"] == "BLOCK_JOB_READY") {
+          execute("block-job-cancel", {{"device", "disk"}, {"force", true}});
+          wait_event("BLOCK_JOB_CANCELLED");
+        } else if ((*end)["data"].as_object().contains("error")) {
+          why = std::string((*end)["data"].as_object()["error"].as_string());
+        }
+      } catch (const ctl::QmpError& e) {
+        why = e.desc;
+      }
+      EXPECT_NE(why.find("lock"), std::string::npos) << why;
+      EXPECT_EQ(chain(), chain_before);
+      client.wait_ops(100);
+    }
+  }
+  // The holder is gone: the commit goes through.
+  EXPECT_TRUE(run_job(Job::IntermediateCommit)) << events_text();
+  EXPECT_EQ(chain().size(), 2u);
+  client.wait_ops(100);
+  client.stop();
+  EXPECT_EQ(client.wrong_read(), "");
+  EXPECT_EQ(client.io_error(), "");
+  h.reset();
+  stop_server();
+  for (const char* f : {"base.qcow2", "top.qcow2"}) check_clean(path(f));
+  EXPECT_EQ(content_mismatch(qemu_view(path("top.qcow2")), client.model()), "");
+}
+
+// --- The rate limit -----------------------------------------------------------
+
+class LiveJobSpeed : public LiveJobFaults {
+ protected:
+  // Seconds from the command to BLOCK_JOB_COMPLETED.
+  double timed(const std::string& cmd, json::object args) {
+    const auto t0 = std::chrono::steady_clock::now();
+    execute(cmd, args);
+    json::object done = wait_event("BLOCK_JOB_COMPLETED");
+    const auto t1 = std::chrono::steady_clock::now();
+    EXPECT_FALSE(done.contains("error")) << json::serialize(done);
+    return std::chrono::duration<double>(t1 - t0).count();
+  }
+
+  // The job on a fresh chain (`make` in a round directory) takes `expected`
+  // seconds within 10%. Never faster; slower only by noise (the flushes at
+  // its end on a loaded machine): the better of two runs counts.
+  void expect_duration(const std::function<void()>& make, const std::string& cmd,
+                       const std::function<json::object()>& args, double expected) {
+    double best = 1e9;
+    for (int run = 0; run < 2 && best > expected * 1.1; ++run) {
+      begin_round(run);
+      make();
+      ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+      const double s = timed(cmd, args());
+      EXPECT_GE(s, expected * 0.9) << "run " << run;
+      best = std::min(best, s);
+      stop_server();
+    }
+    EXPECT_LE(best, expected * 1.1);
+  }
+};
+
+// D = 8 MiB allocated below an empty top, S = 2 MiB/s: 4 s.
+TEST_F(LiveJobSpeed, StreamTakesDataOverSpeedSeconds) {
+  expect_duration(
+      [&] {
+        run_expect({"qemu-img", "create", "-q", "-f", "qcow2", path("base.qcow2"), "8M"});
+        run_expect({"qemu-io", "-c", "write -P 0x11 0 8M", path("base.qcow2")});
+        run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                    path("top.qcow2")});
+      },
+      "block-stream", [&] { return json::object{{"device", "disk"}, {"speed", 2 * MiB}}; }, 4.0);
+}
+
+// D = 8 MiB in mid, committed into an empty base at S = 2 MiB/s: 4 s.
+TEST_F(LiveJobSpeed, CommitTakesDataOverSpeedSeconds) {
+  expect_duration(
+      [&] {
+        run_expect({"qemu-img", "create", "-q", "-f", "qcow2", path("base.qcow2"), "8M"});
+        run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                    path("mid.qcow2")});
+        run_expect({"qemu-io", "-c", "write -P 0x22 0 8M", path("mid.qcow2")});
+        run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
+                    path("top.qcow2")});
+      },
+      "block-commit",
+      [&] {
+        return json::object{{"device", "disk"}, {"top", path("mid.qcow2")}, {"speed", 2 * MiB}};
+      },
+      4.0);
 }
 
 }  // namespace
