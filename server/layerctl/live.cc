@@ -9,6 +9,7 @@
 // Exit codes of the live commands: 0 success (a job that completed without
 // an error), 1 a job that failed (or a usage error), 2 a job that was
 // cancelled, 3 a QMP command refused or the connection lost.
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -429,11 +430,34 @@ int live_snapshot(QmpClient& qmp, const LiveArgs& a) {
   return 0;
 }
 
+// Whether `file` is the active image of export `device` (by query-block;
+// false where the server does not say).
+bool is_active_image(QmpClient& qmp, const std::string& device, const std::string& file) {
+  json::value blocks = qmp.execute("query-block");
+  if (!blocks.is_array()) return false;
+  for (const auto& b : blocks.get_array()) {
+    if (!b.is_object() || str_of(b.get_object(), "device") != device) continue;
+    const json::value* inserted = b.get_object().if_contains("inserted");
+    if (!inserted || !inserted->is_object()) return false;
+    const std::string active = str_of(inserted->get_object(), "file");
+    struct stat sa {}, sb {};
+    return active == file || (::stat(active.c_str(), &sa) == 0 &&
+                              ::stat(file.c_str(), &sb) == 0 && sa.st_dev == sb.st_dev &&
+                              sa.st_ino == sb.st_ino);
+  }
+  return false;
+}
+
 int live_commit(QmpClient& qmp, const LiveArgs& a) {
   expect_positional(a, "commit", 1, 1, "DEVICE");
   if (a.active && a.top) usage_error("commit: --top and --active exclude each other");
   if (!a.active && !a.top)
     usage_error("commit: give --top=FILE, or --active to commit the active image");
+  // Committing the active image is a different job (it mirrors writes and
+  // must be completed): only when asked for by name.
+  if (a.top && is_active_image(qmp, a.positional[0], *a.top))
+    usage_error(fmt::format("commit: '{}' is the active image of '{}'; use --active to "
+                            "commit it", *a.top, a.positional[0]));
   std::string job = a.job_id.value_or(a.positional[0]);
   json::object args{{"device", a.positional[0]}, {"job-id", job}};
   if (a.top) args["top"] = *a.top;

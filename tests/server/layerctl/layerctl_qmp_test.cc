@@ -695,8 +695,8 @@ TEST_F(LayerctlLayerdBigTest, RateLimitedJobIsListedPausedResumedRetunedAndCance
 TEST_F(LayerctlLayerdTest, RefusedCommandsExit3WithLayerdsError) {
   RunResult r = live({"stream", "--wait", "nosuch"});
   EXPECT_EQ(r.exit_code, 3) << r.describe();
-  EXPECT_NE(r.err.find("layerctl: Device 'nosuch' not found"), std::string::npos)
-      << r.describe();
+  EXPECT_NE(r.err.find("layerctl: Cannot find device='nosuch' nor node-name='nosuch'"),
+            std::string::npos) << r.describe();
 
   RunResult c = live({"commit", "--active", "nosuch"});
   EXPECT_EQ(c.exit_code, 3) << c.describe();
@@ -705,8 +705,15 @@ TEST_F(LayerctlLayerdTest, RefusedCommandsExit3WithLayerdsError) {
 
   RunResult s = live({"snapshot", "nosuch", path("x.qcow2")});
   EXPECT_EQ(s.exit_code, 3) << s.describe();
-  EXPECT_NE(s.err.find("layerctl: Device 'nosuch' not found"), std::string::npos)
-      << s.describe();
+  EXPECT_NE(s.err.find("layerctl: Cannot find device='nosuch' nor node-name="),
+            std::string::npos) << s.describe();
+
+  // The active image is committed only with --active.
+  RunResult a = live({"commit", "--top=" + path("top.qcow2"), "exp0"});
+  EXPECT_EQ(a.exit_code, 1) << a.describe();
+  EXPECT_NE(a.err.find("is the active image of 'exp0'; use --active"), std::string::npos)
+      << a.describe();
+  EXPECT_TRUE(jobs().empty());
   EXPECT_FALSE(fs::exists(path("x.qcow2")));
 
   RunResult t = live({"commit", "--top=" + path("nope.qcow2"), "exp0"});
