@@ -178,6 +178,16 @@ class LiveJob : public BlockJob {
 
  protected:
   // A failure of `op` with `ec` at `what`: reported, and the job's error.
+  // The work of the job type; afterwards the job lets go of the graph, so
+  // that images it dropped close (and unlock) now, not when the job object
+  // goes.
+  virtual std::string work() = 0;
+  std::string run() final {
+    std::string error = work();
+    graph_.reset();
+    return error;
+  }
+
   // Pieces of kCopyPiece, smaller under a low speed limit (an eighth of a
   // second's worth, at least 64 KiB), so that progress and the limit stay
   // smooth and a pause or cancel is seen soon.
@@ -207,7 +217,7 @@ class StreamJob final : public LiveJob {
         backing_(std::move(backing)) {}
 
  protected:
-  std::string run() override {
+  std::string work() override {
     const Graph& g = *graph_;
     qcow2::Image& top = *g.nodes[0]->image;
     const uint64_t size = top.size();
@@ -287,7 +297,7 @@ class CommitJob final : public LiveJob {
  protected:
   bool completable() const override { return top_ == 0; }
 
-  std::string run() override {
+  std::string work() override {
     std::string error;
     const std::shared_ptr<BlockNode> base = graph_->nodes[base_];
     if (!target_.registry->set_writable(base, true, &error)) return error;
