@@ -475,7 +475,7 @@ class LiveJobFaults : public ::testing::Test {
           break;
         case Job::Stream:
           execute("block-stream", {{"device", "disk"}, {"speed", kSpeed}});
-          killer = kill_after(uniform(0, 1200));
+          killer = kill_after(uniform(0, 800));  // the client's writes leave less to copy
           break;
         case Job::ActiveCommitCopying:
           execute("block-commit", {{"device", "disk"}, {"speed", kSpeed}});
@@ -495,13 +495,15 @@ class LiveJobFaults : public ::testing::Test {
           execute("block-commit", args);
           wait_event("BLOCK_JOB_READY");
           client.wait_ops(20);
-          killer = kill_after(uniform(0, job == Job::ActiveCommitPivot ? 5 : 30));
+          // The reply comes at once; the flushes, the switch (and the
+          // emptying) take some tens of milliseconds after it.
+          killer = kill_after(uniform(0, job == Job::ActiveCommitPivot ? 60 : 80));
           execute("block-job-complete", {{"device", "disk"}});
           *returned = true;
           break;
         }
         case Job::Snapshot:
-          killer = kill_after(uniform(0, 5));
+          killer = kill_after(uniform(0, 60));
           execute("blockdev-snapshot-sync",
                   {{"device", "disk"}, {"snapshot-file", path("sn.qcow2")}});
           *returned = true;
