@@ -427,9 +427,22 @@ std::error_code GraphLayer::do_trim(uint64_t offset, uint64_t length, bool fua) 
                   });
 }
 
+// The top, and every other image of the graph that is still writable: the
+// old top right after a live snapshot (until it is written back), an
+// active commit's target (client writes reach it). For other graphs that
+// is one atomic check per image.
 std::error_code GraphLayer::do_flush() {
   Entered in(gate_);
-  return graph_->nodes.front()->image->flush();
+  const Graph& g = *graph_;
+  std::error_code result = g.nodes.front()->image->flush();
+  for (size_t i = 1; i < g.nodes.size(); ++i) {
+    const BlockNode& n = *g.nodes[i];
+    std::error_code ec;
+    if (n.image && !n.image->read_only()) ec = n.image->flush();
+    else if (n.raw && g.mirror && g.mirror->target().get() == &n) ec = n.raw->flush();
+    if (!result) result = ec;
+  }
+  return result;
 }
 
 std::error_code GraphLayer::do_block_status(uint64_t offset, uint64_t length,

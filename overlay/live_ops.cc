@@ -419,6 +419,12 @@ class CommitJob final : public LiveJob {
       error = copy_dirty(g, *mirror, true, false);
       if (!error.empty() || cancelled()) break;
       if (mirror->dirty_bytes() > kSyncThreshold) continue;
+      // What was copied becomes durable before the base takes client
+      // writes (which then wait only for what little the pivot flushes).
+      if (auto e = flush_base(g)) {
+        error = io_failure("write", e, "flushing the base");
+        break;
+      }
       ec = target_.layer->change([&](const Graph& current, std::shared_ptr<const Graph>*) {
         if (&current != &g) return std::make_error_code(std::errc::device_or_resource_busy);
         error = copy_dirty(g, *mirror, false, false);
@@ -491,11 +497,9 @@ class CommitJob final : public LiveJob {
     std::string error;
     std::vector<std::shared_ptr<BlockNode>> nodes{g.nodes[0]};
     nodes.insert(nodes.end(), g.nodes.begin() + static_cast<ptrdiff_t>(base_), g.nodes.end());
+    // The base has every flushed write already (a client's flush reaches
+    // it in sync mode) and the job's copies were flushed just above.
     auto ec = switch_graph(*target_.layer, &g, std::move(nodes), [&]() -> std::error_code {
-      if (auto e = flush_base(g)) {
-        error = io_failure("write", e, "flushing the base");
-        return e;
-      }
       if (base_ > 1) {
         qcow2::Status st = top.change_backing_file(
             backing_.empty() ? backing_name(g, 0, base_) : backing_,
@@ -613,14 +617,12 @@ bool live_snapshot(const LiveTarget& t, const SnapshotRequest& r, std::string* e
       return fail(fmt::format("'{}' does not have '{}' as its backing file", r.file,
                               old_top->path));
   }
-  // Most of the old top's pending metadata goes to disk before requests
-  // pause; what is left is flushed while they wait.
-  if (auto e = old_top->image->flush())
-    return fail(fmt::format("flushing '{}': {}", old_top->path, e.message()));
+  // No flush while requests wait: the old top is written back after the
+  // switch (reopened read-only), and until then a client's flush covers it
+  // (GraphLayer flushes every writable image of its graph).
   std::vector<std::shared_ptr<BlockNode>> nodes{node};
   nodes.insert(nodes.end(), g->nodes.begin(), g->nodes.end());
-  ec = switch_graph(*t.layer, g.get(), std::move(nodes),
-                    [&] { return old_top->image->flush(); });
+  ec = switch_graph(*t.layer, g.get(), std::move(nodes));
   if (ec) return fail(fmt::format("switching to '{}': {}", r.file, ec.message()));
   t.registry->mark_backing(old_top, r.file);
   std::string why;

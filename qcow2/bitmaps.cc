@@ -497,7 +497,7 @@ std::error_code Image::Impl::store_bitmaps() {
   if (auto ec = file->pwrite(dir, dir_offset)) return ec;
   // Everything the new directory reaches is written and counted: make it
   // durable, then point the header at it.
-  if (auto ec = flush_locked(true)) return ec;
+  if (auto ec = write_back(true)) return ec;
   std::byte ext[fmt::kBitmapsExtLength] = {};
   fmt::store32(ext, nb_bitmaps);
   fmt::store64(ext + 8, dir.size());

@@ -168,22 +168,33 @@ Status Image::reopen_read_write() {
   return Status::Ok();
 }
 
+// close() without closing, arranged so that reads of the image are held up
+// as little as possible (a live snapshot reopens the old top while clients
+// read through it): writers are refused first, then the data is synced with
+// no lock, then the metadata goes out under the shared lock.
 Status Image::reopen_read_only() {
   Impl& I = *impl_;
   if (I.is_view) return Status::Ok();
-  std::unique_lock lk(I.mu);
-  I.inflight_cv.wait(lk, [&] { return I.inflight.empty(); });
-  if (I.ro || I.closed) return Status::Ok();
-  // close() without closing. Whatever happens, nothing is written after
-  // this call: the image is read-only from here on (on an error the dirty
-  // bit and in-use bitmaps may stay set, as after a failed close()).
-  struct MakeReadOnly {
-    Impl& I;
-    ~MakeReadOnly() { I.ro = true; }
-  } make_read_only{I};
-  if (I.corrupt) return Status::IoError(eio(), "image is corrupt");
-  if (auto ec = I.store_bitmaps()) return Status::IoError(ec, "storing the dirty bitmaps");
-  if (auto ec = I.flush_locked(true)) return Status::IoError(ec, "flush");
+  std::lock_guard one(I.writeback_mu);
+  {
+    std::unique_lock lk(I.mu);
+    I.inflight_cv.wait(lk, [&] { return I.inflight.empty(); });
+    if (I.ro || I.closed) return Status::Ok();
+    // Whatever happens, nothing is written after this block (on an error
+    // the dirty bit and in-use bitmaps may stay set, as after a failed
+    // close()).
+    struct MakeReadOnly {
+      Impl& I;
+      ~MakeReadOnly() { I.ro = true; }
+    } make_read_only{I};
+    if (I.corrupt) return Status::IoError(eio(), "image is corrupt");
+    // Writing the bitmaps back allocates clusters: with the lock held
+    // exclusively (images with recording bitmaps only).
+    if (auto ec = I.store_bitmaps()) return Status::IoError(ec, "storing the dirty bitmaps");
+  }
+  if (auto ec = I.data_file->flush()) return Status::IoError(ec, "flush");
+  std::shared_lock lk(I.mu);
+  if (auto ec = I.write_back(true)) return Status::IoError(ec, "flush");
   if (I.dirty_bit && I.dirty_set_by_us) {
     if (auto ec = I.set_incompat_bit(fmt::kIncompatDirty, false))
       return Status::IoError(ec, "clearing the dirty bit");
@@ -384,7 +395,13 @@ std::error_code Image::block_status(uint64_t offset, uint64_t length,
 // without the lock.
 std::error_code Image::flush() {
   Impl& I = *impl_;
-  if (I.ro || I.is_view) return {};
+  if (I.is_view) return {};
+  if (I.ro) {
+    // A reopen_read_only() in progress writes back what this flush
+    // promises: wait for it.
+    std::lock_guard one(I.writeback_mu);
+    return {};
+  }
   if (I.corrupt) return eio();
   if (auto ec = I.data_file->flush()) return ec;
   {

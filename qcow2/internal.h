@@ -155,6 +155,9 @@ struct Image::Impl {
   bool dirty_set_by_us = false;
   bool closed = false;
   std::mutex hdr_mu;  // serializes header field rewrites
+  // Held by reopen_read_only() throughout (write_back() under a shared mu);
+  // a flush of the image meanwhile waits for it. Taken before mu.
+  std::mutex writeback_mu;
   mutable std::mutex reason_mu;
   std::string corrupt_reason;
 
@@ -321,7 +324,14 @@ struct Image::Impl {
   std::error_code persist_refcounts();
   std::error_code write_l2s();
   std::error_code write_l1();
+  // Writes back dirty metadata in dependency order (and syncs with
+  // `sync`); nothing for a read-only image. Needs mu exclusively.
   std::error_code flush_locked(bool sync);
+  // The same for an image that was just made read-only (reopen_read_only):
+  // with no writer left the metadata only changes when a table is loaded
+  // or evicted, under mu held exclusively, so this runs under mu shared
+  // (and writeback_mu), letting reads of cached tables go on.
+  std::error_code write_back(bool sync);
   uint64_t rb_get(const RefBlock& b, uint64_t i) const;
   void rb_set(RefBlock& b, uint64_t i, uint64_t v) const;
   void evict_refblocks_if_needed();

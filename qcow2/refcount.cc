@@ -365,6 +365,10 @@ std::error_code Image::Impl::write_l1() {
 
 std::error_code Image::Impl::flush_locked(bool sync) {
   if (ro || is_view) return {};
+  return write_back(sync);
+}
+
+std::error_code Image::Impl::write_back(bool sync) {
   bool any_rb = false, any_l2 = false;
   for (uint64_t idx : rb_resident) any_rb |= refblocks[idx]->dirty;
   for (uint64_t idx : l2_resident) any_l2 |= l2[idx]->dirty;
