@@ -7,7 +7,10 @@
 // the common case.
 #include "overlay/live_ops.h"
 
+#include <fcntl.h>
+#include <stdio.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <filesystem>
@@ -298,9 +301,8 @@ class CommitJob final : public LiveJob {
   bool completable() const override { return top_ == 0; }
 
   std::string work() override {
+    // start_commit made the base writable.
     std::string error;
-    const std::shared_ptr<BlockNode> base = graph_->nodes[base_];
-    if (!target_.registry->set_writable(base, true, &error)) return error;
     if (auto ec = grow_base(*graph_, base_, graph_->nodes[top_]->size, *target_.layer, &error)) {
       restore_base();
       return error;
@@ -552,6 +554,57 @@ std::shared_ptr<const Graph> job_graph(const LiveTarget& t, std::string* error) 
   return g;
 }
 
+// Makes `path` a new empty qcow2 image over `below` (named `backing`):
+// written and synced under a temporary name in the same directory, then
+// renamed into place, so that a kill leaves either no file or a whole one.
+bool create_overlay(const std::string& path, const std::string& backing,
+                    const BlockNode& below, std::string* error) {
+  std::error_code ec;
+  if (fs::exists(path, ec)) {
+    *error = fmt::format("'{}' already exists; remove it or use mode 'existing'", path);
+    return false;
+  }
+  const fs::path final_path(path);
+  const std::string temp =
+      (final_path.parent_path() / ("." + final_path.filename().string() + ".layerd-new"))
+          .string();
+  FileOptions fo{.mode = OpenMode::ReadWrite, .create = true};
+  auto file = open_posix_file(temp, fo, ec);
+  if (!file) {
+    *error = fmt::format("cannot create '{}': {}", path, ec.message());
+    return false;
+  }
+  qcow2::CreateOptions co;
+  co.size = below.size;
+  co.backing_file = backing;
+  co.backing_format = format_name(below.format);
+  (void)file->truncate(0);  // a leftover of a killed attempt
+  qcow2::Status st = qcow2::Image::create(*file, co);
+  if (st.ok() && (ec = file->flush())) st = qcow2::Status::IoError(ec, "flush");
+  file.reset();
+  // No replacing: a file that appeared meanwhile stays.
+  if (st.ok() && ::renameat2(AT_FDCWD, temp.c_str(), AT_FDCWD, path.c_str(),
+                             RENAME_NOREPLACE) != 0)
+    st = qcow2::Status::IoError(std::error_code(errno, std::generic_category()),
+                                "renaming it into place");
+  if (st.ok()) {
+    // The name must survive a crash before the export writes into it.
+    std::string dir = final_path.parent_path().string();
+    int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0 || ::fsync(dfd) != 0)
+      st = qcow2::Status::IoError(std::error_code(errno, std::generic_category()),
+                                  "syncing its directory");
+    if (dfd >= 0) ::close(dfd);
+    if (!st.ok()) fs::remove(path, ec);
+  }
+  if (!st.ok()) {
+    fs::remove(temp, ec);
+    *error = fmt::format("cannot create '{}': {}", path, st.message());
+    return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 bool live_snapshot(const LiveTarget& t, const SnapshotRequest& r, std::string* error) {
@@ -568,29 +621,7 @@ bool live_snapshot(const LiveTarget& t, const SnapshotRequest& r, std::string* e
   }
   std::error_code ec;
   const std::string backing = fs::absolute(old_top->path, ec).lexically_normal().string();
-  if (!r.existing) {
-    if (fs::exists(r.file, ec)) {
-      *error = fmt::format("'{}' already exists; remove it or use mode 'existing'", r.file);
-      return false;
-    }
-    FileOptions fo{.mode = OpenMode::ReadWrite, .create = true};
-    auto file = open_posix_file(r.file, fo, ec);
-    if (!file) {
-      *error = fmt::format("cannot create '{}': {}", r.file, ec.message());
-      return false;
-    }
-    qcow2::CreateOptions co;
-    co.size = old_top->size;
-    co.backing_file = backing;
-    co.backing_format = format_name(old_top->format);
-    qcow2::Status st = qcow2::Image::create(*file, co);
-    if (st.ok() && (ec = file->flush())) st = qcow2::Status::IoError(ec, "flush");
-    if (!st.ok()) {
-      fs::remove(r.file, ec);
-      *error = fmt::format("cannot create '{}': {}", r.file, st.message());
-      return false;
-    }
-  }
+  if (!r.existing && !create_overlay(r.file, backing, *old_top, error)) return false;
   NodeOptions no;
   no.writable = true;
   std::shared_ptr<BlockNode> node =
@@ -697,6 +728,9 @@ std::unique_ptr<BlockJob> start_commit(const LiveTarget& t, const CommitRequest&
     *error = why;
     return nullptr;
   }
+  // Reopened here, not in the job, so that a base another process holds
+  // (its lock) refuses the command itself, as in QEMU.
+  if (!t.registry->set_writable(g->nodes[base], true, error)) return nullptr;
   auto job = std::make_unique<CommitJob>(t, job_id_for(r.job_id, t), g, top, base,
                                          r.backing_file, r.empty, r.speed, observer);
   job->start(r.speed);
