@@ -132,7 +132,8 @@ def legacy_client_snapshot_and_stream():
 
     # A refusal keeps the connection usable.
     r = q.cmd('block-stream', {'device': 'nosuch'})
-    assert r['error']['class'] == 'DeviceNotFound', r
+    assert r['error']['class'] == 'GenericError', r
+    assert "Cannot find device='nosuch'" in r['error']['desc'], r
     assert q.command('query-block-jobs') == []
     q.close()
 
