@@ -1,7 +1,14 @@
 // The job state machine and its controls (see block_job.h).
 #include "overlay/block_job.h"
 
+#include <sys/resource.h>
+#include <unistd.h>
+
 namespace layerd {
+
+namespace {
+constexpr int kJobNice = 10;
+}  // namespace
 
 const char* job_status_name(JobStatus s) {
   switch (s) {
@@ -71,6 +78,9 @@ void BlockJob::start(uint64_t speed) {
 }
 
 void BlockJob::thread_main() {
+  // Clients first: on a busy machine the copy takes the CPU time the
+  // serving threads leave (a nice value for this thread alone).
+  (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), kJobNice);
   std::string error = run();
   std::unique_lock lock(mutex_);
   busy_ = false;

@@ -388,11 +388,17 @@ std::error_code Image::block_status(uint64_t offset, uint64_t length,
   });
 }
 
-// The data of completed writes is synced first without the metadata lock
-// (the long part: what the page cache holds), so reads and writes go on
-// meanwhile; then the metadata goes out in its order under the lock, where
-// its syncs now have little left to write; the last sync is again made
-// without the lock.
+// Image::flush keeps the metadata lock only while it writes, never across a
+// sync, so reads and writes go on while the disk works:
+//   1. sync the data of completed writes (no lock: the long part);
+//   2. under the lock, write the dirty refcount blocks; without it, sync;
+//   3. under the lock, write the L2 tables (whose clusters are now counted
+//      on disk) and, after another unlocked sync, the L1 table; then the
+//      refcount decrements that waited for the tables (pending frees);
+//   4. the last sync, without the lock.
+// Between 2 and 3 (and within 3) nobody may have changed the metadata: the
+// lock's epoch tells. If someone did (an allocating write, a table load),
+// the rest is done the old way, all under the lock (flush_locked).
 std::error_code Image::flush() {
   Impl& I = *impl_;
   if (I.is_view) return {};
@@ -404,13 +410,45 @@ std::error_code Image::flush() {
   }
   if (I.corrupt) return eio();
   if (auto ec = I.data_file->flush()) return ec;
-  {
-    std::unique_lock lk(I.mu);
-    if (I.corrupt) return eio();
-    if (auto ec = I.flush_locked(false)) return ec;
+  std::unique_lock lk(I.mu);
+  // Lets go of the lock for a sync; false if the metadata may have changed
+  // meanwhile.
+  auto sync_unlocked = [&](std::error_code* ec) {
+    const uint64_t epoch = I.mu.epoch();
+    lk.unlock();
+    *ec = I.file->flush();
+    lk.lock();
+    return I.mu.epoch() == epoch + 1;
+  };
+  auto rest_locked = [&] { return I.corrupt ? eio() : I.flush_locked(true); };
+  if (I.corrupt || I.ro) return I.corrupt ? eio() : std::error_code{};
+  bool any_rb = !I.reftable_pending.empty(), any_l2 = false;
+  for (uint64_t idx : I.rb_resident) any_rb |= I.refblocks[idx]->dirty;
+  for (uint64_t idx : I.l2_resident) any_l2 |= I.l2[idx]->dirty;
+  if (I.external && (any_l2 || I.l1_dirty)) return rest_locked();
+  std::error_code ec;
+  if (any_rb) {
+    if ((ec = I.persist_refcounts())) return ec;
+    if (any_l2 || I.l1_dirty || !I.pending_free.empty()) {
+      if (!sync_unlocked(&ec)) return ec ? ec : rest_locked();
+      if (ec) return ec;
+    }
   }
-  if (I.external)
-    if (auto ec = I.data_file->flush()) return ec;
+  if (any_l2) {
+    if ((ec = I.write_l2s())) return ec;
+    if (I.l1_dirty) {
+      if (!sync_unlocked(&ec)) return ec ? ec : rest_locked();
+      if (ec) return ec;
+    }
+  }
+  if ((ec = I.write_l1())) return ec;
+  if (!I.pending_free.empty()) {
+    // The tables that stopped using these clusters must be on disk first.
+    if (!sync_unlocked(&ec)) return ec ? ec : rest_locked();
+    if (ec) return ec;
+    if ((ec = I.apply_pending_frees())) return ec;
+  }
+  lk.unlock();
   return I.file->flush();
 }
 

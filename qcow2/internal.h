@@ -332,6 +332,10 @@ struct Image::Impl {
   // or evicted, under mu held exclusively, so this runs under mu shared
   // (and writeback_mu), letting reads of cached tables go on.
   std::error_code write_back(bool sync);
+  // Applies the refcount decrements that waited for the tables that
+  // stopped using those clusters (which must be on disk), and punches the
+  // freed clusters out of the file. Needs mu exclusively.
+  std::error_code apply_pending_frees();
   uint64_t rb_get(const RefBlock& b, uint64_t i) const;
   void rb_set(RefBlock& b, uint64_t i, uint64_t v) const;
   void evict_refblocks_if_needed();

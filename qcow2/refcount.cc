@@ -390,25 +390,30 @@ std::error_code Image::Impl::write_back(bool sync) {
   if (auto ec = write_l1()) return ec;
   if (!pending_free.empty()) {
     if (auto ec = file->flush()) return ec;
-    std::vector<uint64_t> todo, punch;
-    todo.swap(pending_free);
-    for (uint64_t host : todo)
-      if (auto ec = free_cluster_now(host, &punch)) return ec;
-    if (auto ec = write_refblocks()) return ec;
-    // Give the freed clusters back to the filesystem, one call per run.
-    std::sort(punch.begin(), punch.end());
-    for (size_t i = 0; i < punch.size();) {
-      size_t j = i + 1;
-      while (j < punch.size() && punch[j] == punch[j - 1] + 1) ++j;
-      (void)file->punch_hole(punch[i] << cb, (punch[j - 1] - punch[i] + 1) << cb);
-      i = j;
-    }
+    if (auto ec = apply_pending_frees()) return ec;
   }
   if (!sync) return {};
   if (external) {
     if (auto ec = data_file->flush()) return ec;
   }
   return file->flush();
+}
+
+std::error_code Image::Impl::apply_pending_frees() {
+  std::vector<uint64_t> todo, punch;
+  todo.swap(pending_free);
+  for (uint64_t host : todo)
+    if (auto ec = free_cluster_now(host, &punch)) return ec;
+  if (auto ec = write_refblocks()) return ec;
+  // Give the freed clusters back to the filesystem, one call per run.
+  std::sort(punch.begin(), punch.end());
+  for (size_t i = 0; i < punch.size();) {
+    size_t j = i + 1;
+    while (j < punch.size() && punch[j] == punch[j - 1] + 1) ++j;
+    (void)file->punch_hole(punch[i] << cb, (punch[j - 1] - punch[i] + 1) << cb);
+    i = j;
+  }
+  return {};
 }
 
 }  // namespace layerd::qcow2

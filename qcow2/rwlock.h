@@ -3,9 +3,16 @@
 // pread) could starve allocating writes, flushes and snapshots forever.
 // Meets the Lockable and SharedLockable requirements, so std::unique_lock,
 // std::shared_lock and std::condition_variable_any work with it.
+//
+// epoch() counts exclusive acquisitions: a holder that lets go of the lock
+// and takes it again can tell whether anyone else held it exclusively in
+// between (Image::flush syncs without the lock that way).
 #pragma once
 
 #include <pthread.h>
+
+#include <atomic>
+#include <cstdint>
 
 namespace layerd::qcow2 {
 
@@ -23,8 +30,17 @@ class WriterPreferringMutex {
   WriterPreferringMutex(const WriterPreferringMutex&) = delete;
   WriterPreferringMutex& operator=(const WriterPreferringMutex&) = delete;
 
-  void lock() { pthread_rwlock_wrlock(&rw_); }
-  bool try_lock() { return pthread_rwlock_trywrlock(&rw_) == 0; }
+  void lock() {
+    pthread_rwlock_wrlock(&rw_);
+    epoch_.fetch_add(1, std::memory_order_relaxed);
+  }
+  bool try_lock() {
+    if (pthread_rwlock_trywrlock(&rw_) != 0) return false;
+    epoch_.fetch_add(1, std::memory_order_relaxed);
+    return true;
+  }
+  // Exclusive acquisitions so far; read it with the lock held.
+  uint64_t epoch() const { return epoch_.load(std::memory_order_relaxed); }
   void unlock() { pthread_rwlock_unlock(&rw_); }
   void lock_shared() { pthread_rwlock_rdlock(&rw_); }
   bool try_lock_shared() { return pthread_rwlock_tryrdlock(&rw_) == 0; }
@@ -32,6 +48,7 @@ class WriterPreferringMutex {
 
  private:
   pthread_rwlock_t rw_;
+  std::atomic<uint64_t> epoch_{0};
 };
 
 }  // namespace layerd::qcow2
