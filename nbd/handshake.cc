@@ -92,7 +92,8 @@ bool has_namespace(std::string_view query) {
 // for a client query during NBD_OPT_LIST_META_CONTEXT").
 bool list_query_matches(std::string_view query, std::string_view context) {
   if (query == context) return true;
-  return query.find(':') == query.size() - 1 && context.starts_with(query);
+  // "qemu:dirty-bitmap:" lists every bitmap, as in qemu.
+  return query.ends_with(':') && context.starts_with(query);
 }
 
 }  // namespace

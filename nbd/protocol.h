@@ -116,6 +116,8 @@ enum class ChunkType : uint16_t {
 // base:allocation flags.
 inline constexpr uint32_t kStateHole = 1u << 0;
 inline constexpr uint32_t kStateZero = 1u << 1;
+// qemu:dirty-bitmap:NAME flags (qemu's docs/interop/nbd.txt).
+inline constexpr uint32_t kStateDirty = 1u << 0;
 
 // Error values on the wire (Linux errno numbers, fixed by the spec).
 enum class Error : uint32_t {

@@ -19,6 +19,7 @@
 #include <boost/asio/write.hpp>
 
 #include "qcow2/file.h"
+#include "qcow2/image.h"
 #include "server/log.h"
 
 namespace layerd {
@@ -236,6 +237,7 @@ std::vector<std::string> Connection::meta_contexts(const nbd::ExportInfo& info) 
     return v;
   for (const auto& c : layerd::meta_contexts())
     if (offers(*negotiated_.e, c)) v.emplace_back(c.name);
+  for (const auto& b : negotiated_.e->bitmaps) v.push_back(b.context);
   return v;
 }
 
@@ -346,9 +348,14 @@ asio::awaitable<bool> Connection::handshake() {
   state_.min_block_size = info.min_block_size;
   state_.max_payload = info.max_block_size;
   for (const auto& c : hs.selected_contexts()) {
-    const MetaContext* mc = find_meta_context(c.name);
-    if (!mc) co_return false;
-    contexts_.push_back(mc);
+    Context ctx;
+    ctx.fixed = find_meta_context(c.name);
+    if (!ctx.fixed)
+      for (const auto& b : export_->bitmaps)
+        if (b.context == c.name) ctx.bitmap = &b;
+    if (!ctx.fixed && !ctx.bitmap) co_return false;
+    if (ctx.fixed) contexts_map_extents_ = true;
+    contexts_.push_back(ctx);
   }
   state_.meta_context_count = contexts_.size();
   log_info("{}: serving export '{}'{}", peer_, export_->name,
@@ -729,16 +736,50 @@ void Connection::serve_sparse_read(const nbd::RequestHeader& r) {
   sender_.send(iov.data(), static_cast<int>(iov.size()));
 }
 
+// Descriptors of a dirty bitmap from `offset` for `length` bytes (at most
+// `max` of them), as qemu's bitmap_to_extents: dirty runs are
+// NBD_STATE_DIRTY, the rest 0, and bytes past the bitmap's image are clean.
+static std::error_code bitmap_descriptors(
+    const ExportedBitmap& b, uint64_t offset, uint64_t length, size_t max,
+    std::vector<nbd::BlockStatusDescriptor>& out) {
+  const uint64_t end = offset + length;
+  auto add = [&](uint64_t len, uint32_t flags) {
+    if (!out.empty() && out.back().flags == flags)
+      out.back().length += static_cast<uint32_t>(len);
+    else
+      out.push_back({static_cast<uint32_t>(len), flags});
+  };
+  const size_t first = out.size();
+  while (offset < end) {
+    if (offset >= b.size) {
+      if (out.size() - first == max && out.back().flags != 0) break;
+      add(end - offset, 0);
+      break;
+    }
+    qcow2::DirtyExtent d;
+    if (auto ec = b.image->dirty_status(b.name, offset,
+                                        std::min(end, b.size) - offset, &d))
+      return ec;
+    const uint32_t flags = d.dirty ? nbd::kStateDirty : 0u;
+    if (out.size() - first == max && out.back().flags != flags) break;
+    add(d.length, flags);
+    offset += d.length;
+  }
+  return {};
+}
+
 void Connection::serve_block_status(const nbd::RequestHeader& r) {
   thread_local std::vector<Extent> extents(kMaxExtents);
   thread_local std::vector<nbd::BlockStatusDescriptor> descriptors;
+  thread_local std::vector<size_t> ends;  // of each context's descriptors
   thread_local std::vector<std::byte> chunks;
   const bool req_one = (r.flags & nbd::kCmdFlagReqOne) != 0;
 
-  // Gather the layer's extents once; every context maps the same list.
+  // Gather the layer's extents once; every fixed context maps the same
+  // list. Dirty bitmaps answer for themselves.
   size_t total = 0;
   uint64_t offset = r.offset;
-  uint64_t remaining = r.length;
+  uint64_t remaining = contexts_map_extents_ ? r.length : 0;
   while (remaining > 0 && total < extents.size()) {
     size_t n = 0;
     std::error_code ec = layer_->block_status(
@@ -761,24 +802,42 @@ void Connection::serve_block_status(const nbd::RequestHeader& r) {
     if (req_one) break;
   }
 
+  descriptors.clear();
+  ends.clear();
+  for (const Context& ctx : contexts_) {
+    const size_t first = descriptors.size();
+    if (ctx.bitmap) {
+      if (auto ec = bitmap_descriptors(*ctx.bitmap, r.offset, r.length,
+                                       req_one ? 1 : kMaxExtents, descriptors)) {
+        reply_structured_error(r.cookie, ec);
+        return;
+      }
+    } else {
+      for (size_t i = 0; i < total; ++i) {
+        uint32_t flags = ctx.fixed->flags_of(extents[i]);
+        uint32_t len = static_cast<uint32_t>(extents[i].length);
+        if (descriptors.size() > first && descriptors.back().flags == flags)
+          descriptors.back().length += len;
+        else
+          descriptors.push_back({len, flags});
+        if (req_one) break;
+      }
+    }
+    ends.push_back(descriptors.size());
+  }
+
   thread_local std::vector<iovec> iov;
-  chunks.resize(contexts_.size() * nbd::block_status_chunk_size(total));
+  size_t need = 0;
+  for (size_t id = 0, first = 0; id < contexts_.size(); first = ends[id++])
+    need += nbd::block_status_chunk_size(ends[id] - first);
+  chunks.resize(need);
   iov.clear();
   size_t used = 0;
-  for (size_t id = 0; id < contexts_.size(); ++id) {
-    descriptors.clear();
-    for (size_t i = 0; i < total; ++i) {
-      uint32_t flags = contexts_[id]->flags_of(extents[i]);
-      uint32_t len = static_cast<uint32_t>(extents[i].length);
-      if (!descriptors.empty() && descriptors.back().flags == flags)
-        descriptors.back().length += len;
-      else
-        descriptors.push_back({len, flags});
-      if (req_one) break;
-    }
+  for (size_t id = 0, first = 0; id < contexts_.size(); first = ends[id++]) {
     const uint16_t flags = id + 1 == contexts_.size() ? nbd::kReplyFlagDone : 0;
     size_t n = nbd::encode_block_status_chunk(
-        r.cookie, flags, static_cast<uint32_t>(id), descriptors,
+        r.cookie, flags, static_cast<uint32_t>(id),
+        std::span(descriptors).subspan(first, ends[id] - first),
         std::span(chunks).subspan(used));
     iov.push_back(iov_of(chunks.data() + used, n));
     used += n;

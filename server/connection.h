@@ -137,7 +137,14 @@ class Connection : public std::enable_shared_from_this<Connection>,
   std::shared_ptr<Session> session_;  // per-client overlays only
   std::shared_ptr<Layer> layer_;      // what this connection serves
   nbd::TransmissionState state_;
-  std::vector<const MetaContext*> contexts_;  // by context id
+  // A selected meta context (by context id): a fixed one that maps the
+  // layer's extents, or one of the export's dirty bitmaps (-B).
+  struct Context {
+    const MetaContext* fixed = nullptr;
+    const ExportedBitmap* bitmap = nullptr;
+  };
+  std::vector<Context> contexts_;
+  bool contexts_map_extents_ = false;  // some context maps the layer's extents
 
   std::unique_ptr<BufferPool> buffers_;
   ReplySender sender_;

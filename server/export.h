@@ -40,6 +40,20 @@ struct ExportPolicy {
   uint32_t min_block_size = 1;
 };
 
+// A persistent dirty bitmap offered as the meta context
+// "qemu:dirty-bitmap:NAME" (-B): NAME in the first image of the export's
+// chain that has it, as qemu-nbd searches. Block status answers from
+// Image::dirty_status (no I/O, no allocation); bytes past that image's
+// size (a backing image smaller than the top) read as clean, as in qemu.
+struct ExportedBitmap {
+  std::string context;  // "qemu:dirty-bitmap:NAME"
+  std::string name;
+  std::shared_ptr<const qcow2::Image> image;
+  uint64_t size = 0;  // the image's virtual size
+};
+
+inline constexpr std::string_view kDirtyBitmapContextPrefix = "qemu:dirty-bitmap:";
+
 // What one client (or one named session of clients) is served.
 struct Session {
   std::unique_ptr<TempOverlay> overlay;  // per-client overlays only
@@ -58,6 +72,7 @@ struct Export {
   // (which only the sessions' overlays read).
   std::shared_ptr<Layer> layer;
   ExportPolicy policy;
+  std::vector<ExportedBitmap> bitmaps;  // -B, in the order given
 
   // Per-client overlays: set for such an export.
   struct PerClient {

@@ -14,6 +14,7 @@
 #include <fmt/format.h>
 
 #include "overlay/chain.h"
+#include "overlay/offset_layer.h"
 #include "qcow2/file.h"
 #include "server/control.h"
 #include "server/export.h"
@@ -79,6 +80,55 @@ ExportPolicy policy_of(const ServerOptions& o, const ExportSpec& spec) {
   return p;
 }
 
+// -B: each bitmap from the first image of `nodes` that has it, checked as
+// qemu-nbd checks it (nbd_export_create), with its messages.
+bool find_bitmaps(const ExportSpec& spec, bool read_only,
+                  const std::vector<std::shared_ptr<BlockNode>>& nodes,
+                  std::vector<ExportedBitmap>* out, std::string& error) {
+  for (const std::string& name : spec.bitmaps) {
+    const BlockNode* holder = nullptr;
+    std::shared_ptr<const qcow2::Image> image;
+    std::optional<qcow2::BitmapInfo> info;
+    // With -o, qemu-nbd looks only at the offset node above the image (it
+    // has no bitmaps), and so does layerd.
+    for (size_t i = 0; spec.offset == 0 && i < nodes.size() && !info; ++i) {
+      const BlockNode& n = *nodes[i];
+      // A snapshot view (-l) keeps the bitmaps of its active image, as
+      // qemu's temporarily loaded snapshot does.
+      image = n.snapshot_of ? n.snapshot_of->image : n.image;
+      if (!image) continue;
+      for (auto& b : image->bitmaps())
+        if (b.name == name) {
+          info = b;
+          holder = &n;
+          break;
+        }
+    }
+    if (!info) {
+      error = fmt::format("Bitmap '{}' is not found", name);
+      if (spec.offset != 0)
+        error += " (with -o, bitmaps are looked for above the offset, where "
+                 "there are none, as in qemu-nbd)";
+      return false;
+    }
+    if (info->inconsistent) {
+      error = fmt::format("Bitmap '{}' is inconsistent and cannot be used", name);
+      return false;
+    }
+    if (read_only && holder->writable && info->enabled) {
+      error = fmt::format("Enabled bitmap '{}' incompatible with readonly export",
+                          name);
+      return false;
+    }
+    std::string context = fmt::format("{}{}", kDirtyBitmapContextPrefix, name);
+    if (std::any_of(out->begin(), out->end(),
+                    [&](const ExportedBitmap& b) { return b.context == context; }))
+      continue;  // given twice: one context
+    out->push_back({std::move(context), name, image, image->size()});
+  }
+  return true;
+}
+
 // Opens the chain of `spec` and builds its export: served as it is, with
 // one throwaway overlay (-s), or with an overlay per client.
 std::shared_ptr<Export> open_export(const ServerOptions& o, ExportSpec spec,
@@ -118,6 +168,8 @@ std::shared_ptr<Export> open_export(const ServerOptions& o, ExportSpec spec,
   e->name = spec.name;
   e->description = spec.description;
   e->policy = policy_of(o, spec);
+  if (!find_bitmaps(spec, e->policy.read_only, nodes, &e->bitmaps, error))
+    return nullptr;
   TempOverlayOptions overlay{
       .dir = o.temp_dir.empty() ? default_temp_dir() : o.temp_dir,
       .keep_dir = o.keep_overlay_dir,
@@ -160,6 +212,23 @@ std::shared_ptr<Export> open_export(const ServerOptions& o, ExportSpec spec,
       e->layer = serve_nodes(std::move(nodes), false, false, 0);
       break;
     }
+  }
+  if (spec.offset != 0) {
+    // qemu-nbd's raw driver with an offset, over the image's format; its
+    // message when the offset is past the end.
+    const uint64_t size = e->layer->size();
+    auto window = make_offset_layer(e->layer, spec.offset);
+    if (!window) {
+      error = fmt::format("Offset ({}) cannot be greater than size of the "
+                          "containing file ({})", spec.offset, size);
+      return nullptr;
+    }
+    if (e->per_client || e->temp) {
+      error = "-o/--offset cannot be combined with throwaway overlays (-s, "
+              "--overlay) yet";
+      return nullptr;
+    }
+    e->layer = std::move(window);
   }
   return e;
 }

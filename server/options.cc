@@ -33,6 +33,7 @@ enum LongOnly {
   kOptObject,
   kOptTlsCreds,
   kOptTlsAuthz,
+  kOptTlsHostname,
   kOptImageOpts,
   kOptSelinuxLabel,
   kOptTempDir,
@@ -63,6 +64,8 @@ const option kLongOptions[] = {
     {"object", required_argument, nullptr, kOptObject},
     {"tls-creds", required_argument, nullptr, kOptTlsCreds},
     {"tls-authz", required_argument, nullptr, kOptTlsAuthz},
+    {"tls-hostname", required_argument, nullptr, kOptTlsHostname},
+    {"partition", required_argument, nullptr, 'P'},
     {"trace", required_argument, nullptr, 'T'},
     {"fork", no_argument, nullptr, kOptFork},
     {"pid-file", required_argument, nullptr, kOptPidFile},
@@ -96,7 +99,7 @@ const option kLongOptions[] = {
     {nullptr, 0, nullptr, 0},
 };
 
-constexpr const char* kShortOptions = "hVp:b:k:e:tvx:D:o:AB:LT:c:df:rUsl:n";
+constexpr const char* kShortOptions = "hVp:b:k:e:tvx:D:o:AB:LT:c:df:rUsl:nP:";
 
 // Parses a decimal number with an optional K/M/G suffix (powers of 1024).
 std::optional<uint64_t> parse_size(std::string_view s) {
@@ -120,6 +123,26 @@ std::optional<uint64_t> parse_number(std::string_view s, uint64_t max) {
   auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), value);
   if (ec != std::errc{} || end != s.data() + s.size() || value > max)
     return std::nullopt;
+  return value;
+}
+
+// -o's argument as qemu-nbd reads it (qemu_strtou64, base 0): decimal,
+// 0x hexadecimal or 0 octal, no suffix.
+std::optional<uint64_t> parse_offset(std::string_view s) {
+  if (s.empty() || s.front() == '-' || s.front() == '+' ||
+      std::isspace(static_cast<unsigned char>(s.front())))
+    return std::nullopt;
+  int base = 10;
+  if (s.size() > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+    base = 16;
+    s.remove_prefix(2);
+  } else if (s.size() > 1 && s[0] == '0') {
+    base = 8;
+    s.remove_prefix(1);
+  }
+  uint64_t value = 0;
+  auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), value, base);
+  if (ec != std::errc{} || end != s.data() + s.size()) return std::nullopt;
   return value;
 }
 
@@ -169,13 +192,20 @@ std::string set_export_key(std::string_view key, std::string_view value,
     if (!parse_on_off(value, &e->copy_on_read)) return bad("on or off");
   } else if (key == "allocation-depth") {
     if (!parse_on_off(value, &e->allocation_depth)) return bad("on or off");
+  } else if (key == "bitmap") {
+    if (value.empty()) return bad("a bitmap name");
+    e->bitmaps.emplace_back(value);
+  } else if (key == "offset") {
+    auto n = parse_offset(value);
+    if (!n) return bad("a number of bytes");
+    e->offset = *n;
   } else if (key == "description") {
     if (value.size() > 4096) return "description is longer than 4096 bytes";
     e->description = std::string(value);
   } else {
     return fmt::format("unknown export key '{}' (known: name, file, format, "
                        "snapshot, overlay, read-only, copy-on-read, "
-                       "allocation-depth, description)", key);
+                       "allocation-depth, bitmap, offset, description)", key);
   }
   return "";
 }
@@ -316,7 +346,12 @@ Image options:
   -l, --load-snapshot=SNAP  export internal snapshot SNAP of FILE (an id or a
                             name, or snapshot.id=ID,snapshot.name=NAME);
                             read-only, or writable with -s
+  -o, --offset=OFFSET       the export starts OFFSET bytes into the image
+                            (raw or qcow2; its size is the rest of the image)
   -A, --allocation-depth    expose the qemu:allocation-depth meta context
+  -B, --bitmap=NAME         expose persistent dirty bitmap NAME (of FILE or
+                            of a backing image) as the qemu:dirty-bitmap:NAME
+                            meta context (repeatable)
       --overlay=MODE        none, temp (as -s) or per-client: every client
                             gets a throwaway overlay of its own; clients that
                             ask for export NAME@SESSION share one per SESSION
@@ -359,7 +394,8 @@ Several exports (layerd only):
       --export=KEY=VALUE,...  one export (repeatable); keys: name, file,
                             format, snapshot, overlay (none|temp|per-client),
                             read-only, copy-on-read, allocation-depth (on|off),
-                            description; then FILE is not given
+                            bitmap (repeatable), offset, description; then
+                            FILE is not given
       --config=FILE         exports from FILE: [export] sections of
                             "key = value" lines with the same keys; SIGHUP
                             reads it again (connected clients keep the
@@ -502,21 +538,55 @@ ParseResult parse_command_line(int argc, char** argv) {
         else return fail(fmt::format("invalid --log '{}' (error or info)", arg));
         break;
       case 'B':
-        return fail("-B/--bitmap is not supported");
-      case 'o':
-        return fail("-o/--offset is not supported");
+        if (arg.empty()) return fail("-B/--bitmap needs a bitmap name");
+        o.bitmaps.emplace_back(arg);
+        break;
+      case 'o': {
+        auto n = parse_offset(arg);
+        // qemu-nbd's words.
+        if (!n) return fail(fmt::format("Invalid offset '{}'", arg));
+        o.offset = *n;
+        break;
+      }
+      // What layerd leaves to other tools, and which tool to use.
       case 'c':
+        return fail("-c/--connect is not supported: layerd does not drive "
+                    "the kernel's NBD devices itself. Serve FILE with layerd "
+                    "and connect the device with nbd-client, e.g. 'layerd -k "
+                    "SOCKET FILE' then 'nbd-client -unix SOCKET /dev/nbd0'");
       case 'd':
-        return fail("kernel NBD client options (-c, -d) are not supported: "
-                    "use nbd-client");
+        return fail("-d/--disconnect is not supported: disconnect a kernel "
+                    "NBD device with 'nbd-client -d /dev/nbd0'");
+      case 'P':
+        // Not an option of qemu-nbd 7.2 either (qemu-nbd: "invalid option
+        // -- 'P'"); say what replaced it.
+        return fail("-P/--partition is not supported (qemu-nbd dropped it "
+                    "in 5.0): serve the partition with -o/--offset=START "
+                    "(the export then reaches to the end of the image), or "
+                    "find its start with 'sfdisk -d' or 'parted unit B print'");
       case kOptObject:
       case kOptTlsCreds:
+        return fail("TLS and --object are not supported yet: serve on a "
+                    "Unix socket (-k) that only the client may open, or "
+                    "tunnel TCP through ssh or stunnel");
       case kOptTlsAuthz:
-        return fail("TLS and --object are not supported yet");
+        // qemu-nbd: "--tls-authz is not permitted without --tls-creds".
+        return fail("--tls-authz is not supported yet (layerd has no TLS, "
+                    "see --tls-creds): restrict who may connect with the "
+                    "permissions of a Unix socket (-k) or a firewall");
+      case kOptTlsHostname:
+        // qemu-nbd: "--tls-hostname is not permitted without --tls-creds";
+        // it names the server certificate's host for -L.
+        return fail("--tls-hostname is not supported yet (layerd has no TLS, "
+                    "see --tls-creds): to list the exports of a TLS server, "
+                    "use 'nbdinfo --list nbds://HOST'");
       case kOptImageOpts:
         return fail("--image-opts is not supported");
       case kOptSelinuxLabel:
-        return fail("--selinux-label is not supported");
+        return fail("--selinux-label is not supported: relabel the Unix "
+                    "socket once layerd listens ('chcon -t TYPE SOCKET'), or "
+                    "start layerd under 'runcon' with the context its "
+                    "sockets should get");
       case '?':
       default:
         if (optopt && std::strchr(kShortOptions, optopt))
@@ -560,6 +630,8 @@ ParseResult parse_command_line(int argc, char** argv) {
     e.read_only = o.read_only;
     e.copy_on_read = o.copy_on_read;
     e.allocation_depth = o.allocation_depth;
+    e.bitmaps = o.bitmaps;
+    e.offset = o.offset;
     if (auto m = check_export(e); !m.empty()) {
       // Say it in the options the user typed.
       if (e.overlay == OverlayMode::PerClient && e.read_only)

@@ -31,6 +31,12 @@ struct ExportSpec {
   bool read_only = false;
   bool copy_on_read = false;
   bool allocation_depth = false;
+  // -B: persistent dirty bitmaps offered as qemu:dirty-bitmap:NAME, each
+  // found in the first image of the chain that has it.
+  std::vector<std::string> bitmaps;
+  // -o: the export starts this many bytes into the image (qemu-nbd's raw
+  // driver with an offset, over the image's format).
+  uint64_t offset = 0;
   bool from_config = false;  // read from --config (SIGHUP reads it again)
   bool operator==(const ExportSpec&) const = default;
 };
@@ -70,6 +76,8 @@ struct ServerOptions {
   OverlayMode overlay = OverlayMode::None;  // -s, --overlay
   SnapshotSelector load_snapshot;   // -l
   bool allocation_depth = false;    // -A
+  std::vector<std::string> bitmaps;  // -B (repeatable)
+  uint64_t offset = 0;              // -o
   bool copy_on_read = false;        // --copy-on-read
   std::string config_file;          // --config
 
@@ -86,7 +94,8 @@ struct ServerOptions {
 
 // Parses "KEY=VALUE,..." of --export (the keys of ExportSpec: name, file,
 // format, snapshot, overlay, read-only, copy-on-read, allocation-depth,
-// description). An error message naming the key on failure, else "".
+// bitmap (repeatable), offset, description). An error message naming the
+// key on failure, else "".
 std::string parse_export_spec(std::string_view text, ExportSpec* out);
 
 // Reads a config file of [export] sections with "key = value" lines (the
