@@ -396,9 +396,10 @@ std::error_code Image::block_status(uint64_t offset, uint64_t length,
 //      on disk) and, after another unlocked sync, the L1 table; then the
 //      refcount decrements that waited for the tables (pending frees);
 //   4. the last sync, without the lock.
-// Between 2 and 3 (and within 3) nobody may have changed the metadata: the
-// lock's epoch tells. If someone did (an allocating write, a table load),
-// the rest is done the old way, all under the lock (flush_locked).
+// Between the steps nobody may have changed the metadata: the lock's epoch
+// tells. If someone did (an allocating write, a table load), the steps
+// start again from 2 (what was written stays valid); after a few tries the
+// rest is done the old way, all under the lock (flush_locked).
 std::error_code Image::flush() {
   Impl& I = *impl_;
   if (I.is_view) return {};
@@ -412,44 +413,50 @@ std::error_code Image::flush() {
   if (auto ec = I.data_file->flush()) return ec;
   std::unique_lock lk(I.mu);
   // Lets go of the lock for a sync; false if the metadata may have changed
-  // meanwhile.
+  // meanwhile (or the sync failed: `*ec`).
   auto sync_unlocked = [&](std::error_code* ec) {
     const uint64_t epoch = I.mu.epoch();
     lk.unlock();
     *ec = I.file->flush();
     lk.lock();
-    return I.mu.epoch() == epoch + 1;
+    return !*ec && I.mu.epoch() == epoch + 1;
   };
-  auto rest_locked = [&] { return I.corrupt ? eio() : I.flush_locked(true); };
-  if (I.corrupt || I.ro) return I.corrupt ? eio() : std::error_code{};
-  bool any_rb = !I.reftable_pending.empty(), any_l2 = false;
-  for (uint64_t idx : I.rb_resident) any_rb |= I.refblocks[idx]->dirty;
-  for (uint64_t idx : I.l2_resident) any_l2 |= I.l2[idx]->dirty;
-  if (I.external && (any_l2 || I.l1_dirty)) return rest_locked();
-  std::error_code ec;
-  if (any_rb) {
-    if ((ec = I.persist_refcounts())) return ec;
-    if (any_l2 || I.l1_dirty || !I.pending_free.empty()) {
-      if (!sync_unlocked(&ec)) return ec ? ec : rest_locked();
-      if (ec) return ec;
+  constexpr int kTries = 4;
+  for (int attempt = 0; attempt < kTries; ++attempt) {
+    if (I.corrupt) return eio();
+    if (I.ro) return {};
+    bool any_rb = !I.reftable_pending.empty(), any_l2 = false;
+    for (uint64_t idx : I.rb_resident) any_rb |= I.refblocks[idx]->dirty;
+    for (uint64_t idx : I.l2_resident) any_l2 |= I.l2[idx]->dirty;
+    if (I.external && (any_l2 || I.l1_dirty)) break;  // the data file first: locked
+    std::error_code ec;
+    if (any_rb) {
+      if ((ec = I.persist_refcounts())) return ec;
+      if ((any_l2 || I.l1_dirty || !I.pending_free.empty()) && !sync_unlocked(&ec)) {
+        if (ec) return ec;
+        continue;
+      }
     }
-  }
-  if (any_l2) {
-    if ((ec = I.write_l2s())) return ec;
-    if (I.l1_dirty) {
-      if (!sync_unlocked(&ec)) return ec ? ec : rest_locked();
-      if (ec) return ec;
+    if (any_l2) {
+      if ((ec = I.write_l2s())) return ec;
+      if ((I.l1_dirty || !I.pending_free.empty()) && !sync_unlocked(&ec)) {
+        if (ec) return ec;
+        continue;
+      }
     }
+    if ((ec = I.write_l1())) return ec;
+    if (!I.pending_free.empty()) {
+      // The tables that stopped using these clusters must be on disk first.
+      if (!sync_unlocked(&ec)) {
+        if (ec) return ec;
+        continue;
+      }
+      if ((ec = I.apply_pending_frees())) return ec;
+    }
+    lk.unlock();
+    return I.file->flush();
   }
-  if ((ec = I.write_l1())) return ec;
-  if (!I.pending_free.empty()) {
-    // The tables that stopped using these clusters must be on disk first.
-    if (!sync_unlocked(&ec)) return ec ? ec : rest_locked();
-    if (ec) return ec;
-    if ((ec = I.apply_pending_frees())) return ec;
-  }
-  lk.unlock();
-  return I.file->flush();
+  return I.corrupt ? eio() : I.flush_locked(true);
 }
 
 Status Image::open_snapshot(std::string_view id_or_name,
