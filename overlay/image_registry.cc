@@ -338,6 +338,13 @@ bool ImageRegistry::set_writable(const std::shared_ptr<BlockNode>& node,
     if (!reopen_files(*node, OpenMode::ReadWrite, Access::Write, error)) return false;
     if (node->image) {
       qcow2::Status st = node->image->reopen_read_write();
+      // In use from now on: the dirty bit's sync is not left to a write.
+      if (st.ok()) {
+        if (auto ec = node->image->begin_writes()) {
+          (void)node->image->reopen_read_only();
+          st = qcow2::Status::IoError(ec, "setting the dirty bit");
+        }
+      }
       if (!st.ok()) {
         std::string ignored;
         (void)reopen_files(*node, OpenMode::ReadOnly, Access::Read, &ignored);

@@ -648,6 +648,9 @@ bool live_snapshot(const LiveTarget& t, const SnapshotRequest& r, std::string* e
       return fail(fmt::format("'{}' does not have '{}' as its backing file", r.file,
                               old_top->path));
   }
+  // Its dirty bit now, not at the first client write after the switch.
+  if (auto e = node->image->begin_writes())
+    return fail(fmt::format("'{}': {}", r.file, e.message()));
   // No flush while requests wait: the old top is written back after the
   // switch (reopened read-only), and until then a client's flush covers it
   // (GraphLayer flushes every writable image of its graph).

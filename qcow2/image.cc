@@ -388,6 +388,12 @@ std::error_code Image::block_status(uint64_t offset, uint64_t length,
   });
 }
 
+std::error_code Image::begin_writes() {
+  Impl& I = *impl_;
+  std::unique_lock lk(I.mu);
+  return I.begin_write();
+}
+
 // Image::flush keeps the metadata lock only while it writes, never across a
 // sync, so reads and writes go on while the disk works:
 //   1. sync the data of completed writes (no lock: the long part);

@@ -443,6 +443,12 @@ class Image {
   std::error_code block_status(uint64_t offset, uint64_t length,
                                MapExtent* out);
 
+  // Marks the image in use (the dirty bit, written and synced) now rather
+  // than at its first metadata change, so that no client write waits for
+  // that sync later (a live snapshot's new top, a commit's base). Needs a
+  // writable image; a no-op when done already, and on v2.
+  std::error_code begin_writes();
+
   // Writes back dirty metadata in dependency order and syncs the file(s).
   // The syncs of data run without the metadata lock (reads and writes go on
   // meanwhile); the lock is held only while the metadata is written.
