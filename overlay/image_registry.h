@@ -23,6 +23,7 @@
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -58,7 +59,9 @@ struct SnapshotSelector {
 struct BlockNode {
   std::string path;  // as first named (resolved for backing images)
   ImageFormat format = ImageFormat::Raw;
-  uint64_t size = 0;  // virtual size
+  // Virtual size. Changes only while the graphs using the node are paused
+  // (a commit grows its base), but is read by queries at any time.
+  std::atomic<uint64_t> size{0};
   bool writable = false;  // changes only under the registry's mutex
   std::string snapshot_id;  // set for an internal snapshot view
   std::shared_ptr<const BlockNode> snapshot_of;  // the view's active image

@@ -638,7 +638,8 @@ bool live_snapshot(const LiveTarget& t, const SnapshotRequest& r, std::string* e
   };
   if (node == old_top) return fail(fmt::format("'{}' is the active image", r.file));
   if (node->size != old_top->size)
-    return fail(fmt::format("'{}' is {} bytes, the export {}", r.file, node->size, old_top->size));
+    return fail(fmt::format("'{}' is {} bytes, the export {}", r.file, node->size.load(),
+                            old_top->size.load()));
   if (r.existing) {
     const std::string& named = node->image->backing_file();
     fs::path resolved = fs::path(named).is_absolute()

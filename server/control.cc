@@ -34,7 +34,7 @@ json::object image_info(const std::vector<std::shared_ptr<BlockNode>>& nodes, si
   json::object o;
   o["filename"] = n.path;
   o["format"] = format_name(n.format);
-  o["virtual-size"] = n.size;
+  o["virtual-size"] = n.size.load();
   struct stat st {};
   if (::stat(n.path.c_str(), &st) == 0) o["actual-size"] = static_cast<uint64_t>(st.st_blocks) * 512;
   if (n.image) {

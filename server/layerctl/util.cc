@@ -186,7 +186,8 @@ OpenedImage opened_from(std::shared_ptr<BlockNode> node, std::string filename) {
   img.data_file_path = node->data_file_path;
   // QEMU counts sizes in 512-byte sectors: a raw file's disk is its length
   // rounded up (the tail reads as zeros).
-  img.size = node->raw ? (node->size + 511) & ~uint64_t{511} : node->size;
+  const uint64_t size = node->size;
+  img.size = node->raw ? (size + 511) & ~uint64_t{511} : size;
   return img;
 }
 
