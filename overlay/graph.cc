@@ -373,16 +373,21 @@ std::error_code GraphLayer::do_write(uint64_t offset,
   if (!g.mirror) return top_write();
   return mirrored(g, offset, data.size(), top_write,
                   [&](BlockNode& target, auto below) {
-                    if (target.raw) return target.raw->pwrite(data, offset);
-                    return target.image->write(offset, data, below);
+                    if (!target.raw) return target.image->write(offset, data, below, fua);
+                    std::error_code ec = target.raw->pwrite(data, offset);
+                    return !ec && fua ? target.raw->flush() : ec;
                   });
 }
 
-// Zeros on the mirror's target, for zeroing and trimming the top.
+// Zeros on the mirror's target, for zeroing and trimming the top. FUA
+// carries over: a durable write must be durable in the image that is the
+// export's after a pivot or an emptying.
 static std::error_code zero_target(BlockNode& target, uint64_t offset,
-                                   uint64_t length, qcow2::BelowReader below) {
-  if (target.raw) return target.raw->write_zeroes(offset, length);
-  return target.image->write_zeroes(offset, length, /*may_unmap=*/true, below);
+                                   uint64_t length, qcow2::BelowReader below, bool fua) {
+  if (!target.raw)
+    return target.image->write_zeroes(offset, length, /*may_unmap=*/true, below, fua);
+  std::error_code ec = target.raw->write_zeroes(offset, length);
+  return !ec && fua ? target.raw->flush() : ec;
 }
 
 std::error_code GraphLayer::do_write_zeroes(uint64_t offset, uint64_t length,
@@ -401,7 +406,7 @@ std::error_code GraphLayer::do_write_zeroes(uint64_t offset, uint64_t length,
   if (!g.mirror) return top_zero();
   return mirrored(g, offset, length, top_zero,
                   [&](BlockNode& target, auto below) {
-                    return zero_target(target, offset, length, below);
+                    return zero_target(target, offset, length, below, f.fua);
                   });
 }
 
@@ -423,7 +428,7 @@ std::error_code GraphLayer::do_trim(uint64_t offset, uint64_t length, bool fua) 
   // so the target gets zeros too.
   return mirrored(g, offset, length, top_trim,
                   [&](BlockNode& target, auto below) {
-                    return zero_target(target, offset, length, below);
+                    return zero_target(target, offset, length, below, fua);
                   });
 }
 

@@ -77,7 +77,7 @@ std::error_code allocation_between(const Graph& g, size_t from, size_t to,
 //     completes, under a range lock that the job's copies take too, so a
 //     copy and a client write never reorder on a range. A failed target
 //     write marks the range dirty for the job (the client's write stands:
-//     the top has it).
+//     the top has it). FUA carries over to the target write.
 // The mode changes only while the graph's gate is paused.
 //
 // Thread safety: every call may run on many threads.
