@@ -197,6 +197,28 @@ class LiveJobs : public ::testing::Test {
     return data;
   }
 
+  // Waits for the job's BLOCK_JOB_COMPLETED and expects no error in it.
+  json::object expect_completed(const std::string& id = "disk") {
+    json::object done = wait_event("BLOCK_JOB_COMPLETED", id);
+    EXPECT_FALSE(done.contains("error")) << json::serialize(done);
+    return done;
+  }
+
+  // Lets the client do `more` operations, stops it and returns its model.
+  std::vector<uint8_t> finish_client(VerifiedClient& client, uint64_t more) {
+    client.wait_ops(more);
+    std::vector<uint8_t> model = client.stop();
+    EXPECT_EQ(client.failure(), "");
+    return model;
+  }
+
+  // Disconnects `h` and the control client and stops the server cleanly.
+  void stop_server(Nbd* h = nullptr) {
+    if (h) h->reset();
+    qmp_.reset();
+    EXPECT_EQ(server_.stop(), 0) << server_.log();
+  }
+
   void expect_clean(const std::string& file) {
     RunResult r = run({"qemu-img", "check", "-U", file});
     EXPECT_EQ(r.exit_code, 0) << file << ": " << r.out << r.err;
@@ -225,9 +247,7 @@ TEST_F(LiveJobs, SnapshotsSwitchToNewOverlaysWithoutFailingARequest) {
     execute("blockdev-snapshot-sync",
             {{"device", "disk"}, {"snapshot-file", path(name)}, {"format", "qcow2"}});
   }
-  client.wait_ops(300);
-  const auto model = client.stop();
-  ASSERT_EQ(client.failure(), "");
+  const auto model = finish_client(client, 300);
   // The chain: cur <- sn2 <- sn1 <- top <- mid <- base, as query-block says.
   json::value blocks = execute("query-block");
   json::object image = blocks.as_array()[0].as_object()["inserted"].as_object()["image"].as_object();
@@ -239,9 +259,7 @@ TEST_F(LiveJobs, SnapshotsSwitchToNewOverlaysWithoutFailingARequest) {
   }
   EXPECT_EQ(chain, (std::vector<std::string>{"cur.qcow2", "sn2.qcow2", "sn1.qcow2",
                                              "top.qcow2", "mid.qcow2", "base.qcow2"}));
-  h.reset();
-  qmp_.reset();
-  EXPECT_EQ(server_.stop(), 0) << server_.log();
+  stop_server(&h);
   for (const char* f : {"sn1.qcow2", "sn2.qcow2", "cur.qcow2", "top.qcow2"}) expect_clean(path(f));
   EXPECT_EQ(backing_of(path("cur.qcow2")), path("sn2.qcow2"));
   EXPECT_EQ(qemu_view(path("cur.qcow2")), model);
@@ -260,15 +278,10 @@ TEST_F(LiveJobs, StreamPullsTheChainIntoTheTopWhileClientsWrite) {
   json::value jobs = execute("query-block-jobs");
   ASSERT_EQ(jobs.as_array().size(), 1u);
   EXPECT_EQ(jobs.as_array()[0].as_object()["type"].as_string(), "stream");
-  json::object done = wait_event("BLOCK_JOB_COMPLETED");
-  EXPECT_FALSE(done.contains("error")) << json::serialize(done);
+  json::object done = expect_completed();
   EXPECT_EQ(done["offset"].to_number<uint64_t>(), kDisk);
-  client.wait_ops(100);
-  const auto model = client.stop();
-  ASSERT_EQ(client.failure(), "");
-  h.reset();
-  qmp_.reset();
-  EXPECT_EQ(server_.stop(), 0) << server_.log();
+  const auto model = finish_client(client, 100);
+  stop_server(&h);
   expect_clean(path("top.qcow2"));
   EXPECT_EQ(backing_of(path("top.qcow2")), "");
   EXPECT_EQ(qemu_view(path("top.qcow2")), model);
@@ -282,14 +295,9 @@ TEST_F(LiveJobs, StreamToABaseKeepsTheBaseBelow) {
   VerifiedClient client(h.get(), 3);
   client.start();
   execute("block-stream", {{"device", "disk"}, {"base", path("base.qcow2")}});
-  json::object done = wait_event("BLOCK_JOB_COMPLETED");
-  EXPECT_FALSE(done.contains("error")) << json::serialize(done);
-  client.wait_ops(200);
-  const auto model = client.stop();
-  ASSERT_EQ(client.failure(), "");
-  h.reset();
-  qmp_.reset();
-  EXPECT_EQ(server_.stop(), 0) << server_.log();
+  json::object done = expect_completed();
+  const auto model = finish_client(client, 200);
+  stop_server(&h);
   expect_clean(path("top.qcow2"));
   EXPECT_EQ(backing_of(path("top.qcow2")), "base.qcow2");
   EXPECT_EQ(qemu_view(path("top.qcow2")), model);
@@ -305,16 +313,11 @@ TEST_F(LiveJobs, IntermediateCommitShortensTheChainWhileClientsWrite) {
   client.wait_ops(100);
   execute("block-commit", {{"device", "disk"}, {"top", path("mid.qcow2")},
                            {"base", path("base.qcow2")}, {"speed", 4 << 20}});
-  json::object done = wait_event("BLOCK_JOB_COMPLETED");
-  EXPECT_FALSE(done.contains("error")) << json::serialize(done);
-  client.wait_ops(200);
-  const auto model = client.stop();
-  ASSERT_EQ(client.failure(), "");
+  json::object done = expect_completed();
+  const auto model = finish_client(client, 200);
   json::value blocks = execute("query-block");
   EXPECT_EQ(blocks.as_array()[0].as_object()["inserted"].as_object()["backing_file_depth"].to_number<uint64_t>(), 1u);
-  h.reset();
-  qmp_.reset();
-  EXPECT_EQ(server_.stop(), 0) << server_.log();
+  stop_server(&h);
   for (const char* f : {"top.qcow2", "base.qcow2"}) expect_clean(path(f));
   EXPECT_EQ(backing_of(path("top.qcow2")), "base.qcow2");
   EXPECT_EQ(qemu_view(path("top.qcow2")), model);
@@ -342,18 +345,13 @@ TEST_F(LiveJobs, ActiveCommitMirrorsWritesAndPivotsToTheBase) {
   json::value jobs = execute("query-block-jobs");
   EXPECT_TRUE(jobs.as_array()[0].as_object()["ready"].as_bool());
   execute("block-job-complete", {{"device", "disk"}});
-  json::object done = wait_event("BLOCK_JOB_COMPLETED");
-  EXPECT_FALSE(done.contains("error")) << json::serialize(done);
-  client.wait_ops(200);
-  const auto model = client.stop();
-  ASSERT_EQ(client.failure(), "");
+  json::object done = expect_completed();
+  const auto model = finish_client(client, 200);
   json::value blocks = execute("query-block");
   json::object inserted = blocks.as_array()[0].as_object()["inserted"].as_object();
   EXPECT_EQ(inserted["file"].as_string(), path("base.qcow2"));
   EXPECT_EQ(inserted["backing_file_depth"].to_number<uint64_t>(), 0u);
-  h.reset();
-  qmp_.reset();
-  EXPECT_EQ(server_.stop(), 0) << server_.log();
+  stop_server(&h);
   expect_clean(path("base.qcow2"));
   EXPECT_EQ(qemu_view(path("base.qcow2")), model);
 }
@@ -369,17 +367,12 @@ TEST_F(LiveJobs, CancellingAReadyActiveCommitKeepsTheChain) {
   client.wait_ops(200);
   execute("block-job-cancel", {{"device", "disk"}});
   // Without force, a ready job ends as completed, without the pivot.
-  json::object done = wait_event("BLOCK_JOB_COMPLETED");
-  EXPECT_FALSE(done.contains("error")) << json::serialize(done);
-  client.wait_ops(200);
-  const auto model = client.stop();
-  ASSERT_EQ(client.failure(), "");
+  json::object done = expect_completed();
+  const auto model = finish_client(client, 200);
   json::value blocks = execute("query-block");
   EXPECT_EQ(blocks.as_array()[0].as_object()["inserted"].as_object()["file"].as_string(),
             path("top.qcow2"));
-  h.reset();
-  qmp_.reset();
-  EXPECT_EQ(server_.stop(), 0) << server_.log();
+  stop_server(&h);
   for (const char* f : {"top.qcow2", "mid.qcow2", "base.qcow2"}) expect_clean(path(f));
   EXPECT_EQ(qemu_view(path("top.qcow2")), model);
 }
@@ -395,19 +388,14 @@ TEST_F(LiveJobs, CommitAndEmptyKeepsTheTopActiveAndEmpty) {
   wait_event("BLOCK_JOB_READY");
   client.wait_ops(200);
   execute("block-job-complete", {{"device", "disk"}});
-  json::object done = wait_event("BLOCK_JOB_COMPLETED");
-  EXPECT_FALSE(done.contains("error")) << json::serialize(done);
+  json::object done = expect_completed();
   // The top is still the active image, now directly over the base.
   json::value blocks = execute("query-block");
   json::object inserted = blocks.as_array()[0].as_object()["inserted"].as_object();
   EXPECT_EQ(inserted["file"].as_string(), path("top.qcow2"));
   EXPECT_EQ(inserted["backing_file_depth"].to_number<uint64_t>(), 1u);
-  client.wait_ops(200);
-  const auto model = client.stop();
-  ASSERT_EQ(client.failure(), "");
-  h.reset();
-  qmp_.reset();
-  EXPECT_EQ(server_.stop(), 0) << server_.log();
+  const auto model = finish_client(client, 200);
+  stop_server(&h);
   for (const char* f : {"top.qcow2", "base.qcow2"}) expect_clean(path(f));
   EXPECT_EQ(backing_of(path("top.qcow2")), "base.qcow2");
   EXPECT_EQ(qemu_view(path("top.qcow2")), model);
@@ -421,8 +409,7 @@ TEST_F(LiveJobs, AJobOutlivesTheControlClientThatStartedIt) {
   qmp_ = std::make_unique<QmpClient>(qmp_socket().string());
   json::value jobs = execute("query-block-jobs");
   ASSERT_EQ(jobs.as_array().size(), 1u);
-  json::object done = wait_event("BLOCK_JOB_COMPLETED");
-  EXPECT_FALSE(done.contains("error")) << json::serialize(done);
+  json::object done = expect_completed();
 }
 
 TEST_F(LiveJobs, CommitGrowsASmallerBaseAndReopensItReadOnlyAfter) {
@@ -447,15 +434,10 @@ TEST_F(LiveJobs, CommitGrowsASmallerBaseAndReopensItReadOnlyAfter) {
   EXPECT_TRUE(base_ro());
   execute("block-commit", {{"device", "disk"}, {"top", path("mid.qcow2")}, {"speed", 2 << 20}});
   EXPECT_FALSE(base_ro());  // written in place while the job runs
-  json::object done = wait_event("BLOCK_JOB_COMPLETED");
-  EXPECT_FALSE(done.contains("error")) << json::serialize(done);
+  json::object done = expect_completed();
   EXPECT_TRUE(base_ro());
-  client.wait_ops(200);
-  const auto model = client.stop();
-  ASSERT_EQ(client.failure(), "");
-  h.reset();
-  qmp_.reset();
-  EXPECT_EQ(server_.stop(), 0) << server_.log();
+  const auto model = finish_client(client, 200);
+  stop_server(&h);
   RunResult info = run_expect({"qemu-img", "info", "-U", "--output=json", path("base.qcow2")});
   EXPECT_EQ(json::parse(info.out).as_object()["virtual-size"].to_number<uint64_t>(), kDisk);
   expect_clean(path("base.qcow2"));
@@ -467,10 +449,8 @@ TEST_F(LiveJobs, StreamTurnsZeroDataIntoZeroClusters) {
   run_expect({"qemu-io", "-c", "write -P 0 5M 1M", path("mid.qcow2")});  // zeros as data
   ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
   execute("block-stream", {{"device", "disk"}});
-  json::object done = wait_event("BLOCK_JOB_COMPLETED");
-  EXPECT_FALSE(done.contains("error")) << json::serialize(done);
-  qmp_.reset();
-  EXPECT_EQ(server_.stop(), 0) << server_.log();
+  json::object done = expect_completed();
+  stop_server();
   RunResult map = run_expect({"qemu-img", "map", "-U", "--output=json", path("top.qcow2")});
   bool zero_at_5m = false;
   const json::value extents = json::parse(map.out);
@@ -493,12 +473,10 @@ TEST_F(LiveJobs, CommitAndEmptyGivesTheTopsSpaceBack) {
   execute("block-commit", {{"device", "disk"}, {"empty", true}});
   wait_event("BLOCK_JOB_READY");
   execute("block-job-complete", {{"device", "disk"}});
-  json::object done = wait_event("BLOCK_JOB_COMPLETED");
-  EXPECT_FALSE(done.contains("error")) << json::serialize(done);
+  json::object done = expect_completed();
   const uint64_t after = allocated_bytes(path("top.qcow2"));
   EXPECT_LT(after, before / 8) << before << " -> " << after;
-  qmp_.reset();
-  EXPECT_EQ(server_.stop(), 0) << server_.log();
+  stop_server();
   RunResult map = run_expect({"qemu-img", "map", "-U", "--output=json", path("top.qcow2")});
   EXPECT_EQ(map.out.find("\"depth\": 0"), std::string::npos) << map.out;
   expect_clean(path("top.qcow2"));
@@ -586,9 +564,7 @@ TEST_F(SeedPicture, PhaseOneMakesTheBaseTheGuestViewAndInvalidatesTheSnapshots) 
   execute("block-job-cancel", {{"device", "disk"}});
   wait_event("BLOCK_JOB_COMPLETED");
   EXPECT_EQ(guest_view(h.get()), "DABBBCCCDD--");
-  h.reset();
-  qmp_.reset();
-  EXPECT_EQ(server_.stop(), 0) << server_.log();
+  stop_server(&h);
   EXPECT_EQ(view_of(path("base.qcow2")), "DABBBCCCDD--");
   EXPECT_EQ(view_of(path("sn1.qcow2")), "DABBBBCCDD--");
   EXPECT_EQ(view_of(path("sn2.qcow2")), "DABBBCCCCD--");
@@ -611,9 +587,7 @@ TEST_F(SeedPicture, AWriteInSyncReachesTheBaseAndThePivotServesTheBase) {
   EXPECT_EQ(guest_view(h.get()), "DABBBCCCDDE-");
   ASSERT_NO_FATAL_FAILURE(write_e(h.get(), 0));
   EXPECT_EQ(guest_view(h.get()), "EABBBCCCDDE-");
-  h.reset();
-  qmp_.reset();
-  EXPECT_EQ(server_.stop(), 0) << server_.log();
+  stop_server(&h);
   EXPECT_EQ(view_of(path("base.qcow2")), "EABBBCCCDDE-");
   // The seed's picture of the images left behind: all invalidated.
   EXPECT_EQ(view_of(path("sn1.qcow2")), "EABBBBCCDDE-");
