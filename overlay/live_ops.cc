@@ -93,7 +93,9 @@ std::error_code switch_graph(GraphLayer& layer, const Graph* expected,
 
 // Writes what the nodes [from, to) hold of [offset, offset + length)
 // into the node at `to` (reading what the graph shows from `from` down).
-// `*failed_op` says which side failed.
+// Consecutive data extents, whichever image holds them, are read with one
+// walk and written with one write; zeros become zero writes. `*failed_op`
+// says which side failed.
 std::error_code copy_down(const Graph& g, size_t from, size_t to,
                           uint64_t offset, uint64_t length,
                           std::vector<std::byte>& buf, const char** failed_op,
@@ -103,6 +105,25 @@ std::error_code copy_down(const Graph& g, size_t from, size_t to,
   auto below_reader = [&](uint64_t off, std::span<std::byte> b) {
     return read_graph(g, below, off, b);
   };
+  uint64_t run_start = offset, run_length = 0;  // data not written yet
+  auto write_run = [&]() -> std::error_code {
+    if (run_length == 0) return {};
+    buf.resize(std::max<size_t>(buf.size(), run_length));
+    std::span<std::byte> data(buf.data(), run_length);
+    if (auto ec = read_graph(g, from, run_start, data)) {
+      *failed_op = "read";
+      return ec;
+    }
+    std::error_code ec = target.raw ? target.raw->pwrite(data, run_start)
+                                    : target.image->write(run_start, data, below_reader);
+    if (ec) {
+      *failed_op = "write";
+      return ec;
+    }
+    *copied += run_length;
+    run_length = 0;
+    return {};
+  };
   while (length > 0) {
     Extent e;
     if (auto ec = allocation_between(g, from, to, offset, length, &e)) {
@@ -110,31 +131,25 @@ std::error_code copy_down(const Graph& g, size_t from, size_t to,
       return ec;
     }
     const uint64_t n = std::min(e.length, length);
-    if (e.depth != 0) {
-      std::error_code ec;
-      if (e.zero) {
-        ec = target.raw ? target.raw->write_zeroes(offset, n)
-                        : target.image->write_zeroes(offset, n, true, below_reader);
-      } else {
-        buf.resize(std::max<size_t>(buf.size(), n));
-        std::span<std::byte> data(buf.data(), n);
-        if ((ec = read_graph(g, from, offset, data))) {
-          *failed_op = "read";
+    if (e.depth != 0 && !e.zero) {
+      if (run_length == 0) run_start = offset;
+      run_length += n;
+    } else {
+      if (auto ec = write_run()) return ec;
+      if (e.depth != 0) {  // zeros
+        std::error_code ec = target.raw ? target.raw->write_zeroes(offset, n)
+                                        : target.image->write_zeroes(offset, n, true, below_reader);
+        if (ec) {
+          *failed_op = "write";
           return ec;
         }
-        ec = target.raw ? target.raw->pwrite(data, offset)
-                        : target.image->write(offset, data, below_reader);
+        *copied += n;
       }
-      if (ec) {
-        *failed_op = "write";
-        return ec;
-      }
-      *copied += n;
     }
     offset += n;
     length -= n;
   }
-  return {};
+  return write_run();
 }
 
 // Makes the base hold at least `size` bytes (a commit of larger images
