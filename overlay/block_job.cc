@@ -85,7 +85,7 @@ void BlockJob::thread_main() {
   std::unique_lock lock(mutex_);
   busy_ = false;
   paused_ = false;
-  const bool was_cancelled = cancel_.load() && !completed_by_cancel_;
+  const bool was_cancelled = cancel_.load() && !completed_by_cancel_ && !finishing_.load();
   if (!error.empty() || was_cancelled) {
     set_status(JobStatus::Aborting);
     if (error.empty()) observer_->cancelled(info_locked());

@@ -134,6 +134,9 @@ class BlockJob {
   ReadyEnd wait_ready(const std::function<std::string()>& keep_in_sync,
                       std::string* error);
   bool cancelled() const { return cancel_.load(); }
+  // The job starts its final switch: a cancel from now on comes too late
+  // and the job ends as it ends (completed, or failed).
+  void finishing() { finishing_.store(true); }
   bool force_cancelled() const { return force_.load(); }
 
  private:
@@ -153,6 +156,7 @@ class BlockJob {
   bool busy_ = false;
   std::atomic<bool> cancel_{false};
   std::atomic<bool> force_{false};
+  std::atomic<bool> finishing_{false};
   std::atomic<uint64_t> offset_{0};
   std::atomic<uint64_t> len_{0};
   uint64_t speed_ = 0;

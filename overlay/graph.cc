@@ -432,10 +432,10 @@ std::error_code GraphLayer::do_trim(uint64_t offset, uint64_t length, bool fua) 
                   });
 }
 
-// The top, and every other image of the graph that is still writable: the
-// old top right after a live snapshot (until it is written back), an
-// active commit's target (client writes reach it). For other graphs that
-// is one atomic check per image.
+// The top, and every other image of the graph that may hold unwritten
+// metadata: the old top right after a live snapshot (until it is written
+// back), an active commit's target (client writes reach it). For other
+// images a flush is one atomic check and an uncontended mutex.
 std::error_code GraphLayer::do_flush() {
   Entered in(gate_);
   const Graph& g = *graph_;
@@ -443,7 +443,9 @@ std::error_code GraphLayer::do_flush() {
   for (size_t i = 1; i < g.nodes.size(); ++i) {
     const BlockNode& n = *g.nodes[i];
     std::error_code ec;
-    if (n.image && !n.image->read_only()) ec = n.image->flush();
+    // A read-only image answers at once, unless it is being written back
+    // (reopen_read_only), which the flush then waits for.
+    if (n.image) ec = n.image->flush();
     else if (n.raw && g.mirror && g.mirror->target().get() == &n) ec = n.raw->flush();
     if (!result) result = ec;
   }

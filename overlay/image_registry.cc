@@ -160,7 +160,7 @@ std::shared_ptr<BlockNode> ImageRegistry::share(Entry& entry,
                                                 std::string* error) {
   std::shared_ptr<BlockNode> node = entry.node.lock();
   if (!node) return nullptr;
-  if (o.writable && !node->writable) {
+  if (o.writable && (!node->writable || entry.backing)) {
     *error = entry.backing
                  ? fmt::format("'{}' is the backing image of '{}', so layerd "
                                "cannot also serve it writable",

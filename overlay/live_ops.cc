@@ -282,6 +282,7 @@ class StreamJob final : public LiveJob {
     const Graph& g = *graph_;
     qcow2::Image& top = *g.nodes[0]->image;
     if (auto ec = top.flush()) return io_failure("write", ec, "flushing the top");
+    finishing();
     const bool to_base = base_ < g.nodes.size();
     const std::string name = !to_base ? "" : backing_.empty() ? backing_name(g, 0, base_) : backing_;
     const std::string format = to_base ? format_name(g.nodes[base_]->format) : "";
@@ -363,6 +364,7 @@ class CommitJob final : public LiveJob {
     if (auto ec = g.nodes[base_]->image ? g.nodes[base_]->image->flush()
                                         : g.nodes[base_]->raw->flush())
       return io_failure("write", ec, "flushing the base");
+    finishing();
     const size_t above = top_ - 1;
     const std::shared_ptr<BlockNode> above_node = g.nodes[above];
     const bool reopen_above = !above_node->writable;
@@ -486,16 +488,36 @@ class CommitJob final : public LiveJob {
   }
 
   // The base is in sync: it becomes the export's top.
+  // Copies what fell out of sync (a failed write to the base left it
+  // dirty) and flushes the base; `paused`: with requests paused (no
+  // client write races, so no range lock).
+  std::string drain(const Graph& g, bool paused) {
+    std::string error = copy_dirty(g, *g.mirror, false, !paused);
+    if (error.empty() && g.mirror->dirty_bytes() != 0)
+      error = "the base did not stay in sync";
+    if (error.empty())
+      if (auto ec = flush_base(g)) error = io_failure("write", ec, "flushing the base");
+    return error;
+  }
+
   std::string pivot(const Graph& g) {
-    if (auto ec = flush_base(g)) {
+    if (std::string error = drain(g, false); !error.empty()) {
       drop_mirror(g);
-      return io_failure("write", ec, "flushing the base");
+      return error;
     }
+    finishing();
     std::vector<std::shared_ptr<BlockNode>> nodes(g.nodes.begin() + static_cast<ptrdiff_t>(base_),
                                                   g.nodes.end());
-    if (auto ec = switch_graph(*target_.layer, &g, std::move(nodes))) {
+    std::string error;
+    auto ec = switch_graph(*target_.layer, &g, std::move(nodes), [&]() -> std::error_code {
+      // Writes that failed on the base since the drain: copied now.
+      if (g.mirror->dirty_bytes() == 0) return {};
+      error = drain(g, true);
+      return error.empty() ? std::error_code{} : std::make_error_code(std::errc::io_error);
+    });
+    if (ec) {
       drop_mirror(g);
-      return fmt::format("pivoting: {}", ec.message());
+      return error.empty() ? fmt::format("pivoting: {}", ec.message()) : error;
     }
     pivoted_ = true;
     return {};
@@ -506,10 +528,11 @@ class CommitJob final : public LiveJob {
   // keeping the content: the base durable, the top's backing name, then
   // the emptying.
   std::string empty_top(const Graph& g) {
-    if (auto ec = flush_base(g)) {
+    if (std::string error = drain(g, false); !error.empty()) {
       drop_mirror(g);
-      return io_failure("write", ec, "flushing the base");
+      return error;
     }
+    finishing();
     qcow2::Image& top = *g.nodes[0]->image;
     std::string error;
     std::vector<std::shared_ptr<BlockNode>> nodes{g.nodes[0]};
@@ -517,6 +540,11 @@ class CommitJob final : public LiveJob {
     // The base has every flushed write already (a client's flush reaches
     // it in sync mode) and the job's copies were flushed just above.
     auto ec = switch_graph(*target_.layer, &g, std::move(nodes), [&]() -> std::error_code {
+      // The top's data must all be in the base before the top is emptied.
+      if (g.mirror->dirty_bytes() != 0) {
+        error = drain(g, true);
+        if (!error.empty()) return std::make_error_code(std::errc::io_error);
+      }
       if (base_ > 1) {
         qcow2::Status st = top.change_backing_file(
             backing_.empty() ? backing_name(g, 0, base_) : backing_,
@@ -625,6 +653,11 @@ bool create_overlay(const std::string& path, const std::string& backing,
 bool live_snapshot(const LiveTarget& t, const SnapshotRequest& r, std::string* error) {
   std::shared_ptr<const Graph> g = job_graph(t, error);
   if (!g) return false;
+  // Another export writing the same top would write a backing image.
+  if (auto why = refuse_shared(t, *g, 0, 0); !why.empty()) {
+    *error = why;
+    return false;
+  }
   const std::shared_ptr<BlockNode> old_top = g->nodes[0];
   if (r.format != "qcow2") {
     *error = fmt::format("snapshot format '{}' is not supported (only qcow2)", r.format);
@@ -692,6 +725,13 @@ std::unique_ptr<BlockJob> start_stream(const LiveTarget& t, const StreamRequest&
       return nullptr;
     }
   }
+  if (g->nodes[0]->image->info().extended_l2) {
+    // populate() fills whole clusters only: a partly allocated cluster
+    // would keep reading its other subclusters from the dropped images.
+    *error = fmt::format("'{}' has subclusters (extended L2), which block-stream does "
+                         "not support yet", g->nodes[0]->path);
+    return nullptr;
+  }
   if (!g->nodes[0]->image->has_zero_clusters() && base < g->nodes.size()) {
     *error = fmt::format("'{}' is a version 2 image, which cannot record the zeros "
                          "of a stream that keeps a base", g->nodes[0]->path);
@@ -735,6 +775,12 @@ std::unique_ptr<BlockJob> start_commit(const LiveTarget& t, const CommitRequest&
   }
   if (!g->nodes[base]->snapshot_id.empty()) {
     *error = fmt::format("'{}' is an internal snapshot, which cannot be written",
+                         g->nodes[base]->path);
+    return nullptr;
+  }
+  if (top == 0 && !r.empty && !g->nodes[base]->image) {
+    *error = fmt::format("'{}' is a raw image: an active commit into it can only "
+                         "keep the top (\"empty\": true), not pivot to it",
                          g->nodes[base]->path);
     return nullptr;
   }

@@ -176,6 +176,13 @@ Status Image::reopen_read_only() {
   Impl& I = *impl_;
   if (I.is_view) return Status::Ok();
   std::lock_guard one(I.writeback_mu);
+  Status st = I.write_back_read_only();
+  I.writeback_error = st.ok() ? std::error_code{} : st.code();
+  return st;
+}
+
+Status Image::Impl::write_back_read_only() {
+  Impl& I = *this;
   {
     std::unique_lock lk(I.mu);
     I.inflight_cv.wait(lk, [&] { return I.inflight.empty(); });
@@ -409,12 +416,13 @@ std::error_code Image::begin_writes() {
 std::error_code Image::flush() {
   Impl& I = *impl_;
   if (I.is_view) return {};
-  if (I.ro) {
-    // A reopen_read_only() in progress writes back what this flush
-    // promises: wait for it.
+  // A reopen_read_only() in progress writes back what this flush
+  // promises: wait for it, and report how it went.
+  auto written_back = [&] {
     std::lock_guard one(I.writeback_mu);
-    return {};
-  }
+    return I.writeback_error;
+  };
+  if (I.ro) return written_back();
   if (I.corrupt) return eio();
   if (auto ec = I.data_file->flush()) return ec;
   std::unique_lock lk(I.mu);
@@ -430,7 +438,10 @@ std::error_code Image::flush() {
   constexpr int kTries = 4;
   for (int attempt = 0; attempt < kTries; ++attempt) {
     if (I.corrupt) return eio();
-    if (I.ro) return {};
+    if (I.ro) {
+      lk.unlock();  // writeback_mu goes before mu
+      return written_back();
+    }
     bool any_rb = !I.reftable_pending.empty(), any_l2 = false;
     for (uint64_t idx : I.rb_resident) any_rb |= I.refblocks[idx]->dirty;
     for (uint64_t idx : I.l2_resident) any_l2 |= I.l2[idx]->dirty;

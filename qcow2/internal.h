@@ -158,6 +158,9 @@ struct Image::Impl {
   // Held by reopen_read_only() throughout (write_back() under a shared mu);
   // a flush of the image meanwhile waits for it. Taken before mu.
   std::mutex writeback_mu;
+  // What the last reopen_read_only() write-back returned (guarded by
+  // writeback_mu): flushes of the read-only image report it.
+  std::error_code writeback_error;
   mutable std::mutex reason_mu;
   std::string corrupt_reason;
 
@@ -336,6 +339,8 @@ struct Image::Impl {
   // stopped using those clusters (which must be on disk), and punches the
   // freed clusters out of the file. Needs mu exclusively.
   std::error_code apply_pending_frees();
+  // reopen_read_only()'s work, with writeback_mu held.
+  Status write_back_read_only();
   uint64_t rb_get(const RefBlock& b, uint64_t i) const;
   void rb_set(RefBlock& b, uint64_t i, uint64_t v) const;
   void evict_refblocks_if_needed();

@@ -190,6 +190,12 @@ BlockJob& Control::find_job(const std::string& id) {
   return *it->second;
 }
 
+void Control::refuse_job_id_in_use(const std::string& id) {
+  std::lock_guard lock(mutex_);
+  reap_finished_jobs();
+  if (jobs_.count(id)) qmp_fail(fmt::format("Job ID '{}' already in use", id));
+}
+
 void Control::add_job(std::unique_ptr<BlockJob> job) {
   std::lock_guard lock(mutex_);
   jobs_[job->id()] = std::move(job);
@@ -208,6 +214,9 @@ void Control::live_target(const std::string& device, LiveTarget* out, bool as_no
         qmp_fail(fmt::format("Node '{}' is busy: block device is in use by block job: {}",
                              device, job->type()));
   }
+  if (!e->bitmaps.empty())
+    qmp_fail(fmt::format("export '{}' exports dirty bitmaps (-B), which would not follow "
+                         "its chain through a live change", device));
   if (e->per_client || e->temp)
     qmp_fail(fmt::format("export '{}' serves throwaway overlays (-s, --overlay); "
                          "its chain cannot change", device));
@@ -271,6 +280,7 @@ json::value Control::block_commit(const json::object& args) {
   r.empty = qmp_optional_bool(args, "empty", false);
   LiveTarget t;
   live_target(device, &t);
+  refuse_job_id_in_use(r.job_id.empty() ? device : r.job_id);
   std::string error;
   auto job = start_commit(t, r, this, &error);
   if (!job) qmp_fail(error);
@@ -292,6 +302,7 @@ json::value Control::block_stream(const json::object& args) {
   r.speed = speed_argument(args);
   LiveTarget t;
   live_target(device, &t, true);
+  refuse_job_id_in_use(r.job_id.empty() ? device : r.job_id);
   std::string error;
   auto job = start_stream(t, r, this, &error);
   if (!job) qmp_fail(error);

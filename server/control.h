@@ -68,6 +68,8 @@ class Control final : public JobObserver {
   void live_target(const std::string& device, struct LiveTarget* out,
                    bool as_node = false);
   BlockJob& find_job(const std::string& id);
+  // QEMU's refusal of a second job with the same id.
+  void refuse_job_id_in_use(const std::string& id);
   void add_job(std::unique_ptr<BlockJob> job);
   void reap_finished_jobs();  // with mutex_ held
 

@@ -141,7 +141,11 @@ class LiveJobs : public ::testing::Test {
     o.args = {"-t", "-e", "0", "-f", "qcow2", "-x", "disk", "-k", socket().string(),
               "--qmp", qmp_socket().string()};
     o.args.insert(o.args.end(), extra.begin(), extra.end());
-    o.args.push_back(file);
+    if (file.empty()) {  // exports given by --export in `extra`
+      o.args.erase(o.args.begin() + 5, o.args.begin() + 7);  // -x disk
+    } else {
+      o.args.push_back(file);
+    }
     o.unix_socket = socket();
     o.log_file = dir_.path() / "server.log";
     ASSERT_TRUE(server_.start(o)) << server_.error();
@@ -620,6 +624,38 @@ TEST_F(LiveJobs, RefusesWhatCannotBeDone) {
   // The chain is as it was.
   json::value blocks = execute("query-block");
   EXPECT_EQ(blocks.as_array()[0].as_object()["inserted"].as_object()["backing_file_depth"].to_number<uint64_t>(), 2u);
+}
+
+TEST_F(LiveJobs, RefusesDuplicateJobIdsSharedTopsRawPivotsAndSubclusterStreams) {
+  make_chain();
+  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", path("other.qcow2"), "8M"});
+  run_expect({"qemu-img", "create", "-q", "-f", "raw", path("base.raw"), "8M"});
+  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw",
+              path("overraw.qcow2")});
+  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", path("extbase.qcow2"), "8M"});
+  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b",
+              "extbase.qcow2", "-F", "qcow2", path("ext.qcow2")});
+  auto exp = [&](const std::string& name, const std::string& file, const std::string& more = "") {
+    return "name=" + name + ",file=" + path(file) + ",format=qcow2" + more;
+  };
+  ASSERT_NO_FATAL_FAILURE(start_server(
+      "", {"--export", exp("disk", "top.qcow2"), "--export", exp("other", "other.qcow2"),
+           "--export", exp("other-ro", "other.qcow2", ",read-only=on"), "--export",
+           exp("raw", "overraw.qcow2"), "--export", exp("ext", "ext.qcow2")}));
+  // A job id names one job, whichever export it runs on.
+  execute("block-stream", {{"device", "disk"}, {"job-id", "j"}, {"speed", 1 << 20}});
+  EXPECT_NE(refused("block-commit", {{"device", "raw"}, {"job-id", "j"}, {"empty", true}})
+                .find("Job ID 'j' already in use"), std::string::npos);
+  // A top another export serves cannot become a backing image.
+  EXPECT_NE(refused("blockdev-snapshot-sync",
+                    {{"device", "other"}, {"snapshot-file", path("s.qcow2")}})
+                .find("export 'other-ro'"), std::string::npos);
+  EXPECT_FALSE(fs::exists(path("s.qcow2")));
+  // A pivot needs a qcow2 base; a stream needs whole clusters.
+  EXPECT_NE(refused("block-commit", {{"device", "raw"}}).find("raw image"), std::string::npos);
+  EXPECT_NE(refused("block-stream", {{"device", "ext"}}).find("subclusters"), std::string::npos);
+  execute("block-job-cancel", {{"device", "j"}, {"force", true}});
+  wait_event("BLOCK_JOB_CANCELLED", "j");
 }
 
 TEST_F(LiveJobs, RefusesJobsOnReadOnlyExports) {
