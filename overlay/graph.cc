@@ -326,12 +326,10 @@ class GraphLayer::Entered {
 
 GraphLayer::GraphLayer(std::shared_ptr<const Graph> graph, bool writable)
     : Layer(graph->nodes.front()->size, capabilities_of(writable)),
-      graph_(std::move(graph)) {}
+      graph_(std::move(graph)),
+      published_(graph_) {}
 
-std::shared_ptr<const Graph> GraphLayer::graph() const {
-  std::lock_guard lock(change_mutex_);
-  return graph_;
-}
+std::shared_ptr<const Graph> GraphLayer::graph() const { return published_.load(); }
 
 std::error_code GraphLayer::change(const Builder& build) {
   std::lock_guard lock(change_mutex_);
@@ -341,8 +339,10 @@ std::error_code GraphLayer::change(const Builder& build) {
   if (!ec && next) {
     if (next->nodes.empty() || next->nodes.front()->size != size_)
       ec = std::make_error_code(std::errc::invalid_argument);
-    else
+    else {
       std::swap(graph_, next);
+      published_.store(graph_);
+    }
   }
   gate_.resume();
   return ec;  // `next` (the old graph, after a swap) goes here

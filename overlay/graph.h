@@ -142,7 +142,8 @@ class GraphLayer final : public Layer {
   // Serves `graph`; writes go to its top when `writable`.
   GraphLayer(std::shared_ptr<const Graph> graph, bool writable);
 
-  // The current graph.
+  // The current graph (the one before it while a change is being made);
+  // never waits.
   std::shared_ptr<const Graph> graph() const;
 
   // Builds the next graph from the current one and installs it while no
@@ -171,8 +172,11 @@ class GraphLayer final : public Layer {
   class Entered;
 
   mutable Gate gate_;
-  mutable std::mutex change_mutex_;  // serializes change(); guards graph_ writes
+  std::mutex change_mutex_;  // serializes change(); guards graph_ writes
   std::shared_ptr<const Graph> graph_;  // read inside the gate
+  // The same graph for graph(), which must not wait for a change (a pause
+  // may last as long as an emptying).
+  std::atomic<std::shared_ptr<const Graph>> published_;
 };
 
 }  // namespace layerd
