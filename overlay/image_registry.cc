@@ -143,6 +143,12 @@ std::shared_ptr<BlockNode> open_block_node(const std::string& path,
   return node;
 }
 
+bool same_file(const std::string& a, const std::string& b) {
+  struct stat sa {}, sb {};
+  return ::stat(a.c_str(), &sa) == 0 && ::stat(b.c_str(), &sb) == 0 &&
+         sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
 bool parse_image_format(const std::string& name, ImageFormat* out) {
   if (name == "raw") *out = ImageFormat::Raw;
   else if (name == "qcow2") *out = ImageFormat::Qcow2;

@@ -95,6 +95,10 @@ struct NodeOptions {
   std::string* conflict_path = nullptr;
 };
 
+// Whether two names name one file (device and inode), as the registry
+// tells files apart; false if either cannot be looked up.
+bool same_file(const std::string& a, const std::string& b);
+
 // Opens one image file (and its external data file) without sharing it,
 // for tools that own their images (layerctl). The registry opens through
 // this too. nullptr with `error` set on failure.

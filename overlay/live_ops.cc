@@ -31,12 +31,6 @@ constexpr uint64_t kMirrorGranularity = 64 << 10;
 // rest is copied while client requests wait (a bounded pause).
 constexpr uint64_t kSyncThreshold = 4 << 20;
 
-bool same_file(const std::string& a, const std::string& b) {
-  struct stat sa {}, sb {};
-  return ::stat(a.c_str(), &sa) == 0 && ::stat(b.c_str(), &sb) == 0 &&
-         sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
-}
-
 // The depth of the node that `name` names (QEMU's "top"/"base" file
 // names): the path it was opened by, or another name of the same file.
 // Snapshot views are not chain members of their own.

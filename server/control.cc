@@ -23,12 +23,6 @@ std::vector<std::shared_ptr<BlockNode>> nodes_of(const Export& e) {
   return {};
 }
 
-bool same_file(const std::string& a, const std::string& b) {
-  struct stat sa {}, sb {};
-  return ::stat(a.c_str(), &sa) == 0 && ::stat(b.c_str(), &sb) == 0 &&
-         sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
-}
-
 json::object image_info(const std::vector<std::shared_ptr<BlockNode>>& nodes, size_t i) {
   const BlockNode& n = *nodes[i];
   json::object o;

@@ -9,7 +9,6 @@
 // Exit codes of the live commands: 0 success (a job that completed without
 // an error), 1 a job that failed (or a usage error), 2 a job that was
 // cancelled, 3 a QMP command refused or the connection lost.
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -24,6 +23,7 @@
 
 #include <fmt/format.h>
 
+#include "overlay/image_registry.h"
 #include "server/layerctl/commands.h"
 #include "server/layerctl/qmp_client.h"
 #include "server/layerctl/util.h"
@@ -440,10 +440,7 @@ bool is_active_image(QmpClient& qmp, const std::string& device, const std::strin
     const json::value* inserted = b.get_object().if_contains("inserted");
     if (!inserted || !inserted->is_object()) return false;
     const std::string active = str_of(inserted->get_object(), "file");
-    struct stat sa {}, sb {};
-    return active == file || (::stat(active.c_str(), &sa) == 0 &&
-                              ::stat(file.c_str(), &sb) == 0 && sa.st_dev == sb.st_dev &&
-                              sa.st_ino == sb.st_ino);
+    return active == file || same_file(active, file);
   }
   return false;
 }
