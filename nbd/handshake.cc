@@ -98,14 +98,14 @@ bool list_query_matches(std::string_view query, std::string_view context) {
 
 }  // namespace
 
-Handshake::Handshake(HandshakeHost& host) : host_(host) {
+Handshake::Handshake(HandshakeHost& host, TlsMode tls) : host_(host), tls_(tls) {
   append_be64(out_, kNbdMagic);
   append_be64(out_, kIHaveOpt);
   append_be16(out_, kFlagFixedNewstyle | kFlagNoZeroes);
 }
 
 size_t Handshake::bytes_wanted() const {
-  if (phase_ == Phase::Transmission || phase_ == Phase::Closed) return 0;
+  if (phase_ != Phase::Greeting && phase_ != Phase::Options) return 0;
   switch (step_) {
     case Step::ClientFlags:
       return kClientFlagsSize;
@@ -122,7 +122,7 @@ size_t Handshake::bytes_wanted() const {
 std::vector<std::byte> Handshake::take_output() { return std::exchange(out_, {}); }
 
 void Handshake::consume(std::span<const std::byte> bytes) {
-  if (phase_ == Phase::Transmission || phase_ == Phase::Closed) return;
+  if (phase_ != Phase::Greeting && phase_ != Phase::Options) return;
   if (bytes.size() != bytes_wanted()) {
     close("internal error: consume() fed " + std::to_string(bytes.size()) +
           " bytes, " + std::to_string(bytes_wanted()) + " wanted");
@@ -142,6 +142,17 @@ void Handshake::consume(std::span<const std::byte> bytes) {
         return;
       }
       no_zeroes_ = (flags & kClientFlagNoZeroes) != 0;
+      // "The server MUST operate in NOTLS mode unless the server set flag
+      // NBD_FLAG_FIXED_NEWSTYLE and the client replied with
+      // NBD_FLAG_C_FIXED_NEWSTYLE": such a client cannot have TLS.
+      if (!(flags & kClientFlagFixedNewstyle)) {
+        if (tls_ == TlsMode::Required) {
+          close("TLS is required and the client does not use fixed newstyle "
+                "negotiation");
+          return;
+        }
+        tls_ = TlsMode::None;
+      }
       phase_ = Phase::Options;
       step_ = Step::OptionHeader;
       return;
@@ -159,6 +170,13 @@ void Handshake::consume(std::span<const std::byte> bytes) {
         // left unread.
         reply(option_, Rep::Ack);
         close("client aborted");
+        return;
+      }
+      if (option_ == uint32_t(Opt::ExportName) && tls_required_first()) {
+        // "If the server receives a request to enter transmission mode via
+        // NBD_OPT_EXPORT_NAME when TLS has not been initiated, then as this
+        // request cannot error, it MUST terminate the session."
+        close("NBD_OPT_EXPORT_NAME before STARTTLS, and TLS is required");
         return;
       }
       if (option_ == uint32_t(Opt::ExportName) &&
@@ -189,14 +207,28 @@ void Handshake::consume(std::span<const std::byte> bytes) {
       skip_remaining_ -= bytes.size();
       if (skip_remaining_ == 0) {
         step_ = Step::OptionHeader;
-        reply_error(option_, Rep::ErrTooBig, "option data too large");
+        if (tls_required_first())
+          reply_error(option_, Rep::ErrTlsReqd, "TLS is required: send NBD_OPT_STARTTLS first");
+        else
+          reply_error(option_, Rep::ErrTooBig, "option data too large");
       }
       return;
   }
 }
 
+bool Handshake::tls_required_first() const {
+  return tls_ == TlsMode::Required && !tls_active_;
+}
+
 void Handshake::handle_option() {
   step_ = Step::OptionHeader;
+  // FORCEDTLS: "If the server receives any other option, it MUST reply
+  // with NBD_REP_ERR_TLS_REQD if TLS has not been initiated" (ABORT was
+  // answered with its header).
+  if (tls_required_first() && Opt(option_) != Opt::StartTls) {
+    reply_error(option_, Rep::ErrTlsReqd, "TLS is required: send NBD_OPT_STARTTLS first");
+    return;
+  }
   switch (Opt(option_)) {
     case Opt::ExportName:
       handle_export_name();
@@ -223,9 +255,7 @@ void Handshake::handle_option() {
       reply(option_, Rep::Ack);
       return;
     case Opt::StartTls:
-      // NOTLS mode: "it MUST respond with NBD_REP_ERR_POLICY (if it does not
-      // support TLS for policy reasons)".
-      reply_error(option_, Rep::ErrPolicy, "TLS is not enabled on this server");
+      handle_starttls();
       return;
     case Opt::Info:
     case Opt::Go:
@@ -296,6 +326,40 @@ void Handshake::enter_transmission(ExportInfo e) {
   export_ = std::move(e);
   phase_ = Phase::Transmission;
   payload_ = {};
+}
+
+void Handshake::handle_starttls() {
+  if (tls_ == TlsMode::None) {
+    // NOTLS mode: "it MUST respond with NBD_REP_ERR_POLICY (if it does not
+    // support TLS for policy reasons)".
+    reply_error(option_, Rep::ErrPolicy, "TLS is not enabled on this server");
+    return;
+  }
+  if (tls_active_) {
+    // "If the server receives NBD_OPT_STARTTLS when TLS has already been
+    // negotiated, it MUST reply with NBD_REP_ERR_INVALID."
+    reply_error(option_, Rep::ErrInvalid, "TLS is already active");
+    return;
+  }
+  if (!payload_.empty()) {
+    reply_error(option_, Rep::ErrInvalid, "NBD_OPT_STARTTLS takes no data");
+    return;
+  }
+  reply(option_, Rep::Ack);
+  phase_ = Phase::StartTls;
+}
+
+void Handshake::tls_started() {
+  if (phase_ != Phase::StartTls) return;
+  // Nothing negotiated in plain text may survive the upgrade (a man in the
+  // middle could have sent it): the client starts over.
+  tls_active_ = true;
+  structured_ = false;
+  contexts_.clear();
+  meta_export_.clear();
+  export_.reset();
+  phase_ = Phase::Options;
+  step_ = Step::OptionHeader;
 }
 
 void Handshake::handle_export_name() {

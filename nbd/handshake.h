@@ -1,11 +1,16 @@
 // The server side of the fixed newstyle handshake, as a state machine fed
 // with bytes. No sockets: the server reads exactly `bytes_wanted()` bytes,
 // hands them to `consume()`, sends whatever `take_output()` returns, and
-// repeats until `phase()` is Transmission or Closed.
+// repeats until `phase()` is Transmission or Closed (StartTls in between:
+// see tls_started()).
 //
 // Supported options: EXPORT_NAME, ABORT, LIST, INFO, GO, STRUCTURED_REPLY,
-// LIST_META_CONTEXT, SET_META_CONTEXT. Every other option is answered with
-// NBD_REP_ERR_UNSUP (STARTTLS: ERR_POLICY until TLS exists). Option payloads
+// LIST_META_CONTEXT, SET_META_CONTEXT, and STARTTLS when the server offers
+// TLS (TlsMode). Every other option is answered with NBD_REP_ERR_UNSUP.
+// STARTTLS is only an event here: once it is acknowledged the phase is
+// StartTls, the server sends the acknowledgement, upgrades its socket and
+// calls tls_started(), which forgets everything negotiated before. Option
+// payloads
 // are bounded: a length above kMaxOptionLength is answered with
 // NBD_REP_ERR_TOO_BIG and its payload skipped in small pieces, never
 // buffered, so a client cannot make the server allocate by lying. Two
@@ -29,6 +34,13 @@ namespace layerd::nbd {
 // Largest option payload the server buffers. Meta-context requests carry
 // several names of up to 4096 bytes each; 64 KiB is plenty.
 inline constexpr uint32_t kMaxOptionLength = 64 * 1024;
+
+// The spec's TLS modes ("TLS support"): None is NOTLS (STARTTLS refused
+// with ERR_POLICY); Offered is SELECTIVETLS with no TLS-only export (plain
+// and TLS clients alike); Required is FORCEDTLS (until TLS is up, every
+// option but STARTTLS and ABORT gets ERR_TLS_REQD, so nothing, not even
+// the export list, is told in plain text; EXPORT_NAME closes).
+enum class TlsMode { None, Offered, Required };
 
 // What the server knows about one export, as the handshake needs it.
 struct ExportInfo {
@@ -67,20 +79,28 @@ class Handshake {
   enum class Phase {
     Greeting,      // initial output pending; waiting for client flags
     Options,       // option haggling
+    StartTls,      // STARTTLS acknowledged: send the output, upgrade the
+                   // socket to TLS, then tls_started() (or drop it)
     Transmission,  // handshake done: export() and friends are valid
     Closed,        // client aborted or protocol error: drop the connection
   };
 
-  explicit Handshake(HandshakeHost& host);
+  explicit Handshake(HandshakeHost& host, TlsMode tls = TlsMode::None);
 
   Phase phase() const { return phase_; }
 
-  // Number of bytes the state machine needs next (always > 0 until the
-  // phase is Transmission or Closed).
+  // Number of bytes the state machine needs next (always > 0 in the
+  // Greeting and Options phases, 0 in the others).
   size_t bytes_wanted() const;
 
   // Feeds exactly bytes_wanted() bytes.
   void consume(std::span<const std::byte> bytes);
+
+  // The socket now speaks TLS (phase StartTls only): back to Options, with
+  // every negotiated state reset, as if no option had been sent before
+  // (structured replies, meta contexts); a further STARTTLS is refused.
+  void tls_started();
+  bool tls_active() const { return tls_active_; }
 
   // Output produced so far (the greeting right after construction, then
   // option replies). Clears the internal buffer.
@@ -113,6 +133,9 @@ class Handshake {
   void reply_error(uint32_t option, Rep type, std::string_view message);
   void send_info_replies(uint32_t option, const ExportInfo& e,
                          std::span<const uint16_t> requested);
+  // Whether the option just read must be refused with ERR_TLS_REQD.
+  bool tls_required_first() const;
+  void handle_starttls();
   void handle_export_name();
   void handle_info_or_go(bool go);
   void handle_meta_context(bool set);
@@ -121,6 +144,8 @@ class Handshake {
   void close(std::string reason);
 
   HandshakeHost& host_;
+  TlsMode tls_;
+  bool tls_active_ = false;
   Phase phase_ = Phase::Greeting;
   Step step_ = Step::ClientFlags;
   std::vector<std::byte> out_;

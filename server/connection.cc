@@ -131,18 +131,25 @@ class Connection::ReadBuffer {
   ReadBuffer(Socket& socket, Connection& connection)
       : socket_(socket), connection_(connection), buf_(kReadBufferSize) {}
 
+  // (The TLS branches are spelt out at each read so that the plain path
+  // awaits the socket directly, with no coroutine of its own.)
   asio::awaitable<void> read_exact(std::span<std::byte> out) {
     size_t got = take(out);
     while (got < out.size()) {
       auto rest = out.subspan(got);
       connection_.flush_held_replies();
       if (rest.size() >= buf_.size() / 2) {
-        got += co_await socket_.async_read_some(
-            asio::buffer(rest.data(), rest.size()), use_awaitable);
+        if (connection_.tls_)
+          got += co_await connection_.tls_read_some(rest);
+        else
+          got += co_await socket_.async_read_some(
+              asio::buffer(rest.data(), rest.size()), use_awaitable);
       } else {
         begin_ = 0;
-        end_ = co_await socket_.async_read_some(asio::buffer(buf_),
-                                                use_awaitable);
+        if (connection_.tls_)
+          end_ = co_await connection_.tls_read_some(buf_);
+        else
+          end_ = co_await socket_.async_read_some(asio::buffer(buf_), use_awaitable);
         got += take(rest);
       }
     }
@@ -153,8 +160,10 @@ class Connection::ReadBuffer {
       if (begin_ == end_) {
         connection_.flush_held_replies();
         begin_ = 0;
-        end_ = co_await socket_.async_read_some(asio::buffer(buf_),
-                                                use_awaitable);
+        if (connection_.tls_)
+          end_ = co_await connection_.tls_read_some(buf_);
+        else
+          end_ = co_await socket_.async_read_some(asio::buffer(buf_), use_awaitable);
       }
       size_t k = static_cast<size_t>(std::min<uint64_t>(n, end_ - begin_));
       begin_ += k;
@@ -203,7 +212,8 @@ std::span<std::byte> read_scratch(size_t n) {
 
 Connection::Connection(Socket socket, const ExportRegistry& exports,
                        WorkerPool& workers, LoopThreads& loop,
-                       ConnectionLimits limits, std::string peer)
+                       ConnectionLimits limits, std::string peer,
+                       const TlsCredentials* tls)
     : socket_(std::move(socket)),
       fd_(socket_.native_handle()),
       exports_(exports),
@@ -211,6 +221,7 @@ Connection::Connection(Socket socket, const ExportRegistry& exports,
       loop_(loop),
       limits_(limits),
       peer_(std::move(peer)),
+      tls_credentials_(tls),
       buffers_(std::make_unique<BufferPool>()),
       sender_(fd_, peer_),
       wake_(socket_.get_executor()) {}
@@ -275,6 +286,7 @@ asio::awaitable<void> Connection::run() {
     session_.reset();
     export_.reset();
   }
+  sender_.end_tls();
   boost::system::error_code ignored;
   socket_.shutdown(Socket::shutdown_both, ignored);
   socket_.close(ignored);
@@ -286,27 +298,109 @@ asio::awaitable<void> Connection::run() {
 // waits for the first branch to *succeed*, so an exception here would let
 // the time limit, not the disconnect, end the race.
 asio::awaitable<void> Connection::handshake_steps(nbd::Handshake& hs) {
+  using Phase = nbd::Handshake::Phase;
   try {
     std::vector<std::byte> in;
     auto out = hs.take_output();
-    co_await asio::async_write(socket_, asio::buffer(out), use_awaitable);
-    while (hs.phase() == nbd::Handshake::Phase::Greeting ||
-           hs.phase() == nbd::Handshake::Phase::Options) {
+    co_await handshake_write(out);
+    for (;;) {
+      if (hs.phase() == Phase::StartTls) {
+        // The plain-text acknowledgement went out above; nothing the
+        // client negotiated before it counts any more.
+        negotiated_ = {};
+        if (!co_await start_tls()) co_return;
+        hs.tls_started();
+      }
+      if (hs.phase() != Phase::Greeting && hs.phase() != Phase::Options) break;
       in.resize(hs.bytes_wanted());
-      co_await asio::async_read(socket_, asio::buffer(in), use_awaitable);
+      co_await handshake_read(in);
       hs.consume(in);
       out = hs.take_output();
-      if (!out.empty())
-        co_await asio::async_write(socket_, asio::buffer(out), use_awaitable);
+      if (!out.empty()) co_await handshake_write(out);
     }
   } catch (const boost::system::system_error& e) {
     log_info("{}: left during the handshake: {}", peer_, e.code().message());
   }
 }
 
+asio::awaitable<void> Connection::handshake_read(std::span<std::byte> in) {
+  if (!tls_) {
+    co_await asio::async_read(socket_, asio::buffer(in.data(), in.size()), use_awaitable);
+    co_return;
+  }
+  for (size_t got = 0; got < in.size();)
+    got += co_await tls_read_some(in.subspan(got));
+}
+
+asio::awaitable<void> Connection::handshake_write(std::span<const std::byte> out) {
+  if (!tls_) {
+    co_await asio::async_write(socket_, asio::buffer(out.data(), out.size()), use_awaitable);
+    co_return;
+  }
+  while (!out.empty()) {
+    // Buffered output: GnuTLS takes a record at a time and never waits.
+    TlsSession::Result r = tls_->send(out);
+    if (r.status != TlsSession::Status::Done)
+      throw boost::system::system_error(asio::error::connection_aborted, tls_->error());
+    out = out.subspan(r.bytes);
+  }
+  co_await write_tls_output();
+}
+
+asio::awaitable<void> Connection::write_tls_output() {
+  std::vector<std::byte>& pending = tls_->output();
+  if (pending.empty()) co_return;
+  co_await asio::async_write(socket_, asio::buffer(pending), use_awaitable);
+  pending.clear();
+}
+
+asio::awaitable<void> Connection::wait_readable() {
+  std::byte probe;
+  co_await socket_.async_receive(asio::buffer(&probe, 1), Socket::message_peek,
+                                 use_awaitable);
+}
+
+asio::awaitable<bool> Connection::start_tls() {
+  std::string error;
+  tls_ = TlsSession::create(*tls_credentials_, fd_, &error);
+  if (!tls_) {
+    log_error("{}: {}", peer_, error);
+    co_return false;
+  }
+  for (;;) {
+    const TlsSession::Status s = tls_->handshake();
+    co_await write_tls_output();  // also the alert that tells why it failed
+    if (s == TlsSession::Status::Done) break;
+    if (s == TlsSession::Status::Failed) {
+      log_info("{}: {}", peer_, tls_->error());
+      co_return false;
+    }
+    co_await wait_readable();  // buffered output never waits to be written
+  }
+  log_info("{}: TLS started: {}", peer_, tls_->describe());
+  co_return true;
+}
+
+asio::awaitable<size_t> Connection::tls_read_some(std::span<std::byte> out) {
+  for (;;) {
+    TlsSession::Result r = tls_->recv(out);
+    if (r.status == TlsSession::Status::Done) {
+      if (r.bytes == 0) throw boost::system::system_error(asio::error::eof);
+      co_return r.bytes;
+    }
+    if (r.status == TlsSession::Status::Failed)
+      throw boost::system::system_error(asio::error::connection_aborted, tls_->error());
+    co_await wait_readable();
+  }
+}
+
 asio::awaitable<bool> Connection::handshake() {
   using namespace asio::experimental::awaitable_operators;
-  nbd::Handshake hs(*this);
+  const nbd::TlsMode tls_mode =
+      !tls_credentials_ ? nbd::TlsMode::None
+      : tls_credentials_->mode() == TlsMode::Require ? nbd::TlsMode::Required
+                                                     : nbd::TlsMode::Offered;
+  nbd::Handshake hs(*this, tls_mode);
   if (limits_.handshake_limit_seconds > 0) {
     asio::steady_timer limit(socket_.get_executor(),
                              std::chrono::seconds(limits_.handshake_limit_seconds));
@@ -337,6 +431,13 @@ asio::awaitable<bool> Connection::handshake() {
       co_return false;
     }
     layer_ = session_->layer;
+  }
+
+  if (tls_) {
+    // Workers send from now on, straight to the socket, one at a time.
+    co_await write_tls_output();
+    tls_->use_direct_output();
+    sender_.use_tls(tls_.get());
   }
 
   const nbd::ExportInfo& info = hs.chosen_export();

@@ -17,6 +17,14 @@
 // reading when too many requests or payload bytes are in flight
 // (back-pressure), and the connection closes only after every in-flight
 // request has replied.
+//
+// TLS (server/tls.h): NBD_OPT_STARTTLS upgrades the socket in the middle
+// of the handshake, inside its time limit. From then on the reader
+// decrypts with TlsSession::recv (waiting for input with a one-byte
+// MSG_PEEK through Asio, which sees every readiness change), handshake
+// replies are written through Asio from the session's buffered output, and
+// in the transmission phase ReplySender is the session's only sender.
+// Without TLS every read and send is the plain one, unchanged.
 #pragma once
 
 #include <atomic>
@@ -34,6 +42,7 @@
 #include "server/loop_threads.h"
 #include "server/meta_context.h"
 #include "server/reply_sender.h"
+#include "server/tls.h"
 #include "server/worker_pool.h"
 
 namespace layerd {
@@ -50,10 +59,10 @@ class Connection : public std::enable_shared_from_this<Connection>,
   using Socket = boost::asio::generic::stream_protocol::socket;
 
   // `socket` should have a strand as its executor: the connection's
-  // handlers run there.
+  // handlers run there. `tls` (null: no TLS) must outlive the connection.
   Connection(Socket socket, const ExportRegistry& exports,
              WorkerPool& workers, LoopThreads& loop, ConnectionLimits limits,
-             std::string peer);
+             std::string peer, const TlsCredentials* tls = nullptr);
   ~Connection() override;
 
   // Runs the whole connection on the socket's executor. Returns once the
@@ -83,6 +92,18 @@ class Connection : public std::enable_shared_from_this<Connection>,
   boost::asio::awaitable<std::shared_ptr<Session>> open_session(
       std::string id, std::string* error);
   boost::asio::awaitable<void> handshake_steps(nbd::Handshake& hs);
+  // Handshake I/O, through TLS once it is up.
+  boost::asio::awaitable<void> handshake_read(std::span<std::byte> in);
+  boost::asio::awaitable<void> handshake_write(std::span<const std::byte> out);
+  // After STARTTLS was acknowledged: the TLS handshake. False (logged) if
+  // it failed.
+  boost::asio::awaitable<bool> start_tls();
+  // Writes TLS's buffered output (the handshake phase's).
+  boost::asio::awaitable<void> write_tls_output();
+  // Some decrypted bytes (at least one); throws at the client's end.
+  boost::asio::awaitable<size_t> tls_read_some(std::span<std::byte> out);
+  // Until the socket has input (or EOF), consuming none of it.
+  boost::asio::awaitable<void> wait_readable();
   boost::asio::awaitable<void> transmission();
   boost::asio::awaitable<void> wait_for_room(uint64_t bytes);
   boost::asio::awaitable<void> wait_until_idle();
@@ -123,6 +144,8 @@ class Connection : public std::enable_shared_from_this<Connection>,
   LoopThreads& loop_;
   ConnectionLimits limits_;
   std::string peer_;
+  const TlsCredentials* tls_credentials_;
+  std::unique_ptr<TlsSession> tls_;  // once STARTTLS began
 
   // The export the handshake looked up last, by the name the client used
   // (the handshake asks for the export of each INFO, GO or meta-context

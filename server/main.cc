@@ -24,6 +24,7 @@
 #include "server/options.h"
 #include "server/qmp.h"
 #include "server/server.h"
+#include "server/tls.h"
 
 namespace layerd {
 namespace {
@@ -351,6 +352,11 @@ int run(int argc, char** argv) {
   if (o.list) return list_exports_of_server(o);
 
   std::string error;
+  std::unique_ptr<TlsCredentials> tls;
+  if (o.tls.mode != TlsMode::Off) {
+    tls = TlsCredentials::load(o.tls, &error);
+    if (!tls) return fail(error);
+  }
   std::vector<ListeningSocket> listeners = activated_listeners(error);
   if (!error.empty()) return fail(error);
   if (!listeners.empty() &&
@@ -392,6 +398,7 @@ int run(int argc, char** argv) {
   config.persistent = o.persistent;
   config.handshake_limit_seconds = o.handshake_limit_seconds;
   config.worker_threads = o.threads ? o.threads : default_worker_threads();
+  config.tls = tls.get();
   if (!o.config_file.empty())
     config.reload = [&] { reload_config(o, exports); };
   if (qmp) qmp->start();

@@ -10,6 +10,7 @@
 #include <thread>
 #include <cctype>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <set>
 
@@ -44,6 +45,9 @@ enum LongOnly {
   kOptExport,
   kOptConfig,
   kOptLog,
+  kOptTls,
+  kOptTlsPsk,
+  kOptTlsVerifyPeer,
 };
 
 const option kLongOptions[] = {
@@ -65,6 +69,9 @@ const option kLongOptions[] = {
     {"tls-creds", required_argument, nullptr, kOptTlsCreds},
     {"tls-authz", required_argument, nullptr, kOptTlsAuthz},
     {"tls-hostname", required_argument, nullptr, kOptTlsHostname},
+    {"tls", required_argument, nullptr, kOptTls},
+    {"tls-psk", required_argument, nullptr, kOptTlsPsk},
+    {"tls-verify-peer", no_argument, nullptr, kOptTlsVerifyPeer},
     {"partition", required_argument, nullptr, 'P'},
     {"trace", required_argument, nullptr, 'T'},
     {"fork", no_argument, nullptr, kOptFork},
@@ -224,6 +231,69 @@ std::string check_export(const ExportSpec& e) {
   return "";
 }
 
+// The TLS options as given, resolved once every --object is known.
+struct TlsArguments {
+  std::optional<TlsMode> mode;  // --tls
+  std::string creds;            // --tls-creds: an --object's id, or a directory
+  std::string psk_file;         // --tls-psk
+  bool verify_peer = false;     // --tls-verify-peer
+  struct Object {
+    std::string id;
+    TlsSettings settings;
+  };
+  std::vector<Object> objects;  // --object
+};
+
+// qemu's option syntax: items split at ',', where ",," is a comma.
+std::vector<std::string> split_qemu_options(std::string_view text) {
+  std::vector<std::string> items(1);
+  for (size_t i = 0; i < text.size(); ++i) {
+    if (text[i] != ',') {
+      items.back() += text[i];
+    } else if (i + 1 < text.size() && text[i + 1] == ',') {
+      items.back() += ',';
+      ++i;
+    } else {
+      items.emplace_back();
+    }
+  }
+  return items;
+}
+
+// "" if the TLS options fit together; fills o->tls.
+std::string resolve_tls(const TlsArguments& t, ServerOptions* o) {
+  TlsSettings& s = o->tls;
+  if (!t.creds.empty() && !t.psk_file.empty())
+    return "give either --tls-creds or --tls-psk, not both";
+  if (!t.creds.empty()) {
+    auto object = std::find_if(t.objects.begin(), t.objects.end(),
+                               [&](const auto& x) { return x.id == t.creds; });
+    if (object != t.objects.end()) {
+      s = object->settings;
+    } else if (!t.objects.empty()) {
+      return fmt::format("--tls-creds '{}': no --object has id '{}'", t.creds, t.creds);
+    } else {
+      s.x509_dir = t.creds;  // nbdkit's --tls-certificates, by another name
+    }
+  }
+  if (!t.psk_file.empty()) s.psk_file = t.psk_file;
+  const bool have_creds = !s.x509_dir.empty() || !s.psk_file.empty();
+  if (t.verify_peer) {
+    if (!s.psk_file.empty())
+      return "--tls-verify-peer is for X.509 certificates (with PSK every "
+             "client proves its key anyway)";
+    if (!have_creds) return "--tls-verify-peer needs --tls-creds";
+    s.verify_peer = true;
+  }
+  s.mode = t.mode.value_or(have_creds ? TlsMode::Require : TlsMode::Off);
+  if (s.mode != TlsMode::Off && !have_creds)
+    return "--tls=on and --tls=require need --tls-creds DIR or --tls-psk FILE";
+  if (s.mode != TlsMode::Off && o->list)
+    return "-L does not speak TLS: list a TLS server's exports with "
+           "'nbdinfo --list nbds://HOST/?tls-certificates=DIR'";
+  return "";
+}
+
 ParseResult fail(std::string message) {
   return ParseResult{std::nullopt,
                      fmt::format("layerd: {}\nTry 'layerd --help' for more "
@@ -233,6 +303,72 @@ ParseResult fail(std::string message) {
 }
 
 }  // namespace
+
+std::string parse_tls_object(std::string_view text, std::string* id,
+                             TlsSettings* out) {
+  *out = {};
+  id->clear();
+  if (!text.empty() && text.front() == '{')
+    return "--object: JSON objects are not supported; write "
+           "tls-creds-x509,id=ID,endpoint=server,dir=DIR";
+  std::vector<std::string> items = split_qemu_options(text);
+  std::string type;
+  if (items.front().find('=') == std::string::npos) {
+    type = items.front();
+    items.erase(items.begin());
+  }
+  std::string endpoint = "client";  // qemu's default
+  std::string dir;
+  std::optional<bool> verify_peer;
+  for (const std::string& item : items) {
+    const size_t eq = item.find('=');
+    if (eq == std::string::npos)
+      return fmt::format("--object: '{}' is not KEY=VALUE", item);
+    const std::string_view key = std::string_view(item).substr(0, eq);
+    const std::string_view value = std::string_view(item).substr(eq + 1);
+    if (key == "qom-type") {
+      type = value;
+    } else if (key == "id") {
+      *id = value;
+    } else if (key == "endpoint") {
+      endpoint = value;
+    } else if (key == "dir") {
+      dir = value;
+    } else if (key == "verify-peer") {
+      bool v = false;
+      if (!parse_on_off(value, &v))
+        return fmt::format("--object: invalid value '{}' for 'verify-peer' (on or off)", value);
+      verify_peer = v;
+    } else if (key == "priority") {
+      out->priority = value;
+    } else if (key == "sanity-check" || key == "loaded") {
+      // qemu's; layerd always checks that the key matches the certificate.
+    } else if (key == "passwordid") {
+      return "--object: 'passwordid' (an encrypted private key) is not "
+             "supported; decrypt the key with 'certtool --to-p8 --null-password'";
+    } else {
+      return fmt::format("--object: unknown key '{}' (known: id, endpoint, dir, "
+                         "verify-peer, priority)", key);
+    }
+  }
+  if (type != "tls-creds-x509" && type != "tls-creds-psk")
+    return type.empty() ? "--object: no object type (tls-creds-x509 or tls-creds-psk)"
+                        : fmt::format("--object: type '{}' is not supported (layerd "
+                                      "knows tls-creds-x509 and tls-creds-psk)", type);
+  if (id->empty()) return fmt::format("--object {}: 'id' is missing", type);
+  // qemu-nbd's words for a client endpoint.
+  if (endpoint != "server")
+    return fmt::format("--object {}: expecting TLS credentials with a server "
+                       "endpoint (endpoint=server), not '{}'", *id, endpoint);
+  if (dir.empty()) return fmt::format("--object {}: 'dir' is missing", *id);
+  if (type == "tls-creds-x509") {
+    out->x509_dir = dir;
+    out->verify_peer = verify_peer.value_or(true);  // qemu's default
+  } else {
+    out->psk_file = (std::filesystem::path(dir) / "keys.psk").string();
+  }
+  return "";
+}
 
 std::string parse_snapshot_selector(std::string_view text, SnapshotSelector* out) {
   *out = {};
@@ -390,6 +526,21 @@ Limits (layerd only):
                                blocks (default: 2 per core, at least 4;
                                raise it for slow storage)
 
+TLS (docs/security.md):
+      --tls-creds=DIR       X.509 certificates in DIR: ca-cert.pem,
+                            server-cert.pem, server-key.pem (or the id of
+                            an --object tls-creds-x509/tls-creds-psk)
+      --tls-verify-peer     clients must show a certificate signed by the
+                            CA in ca-cert.pem
+      --tls-psk=FILE        pre-shared keys: username:hexkey lines (psktool)
+      --tls=MODE            off, on (TLS optional) or require (the default
+                            with credentials: nothing before STARTTLS)
+      --object=tls-creds-x509,id=ID,endpoint=server,dir=DIR[,verify-peer=on|off]
+      --object=tls-creds-psk,id=ID,endpoint=server,dir=DIR
+                            qemu-nbd's form, with --tls-creds=ID (qemu
+                            verifies X.509 clients unless verify-peer=off;
+                            the PSK dir holds keys.psk)
+
 Several exports (layerd only):
       --export=KEY=VALUE,...  one export (repeatable); keys: name, file,
                             format, snapshot, overlay (none|temp|per-client),
@@ -408,6 +559,7 @@ the passed sockets (then -p, -b and -k must not be given).
 
 ParseResult parse_command_line(int argc, char** argv) {
   ServerOptions o;
+  TlsArguments tls;
   optind = 1;
   opterr = 0;
   int c;
@@ -564,22 +716,41 @@ ParseResult parse_command_line(int argc, char** argv) {
                     "in 5.0): serve the partition with -o/--offset=START "
                     "(the export then reaches to the end of the image), or "
                     "find its start with 'sfdisk -d' or 'parted unit B print'");
-      case kOptObject:
+      case kOptObject: {
+        TlsArguments::Object object;
+        if (auto m = parse_tls_object(arg, &object.id, &object.settings); !m.empty())
+          return fail(m);
+        for (const auto& other : tls.objects)
+          if (other.id == object.id)
+            return fail(fmt::format("--object: two objects have id '{}'", object.id));
+        tls.objects.push_back(std::move(object));
+        break;
+      }
       case kOptTlsCreds:
-        return fail("TLS and --object are not supported yet: serve on a "
-                    "Unix socket (-k) that only the client may open, or "
-                    "tunnel TCP through ssh or stunnel");
+        if (arg.empty()) return fail("--tls-creds needs a directory or an --object id");
+        tls.creds = std::string(arg);
+        break;
+      case kOptTlsPsk:
+        if (arg.empty()) return fail("--tls-psk needs a file");
+        tls.psk_file = std::string(arg);
+        break;
+      case kOptTlsVerifyPeer: tls.verify_peer = true; break;
+      case kOptTls:
+        if (arg == "off") tls.mode = TlsMode::Off;
+        else if (arg == "on") tls.mode = TlsMode::On;
+        else if (arg == "require") tls.mode = TlsMode::Require;
+        else return fail(fmt::format("invalid --tls '{}' (off, on or require)", arg));
+        break;
       case kOptTlsAuthz:
-        // qemu-nbd: "--tls-authz is not permitted without --tls-creds".
-        return fail("--tls-authz is not supported yet (layerd has no TLS, "
-                    "see --tls-creds): restrict who may connect with the "
-                    "permissions of a Unix socket (-k) or a firewall");
+        return fail("--tls-authz is not supported: layerd does not match "
+                    "client names; --tls-verify-peer admits every client "
+                    "whose certificate the CA in ca-cert.pem signed, and "
+                    "with --tls-psk every user in the key file");
       case kOptTlsHostname:
-        // qemu-nbd: "--tls-hostname is not permitted without --tls-creds";
-        // it names the server certificate's host for -L.
-        return fail("--tls-hostname is not supported yet (layerd has no TLS, "
-                    "see --tls-creds): to list the exports of a TLS server, "
-                    "use 'nbdinfo --list nbds://HOST'");
+        // qemu-nbd: it names the server certificate's host for -L.
+        return fail("--tls-hostname is not supported (-L does not speak "
+                    "TLS): to list the exports of a TLS server, use "
+                    "'nbdinfo --list nbds://HOST/?tls-certificates=DIR'");
       case kOptImageOpts:
         return fail("--image-opts is not supported");
       case kOptSelinuxLabel:
@@ -598,6 +769,7 @@ ParseResult parse_command_line(int argc, char** argv) {
     }
   }
 
+  if (auto m = resolve_tls(tls, &o); !m.empty()) return fail(m);
   if (o.list) {
     if (optind != argc) return fail("-L takes no FILE argument");
     if (!o.bind_given) o.bind_address = "localhost";

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "overlay/image_registry.h"
+#include "server/tls_settings.h"
 
 namespace layerd {
 
@@ -85,6 +86,11 @@ struct ServerOptions {
   std::string keep_overlay_dir;     // --keep-overlay
   std::vector<std::string> qmp_sockets;  // --qmp PATH (repeatable)
 
+  // TLS: --tls-creds DIR (or the ID of an --object), --tls-psk FILE,
+  // --tls-verify-peer, --tls=off|on|require. With credentials and no --tls,
+  // TLS is required, as qemu-nbd requires it with --tls-creds.
+  TlsSettings tls;
+
   bool list = false;                // -L: client mode
   std::string file;                 // the FILE argument (absent with -L)
   // Every export: the FILE argument's (with -x, -D, -r, -s, -l, -A,
@@ -103,6 +109,14 @@ std::string parse_export_spec(std::string_view text, ExportSpec* out);
 // file, line and key on failure, else "".
 std::string read_export_config(const std::string& path,
                                std::vector<ExportSpec>* out);
+
+// Parses qemu's "--object tls-creds-x509,id=ID,endpoint=server,dir=DIR
+// [,verify-peer=on|off][,priority=P]" or "tls-creds-psk,id=ID,
+// endpoint=server,dir=DIR[,priority=P]" (qemu's PSK directory holds
+// keys.psk; qemu verifies X.509 peers unless verify-peer=off). `id` gets
+// the object's id. An error message naming the key on failure, else "".
+std::string parse_tls_object(std::string_view text, std::string* id,
+                             TlsSettings* out);
 
 // Parses -l's argument.
 std::string parse_snapshot_selector(std::string_view text, SnapshotSelector* out);

@@ -44,24 +44,90 @@ ssize_t ReplySender::send_some(iovec* iov, int count) {
   }
 }
 
+bool ReplySender::wait_writable(int& stalled_ms) {
+  pollfd p{fd_, POLLOUT, 0};
+  if (::poll(&p, 1, kPollSliceMs) == 0 &&
+      (stalled_ms += kPollSliceMs) >= kSendStall.count()) {
+    log_info("{}: client stopped reading replies, dropping", peer_);
+    return false;
+  }
+  return true;
+}
+
 bool ReplySender::send_blocking(iovec* iov, int count) {
   int stalled_ms = 0;
   while (count > 0) {
     ssize_t n = send_some(iov, count);
     if (n < 0) return false;
     if (n == 0) {
-      pollfd p{fd_, POLLOUT, 0};
-      if (::poll(&p, 1, kPollSliceMs) == 0 &&
-          (stalled_ms += kPollSliceMs) >= kSendStall.count()) {
-        log_info("{}: client stopped reading replies, dropping", peer_);
-        return false;
-      }
+      if (!wait_writable(stalled_ms)) return false;
       continue;
     }
     stalled_ms = 0;
     advance(iov, count, static_cast<size_t>(n));
   }
   return true;
+}
+
+bool ReplySender::send_record_blocking(std::span<const std::byte> data) {
+  int stalled_ms = 0;
+  while (!data.empty()) {
+    TlsSession::Result r = tls_->send(data);
+    if (r.status == TlsSession::Status::Done) {
+      data = data.subspan(r.bytes);
+      stalled_ms = 0;
+    } else if (r.status == TlsSession::Status::Failed) {
+      log_info("{}: {}", peer_, tls_->error());
+      return false;
+    } else if (!wait_writable(stalled_ms)) {
+      return false;  // WantWrite: GnuTLS keeps the record for the next call
+    }
+  }
+  return true;
+}
+
+bool ReplySender::uncork_blocking() {
+  int stalled_ms = 0;
+  for (;;) {
+    TlsSession::Status s = tls_->uncork();
+    if (s == TlsSession::Status::Done) return true;
+    if (s == TlsSession::Status::Failed) {
+      log_info("{}: {}", peer_, tls_->error());
+      return false;
+    }
+    if (!wait_writable(stalled_ms)) return false;
+  }
+}
+
+// Pieces that fit in the record being filled are corked (GnuTLS copies
+// them, then seals them as one record); a piece of a record or more goes
+// out from where it lies, a record per call, after what was corked before.
+// A reply's header and the data of a small read leave as one record; a
+// large read's data is encrypted without a copy.
+bool ReplySender::send_tls(const iovec* iov, int count) {
+  const size_t record = tls_->record_size();
+  size_t corked = 0;
+  for (int i = 0; i < count; ++i) {
+    std::span piece(static_cast<const std::byte*>(iov[i].iov_base), iov[i].iov_len);
+    if (piece.empty()) continue;
+    if (corked > 0 && corked + piece.size() > record) {
+      if (!uncork_blocking()) return false;
+      corked = 0;
+    }
+    if (corked + piece.size() <= record) {
+      if (corked == 0) tls_->cork();
+      if (!send_record_blocking(piece)) return false;  // corked: all taken
+      corked += piece.size();
+      continue;
+    }
+    if (!send_record_blocking(piece)) return false;
+  }
+  return corked == 0 || uncork_blocking();
+}
+
+void ReplySender::end_tls() {
+  std::lock_guard lock(mutex_);
+  if (tls_ && !broken_.load()) tls_->bye();
 }
 
 void ReplySender::mark_broken() {
@@ -77,7 +143,7 @@ void ReplySender::abandon(const char* why) {
 void ReplySender::send(iovec* iov, int count) {
   std::lock_guard lock(mutex_);
   if (broken_.load()) return;
-  if (!send_blocking(iov, count)) mark_broken();
+  if (!(tls_ ? send_tls(iov, count) : send_blocking(iov, count))) mark_broken();
 }
 
 std::span<std::byte> ReplySender::hold_space(size_t n) {

@@ -8,6 +8,13 @@
 // The held buffer belongs to the connection's strand, so it needs no lock;
 // send_held() itself takes the socket like send(). Replies never
 // interleave on the wire.
+//
+// With TLS (use_tls(), once, before the first reply) the same lock makes
+// this the session's only sender: replies become records (small pieces
+// corked together into one record, large ones encrypted from where they
+// lie, a record at a time), and GnuTLS's answer to a client's key update
+// and the closing alert (end_tls()) go out under it too. Without TLS the
+// path is the plain sendmsg one, as before.
 #pragma once
 
 #include <sys/uio.h>
@@ -19,6 +26,8 @@
 #include <mutex>
 #include <span>
 #include <string>
+
+#include "server/tls.h"
 
 namespace layerd {
 
@@ -49,6 +58,12 @@ class ReplySender {
 
   bool broken() const { return broken_.load(); }
 
+  // From now on replies go through `tls` (not owned; outlives this), whose
+  // output must be direct (TlsSession::use_direct_output()).
+  void use_tls(TlsSession* tls) { tls_ = tls; }
+  // Sends TLS's close alert, if the socket takes it now.
+  void end_tls();
+
   // Gives up on the connection: no more replies, socket shut down.
   void abandon(const char* why);
 
@@ -58,11 +73,18 @@ class ReplySender {
   ssize_t send_some(iovec* iov, int count);
   static void advance(iovec*& iov, int& count, size_t sent);
   bool send_blocking(iovec* iov, int count);
+  bool send_tls(const iovec* iov, int count);
+  bool send_record_blocking(std::span<const std::byte> data);
+  bool uncork_blocking();
+  // Waits for room in the socket; false once the client has not taken a
+  // byte for kSendStall (`stalled_ms` counts that, reset it on progress).
+  bool wait_writable(int& stalled_ms);
   void mark_broken();
 
   int fd_;
   std::string peer_;
-  std::mutex mutex_;  // the socket's send side
+  TlsSession* tls_ = nullptr;
+  std::mutex mutex_;  // the socket's send side (and the TLS session's)
   std::atomic<bool> broken_{false};
 
   std::unique_ptr<std::byte[]> held_;

@@ -132,7 +132,7 @@ class ServerLoop {
       auto conn = std::make_shared<Connection>(
           std::move(socket), exports_, workers_, loop_threads_,
           ConnectionLimits{.handshake_limit_seconds = config_.handshake_limit_seconds},
-          std::move(peer));
+          std::move(peer), config_.tls);
       connections_.insert(conn);
       auto executor = conn->executor();
       asio::co_spawn(executor, conn->run(),

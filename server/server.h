@@ -10,6 +10,7 @@
 #include "server/export.h"
 #include "server/listeners.h"
 #include "server/options.h"
+#include "server/tls.h"
 
 namespace layerd {
 
@@ -18,6 +19,7 @@ struct ServerConfig {
   bool persistent = false;
   uint32_t handshake_limit_seconds = 10;
   uint32_t worker_threads = 4;
+  const TlsCredentials* tls = nullptr;  // STARTTLS offered when set
   // Run on a worker on SIGHUP (re-reading --config), if set.
   std::function<void()> reload;
 };
