@@ -414,7 +414,8 @@ asio::awaitable<bool> Connection::handshake() {
     co_await handshake_steps(hs);
   }
   if (hs.phase() != nbd::Handshake::Phase::Transmission) {
-    log_info("{}: handshake ended: {}", peer_, hs.close_reason());
+    if (hs.phase() == nbd::Handshake::Phase::Closed)
+      log_info("{}: handshake ended: {}", peer_, hs.close_reason());
     co_return false;
   }
   Negotiated negotiated = std::move(negotiated_);

@@ -317,6 +317,12 @@ std::string parse_tls_object(std::string_view text, std::string* id,
     type = items.front();
     items.erase(items.begin());
   }
+  for (const std::string& item : items)
+    if (item.starts_with("qom-type=")) type = item.substr(9);
+  if (type != "tls-creds-x509" && type != "tls-creds-psk")
+    return type.empty() ? "--object: no object type (tls-creds-x509 or tls-creds-psk)"
+                        : fmt::format("--object: type '{}' is not supported (layerd "
+                                      "knows tls-creds-x509 and tls-creds-psk)", type);
   std::string endpoint = "client";  // qemu's default
   std::string dir;
   std::optional<bool> verify_peer;
@@ -327,7 +333,7 @@ std::string parse_tls_object(std::string_view text, std::string* id,
     const std::string_view key = std::string_view(item).substr(0, eq);
     const std::string_view value = std::string_view(item).substr(eq + 1);
     if (key == "qom-type") {
-      type = value;
+      // the type, above
     } else if (key == "id") {
       *id = value;
     } else if (key == "endpoint") {
@@ -351,10 +357,6 @@ std::string parse_tls_object(std::string_view text, std::string* id,
                          "verify-peer, priority)", key);
     }
   }
-  if (type != "tls-creds-x509" && type != "tls-creds-psk")
-    return type.empty() ? "--object: no object type (tls-creds-x509 or tls-creds-psk)"
-                        : fmt::format("--object: type '{}' is not supported (layerd "
-                                      "knows tls-creds-x509 and tls-creds-psk)", type);
   if (id->empty()) return fmt::format("--object {}: 'id' is missing", type);
   // qemu-nbd's words for a client endpoint.
   if (endpoint != "server")

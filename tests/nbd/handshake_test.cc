@@ -180,7 +180,8 @@ Bytes meta_reply(uint32_t id, std::string_view name) {
 
 // --- The harness ------------------------------------------------------------
 
-class HandshakeTest : public ::testing::Test {
+template <TlsMode kTls>
+class HandshakeFixture : public ::testing::Test {
  protected:
   // Sends the client flags after checking the greeting went out.
   void start(uint32_t client_flags = kClientFlagFixedNewstyle |
@@ -237,8 +238,12 @@ class HandshakeTest : public ::testing::Test {
   }
 
   FakeHost host;
-  Handshake hs{host};
+  Handshake hs{host, kTls};
 };
+
+using HandshakeTest = HandshakeFixture<TlsMode::None>;
+using ForcedTls = HandshakeFixture<TlsMode::Required>;
+using SelectiveTls = HandshakeFixture<TlsMode::Offered>;
 
 // --- Greeting and client flags ------------------------------------------------
 
@@ -949,6 +954,126 @@ TEST_F(HandshakeTest, ManyOptionsInOneStreamThenGo) {
   EXPECT_EQ(hs.phase(), Phase::Transmission);
   EXPECT_TRUE(hs.structured_replies());
   EXPECT_EQ(hs.selected_contexts().size(), 1u);
+}
+
+// --- TLS (the spec's "TLS support") ----------------------------------------------
+
+TEST_F(ForcedTls, EveryOptionButStartTlsAndAbortGetsTlsReqdAndNothingIsTold) {
+  start();
+  for (const Bytes& opt :
+       {option(Opt::List), option(Opt::Info, info_data("disk")),
+        option(Opt::Go, info_data("disk")), option(Opt::StructuredReply),
+        option(Opt::ListMetaContext, meta_data("disk", {"base:"})),
+        option(Opt::SetMetaContext, meta_data("disk", {"base:allocation"})),
+        option(Opt::PeekExport), option(12345, str("x"))}) {
+    auto r = send(opt);
+    ASSERT_EQ(r.size(), 1u) << "only the error, no export list or info";
+    EXPECT_EQ(r[0].type, uint32_t(Rep::ErrTlsReqd));
+    EXPECT_EQ(hs.phase(), Phase::Options);
+  }
+  EXPECT_FALSE(hs.structured_replies()) << "refused options change nothing";
+}
+
+TEST_F(ForcedTls, OversizedOptionBeforeTlsGetsTlsReqd) {
+  start();
+  auto r = send(option(Opt::Info, Bytes(kMaxOptionLength + 1)));
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_EQ(r[0].type, uint32_t(Rep::ErrTlsReqd));
+}
+
+TEST_F(ForcedTls, ExportNameBeforeTlsClosesTheSession) {
+  start();
+  Bytes name = option(Opt::ExportName, str("disk"));
+  feed(Bytes(name.begin(), name.begin() + 16));
+  EXPECT_EQ(hs.phase(), Phase::Closed);
+  EXPECT_TRUE(hs.take_output().empty()) << "EXPORT_NAME has no error reply";
+}
+
+TEST_F(ForcedTls, AbortIsAcknowledged) {
+  start();
+  auto r = send(option(Opt::Abort));
+  ASSERT_EQ(r.size(), 1u);
+  expect_ack(r[0], Opt::Abort);
+  EXPECT_EQ(hs.phase(), Phase::Closed);
+}
+
+TEST_F(ForcedTls, ClientWithoutFixedNewstyleIsDropped) {
+  start(kClientFlagNoZeroes);
+  EXPECT_EQ(hs.phase(), Phase::Closed);
+}
+
+TEST_F(ForcedTls, StartTlsIsAcknowledgedThenOptionsWorkOverTls) {
+  start();
+  auto r = send(option(Opt::StartTls));
+  ASSERT_EQ(r.size(), 1u);
+  expect_ack(r[0], Opt::StartTls);
+  EXPECT_EQ(hs.phase(), Phase::StartTls);
+  EXPECT_EQ(hs.bytes_wanted(), 0u) << "nothing more is read in plain text";
+  hs.tls_started();
+  EXPECT_TRUE(hs.tls_active());
+  EXPECT_EQ(hs.phase(), Phase::Options);
+  auto list = send(option(Opt::List));
+  ASSERT_EQ(list.size(), 3u);
+  EXPECT_EQ(list[0].type, uint32_t(Rep::Server));
+  negotiate_structured();
+  go("disk");
+  EXPECT_TRUE(hs.structured_replies());
+}
+
+TEST_F(ForcedTls, SecondStartTlsIsRefusedWithErrInvalid) {
+  start();
+  send(option(Opt::StartTls));
+  hs.tls_started();
+  expect_error(send(option(Opt::StartTls)), Opt::StartTls, Rep::ErrInvalid);
+  EXPECT_EQ(hs.phase(), Phase::Options);
+}
+
+TEST_F(ForcedTls, StartTlsWithDataIsRefusedWithErrInvalid) {
+  start();
+  expect_error(send(option(Opt::StartTls, str("x"))), Opt::StartTls, Rep::ErrInvalid);
+  EXPECT_FALSE(hs.tls_active());
+}
+
+TEST_F(SelectiveTls, PlainClientsAreServedWithoutTls) {
+  start();
+  auto list = send(option(Opt::List));
+  ASSERT_EQ(list.size(), 3u);
+  negotiate_structured();
+  go("disk");
+  EXPECT_FALSE(hs.tls_active());
+}
+
+TEST_F(SelectiveTls, NothingNegotiatedBeforeStartTlsSurvivesIt) {
+  start();
+  negotiate_structured();
+  auto m = send(option(Opt::SetMetaContext, meta_data("disk", {"base:allocation"})));
+  ASSERT_EQ(m.size(), 2u);
+  ASSERT_EQ(hs.selected_contexts().size(), 1u);
+  auto r = send(option(Opt::StartTls));
+  ASSERT_EQ(r.size(), 1u);
+  expect_ack(r[0], Opt::StartTls);
+  hs.tls_started();
+  // Structured replies are gone: SET_META_CONTEXT now needs them again...
+  expect_error(send(option(Opt::SetMetaContext, meta_data("disk", {"base:allocation"}))),
+               Opt::SetMetaContext, Rep::ErrInvalid);
+  // ...and GO enters transmission with neither.
+  go("disk");
+  EXPECT_FALSE(hs.structured_replies());
+  EXPECT_TRUE(hs.selected_contexts().empty());
+  EXPECT_FALSE(hs.chosen_export().transmission_flags & kTransSendDf);
+}
+
+TEST_F(SelectiveTls, ClientWithoutFixedNewstyleGetsNoTls) {
+  start(kClientFlagNoZeroes);
+  ASSERT_EQ(hs.phase(), Phase::Options);
+  expect_error(send(option(Opt::StartTls)), Opt::StartTls, Rep::ErrPolicy);
+}
+
+TEST_F(HandshakeTest, TlsStartedOutsideStartTlsChangesNothing) {
+  start();
+  hs.tls_started();
+  EXPECT_FALSE(hs.tls_active());
+  EXPECT_EQ(hs.phase(), Phase::Options);
 }
 
 }  // namespace

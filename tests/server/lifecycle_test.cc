@@ -615,9 +615,8 @@ INSTANTIATE_TEST_SUITE_P(
         // Gone from qemu-nbd 7.2 too ("invalid option -- 'P'").
         Unsupported{{"-P", "1"}, "-o/--offset=START"},
         Unsupported{{"--partition=1"}, "-o/--offset=START"},
-        Unsupported{{"--object", "secret,id=s0,data=x"}, "Unix socket"},
-        Unsupported{{"--tls-creds=tls0"}, "ssh or stunnel"},
-        Unsupported{{"--tls-authz=authz0"}, "Unix socket"},
+        Unsupported{{"--object", "secret,id=s0,data=x"}, "tls-creds-x509"},
+        Unsupported{{"--tls-authz=authz0"}, "--tls-verify-peer"},
         Unsupported{{"--tls-hostname=example.com"}, "nbdinfo --list nbds://"},
         Unsupported{{"--selinux-label=system_u:object_r:svirt_t:s0"}, "chcon"},
         Unsupported{{"--image-opts"}, "--image-opts"}),
