@@ -740,6 +740,28 @@ TEST_F(Tls, QemuImgAndQemuIoAreTlsClientsOfQemuNbdsForm) {
   EXPECT_NE(refused.exit_code, 0) << refused.describe();
 }
 
+TEST_F(Tls, QemuObjectWithVerifyPeerOffAdmitsClientsWithoutACertificate) {
+  ASSERT_NO_FATAL_FAILURE(StartTlsServer(
+      {"--object",
+       "tls-creds-x509,id=t,endpoint=server,verify-peer=off,dir=" + creds().server().string(),
+       "--tls-creds", "t"}));
+  std::string error;
+  Nbd h = connect_uri(unix_uri(certs(creds().anonymous())), &error);
+  ASSERT_TRUE(h) << error;
+  EXPECT_EQ(nbd_get_tls_negotiated(h.get()), 1);
+}
+
+TEST_F(Tls, QemuObjectVerifiesPeersByDefault) {
+  ASSERT_NO_FATAL_FAILURE(StartTlsServer(
+      {"--object", "tls-creds-x509,id=t,endpoint=server,dir=" + creds().server().string(),
+       "--tls-creds", "t"}));
+  std::string error;
+  EXPECT_FALSE(connect_uri(unix_uri(certs(creds().anonymous())), &error));
+  EXPECT_FALSE(connect_uri(unix_uri(certs(creds().foreign())), &error));
+  Nbd h = connect_uri(unix_uri(certs(creds().client())), &error);
+  ASSERT_TRUE(h) << error;
+}
+
 TEST_F(Tls, QemuIoIsAPskClientOfQemuNbdsForm) {
   ASSERT_NO_FATAL_FAILURE(StartTcpServer(
       {"--object", "tls-creds-psk,id=k,endpoint=server,dir=" + creds().qemu_psk().string(),
