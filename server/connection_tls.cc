@@ -75,13 +75,22 @@ asio::awaitable<bool> Connection::start_tls() {
   co_return true;
 }
 
+// GnuTLS hands out one record at a time; the records already at hand are
+// taken together, so that a burst of pipelined requests is read (and its
+// replies sent) as one, as without TLS. An end or error after some bytes
+// is reported by the next call.
 asio::awaitable<size_t> Connection::tls_read_some(std::span<std::byte> out) {
+  size_t got = 0;
   for (;;) {
-    TlsSession::Result r = tls_->recv(out);
-    if (r.status == TlsSession::Status::Done) {
-      if (r.bytes == 0) throw boost::system::system_error(asio::error::eof);
-      co_return r.bytes;
+    TlsSession::Result r = tls_->recv(out.subspan(got));
+    if (r.status == TlsSession::Status::Done && r.bytes > 0) {
+      got += r.bytes;
+      if (got < out.size()) continue;
+      co_return got;
     }
+    if (got > 0) co_return got;
+    if (r.status == TlsSession::Status::Done)
+      throw boost::system::system_error(asio::error::eof);
     if (r.status == TlsSession::Status::Failed)
       throw boost::system::system_error(asio::error::connection_aborted, tls_->error());
     co_await wait_readable();

@@ -9,6 +9,7 @@
 #include <sys/uio.h>
 
 #include <cerrno>
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -25,6 +26,9 @@ namespace fs = std::filesystem;
 constexpr const char* kX509Priority = "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2";
 constexpr const char* kPskPriority =
     "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2:+ECDHE-PSK:+DHE-PSK:+PSK";
+
+// Reads asked for below this size are served from one recv of this size.
+constexpr size_t kReadahead = 16 * 1024;
 
 std::string gnutls_message(int rc) { return gnutls_strerror(rc); }
 
@@ -322,18 +326,33 @@ ssize_t TlsSession::push(gnutls_transport_ptr_t p, const giovec_t* iov, int coun
 
 ssize_t TlsSession::pull(gnutls_transport_ptr_t p, void* data, size_t size) {
   auto* self = static_cast<TlsSession*>(p);
-  for (;;) {
-    ssize_t n = ::recv(self->fd_, data, size, MSG_DONTWAIT);
-    if (n >= 0) return n;
-    if (errno == EINTR) continue;
-    gnutls_transport_set_errno(self->session_, errno);
-    return -1;
+  if (self->readahead_begin_ == self->readahead_end_) {
+    const bool direct = size >= kReadahead;
+    if (!direct && !self->readahead_) self->readahead_.reset(new std::byte[kReadahead]);
+    for (;;) {
+      ssize_t n = ::recv(self->fd_, direct ? data : self->readahead_.get(),
+                         direct ? size : kReadahead, MSG_DONTWAIT);
+      if (n >= 0 && direct) return n;
+      if (n >= 0) {
+        self->readahead_begin_ = 0;
+        self->readahead_end_ = static_cast<size_t>(n);
+        break;
+      }
+      if (errno == EINTR) continue;
+      gnutls_transport_set_errno(self->session_, errno);
+      return -1;
+    }
   }
+  const size_t n = std::min(size, self->readahead_end_ - self->readahead_begin_);
+  std::memcpy(data, self->readahead_.get() + self->readahead_begin_, n);
+  self->readahead_begin_ += n;
+  return static_cast<ssize_t>(n);
 }
 
 // Never waits: the caller waits for the socket its own way.
 int TlsSession::pull_timeout(gnutls_transport_ptr_t p, unsigned int) {
   auto* self = static_cast<TlsSession*>(p);
+  if (self->readahead_begin_ != self->readahead_end_) return 1;
   pollfd fd{self->fd_, POLLIN, 0};
   return ::poll(&fd, 1, 0);
 }

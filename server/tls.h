@@ -20,7 +20,13 @@
 //     the event loop never blocks on a client that does not read;
 //   - direct (use_direct_output(), for the transmission phase): records
 //     go straight to the socket with one sendmsg each, for ReplySender.
-// Input is always read from the socket directly (recv, MSG_DONTWAIT).
+// Input is read from the socket with recv (MSG_DONTWAIT). GnuTLS asks for
+// a record's 5-byte header, then for its body; small asks are served from
+// a read-ahead buffer filled by one recv, so a burst of small records (the
+// requests of a pipelining client) costs one system call, not two each;
+// large bodies are read straight into GnuTLS's buffer. (pull() says
+// "would block" only when that buffer and the socket are both empty, so
+// WantRead always means the caller may wait for the socket.)
 //
 // Threading (GnuTLS allows one thread receiving while another sends on a
 // session, if neither renegotiates or closes): handshake() and recv() are
@@ -134,6 +140,9 @@ class TlsSession {
 
   int fd_;
   gnutls_session_t session_ = nullptr;
+  std::unique_ptr<std::byte[]> readahead_;
+  size_t readahead_begin_ = 0;
+  size_t readahead_end_ = 0;
   bool direct_output_ = false;
   std::vector<std::byte> output_;
   std::string error_;
