@@ -534,6 +534,40 @@ TEST_F(Tls, ManyPipelinedRequestsOfEverySizeArriveIntact) {
   }
 }
 
+TEST_F(Tls, ManyPipelinedWritesOfEverySizeLandIntact) {
+  ASSERT_NO_FATAL_FAILURE(StartTlsServer({"--tls-creds", creds().server().string()}));
+  std::string error;
+  Nbd h = connect_uri(unix_uri(certs(creds().client())), &error);
+  ASSERT_TRUE(h) << error;
+  // Payloads read by the loop across record boundaries, several per read.
+  const std::vector<uint32_t> sizes{1, 512, 4096, 16368, 16384, 16400, 65536, 300000};
+  std::vector<std::vector<uint8_t>> bufs;
+  std::vector<uint64_t> offsets;
+  uint64_t offset = 0;
+  for (int round = 0; round < 4; ++round)
+    for (uint32_t size : sizes) {
+      offsets.push_back(offset);
+      bufs.push_back(pattern(offset, size, 40 + round));
+      offset += size;
+    }
+  ASSERT_LE(offset, kImageSize);
+  for (size_t i = 0; i < bufs.size(); ++i)
+    ASSERT_GE(nbd_aio_pwrite(h.get(), bufs[i].data(), bufs[i].size(), offsets[i],
+                             NBD_NULL_COMPLETION, 0),
+              0)
+        << nbd_error_text();
+  while (nbd_aio_in_flight(h.get()) > 0) ASSERT_GE(nbd_poll(h.get(), 5000), 0) << nbd_error_text();
+  ASSERT_EQ(nbd_flush(h.get(), 0), 0) << nbd_error_text();
+  for (size_t i = 0; i < bufs.size(); ++i) {
+    std::vector<uint8_t> back(bufs[i].size());
+    ASSERT_EQ(nbd_pread(h.get(), back.data(), back.size(), offsets[i], 0), 0) << nbd_error_text();
+    EXPECT_EQ(first_difference(back, bufs[i]), -1) << "write " << i;
+    EXPECT_EQ(first_difference(read_file_range(image_path(), offsets[i], bufs[i].size()), bufs[i]),
+              -1)
+        << "write " << i << " in the file";
+  }
+}
+
 // --- Modes ------------------------------------------------------------------------------
 
 TEST_F(Tls, RequireRefusesPlainClientsWithTlsReqdAndHidesTheExportList) {
