@@ -74,6 +74,7 @@ std::unique_ptr<TlsCredentials> TlsCredentials::load(const TlsSettings& s,
 }
 
 TlsCredentials::~TlsCredentials() {
+  for (PskKey& k : psk_keys_) gnutls_memset(k.key.data(), 0, k.key.size());
   if (priority_) gnutls_priority_deinit(priority_);
   if (x509_) gnutls_certificate_free_credentials(x509_);
   if (psk_) gnutls_psk_free_server_credentials(psk_);
