@@ -193,6 +193,9 @@ class PosixFile final : public File {
         if (errno == EINTR) continue;
         return errno_code();
       }
+      // Nothing written and no error: the file cannot take more (as
+      // QEMU's file driver reads a short write). Retrying would spin.
+      if (n == 0) return std::make_error_code(std::errc::no_space_on_device);
       done += static_cast<size_t>(n);
     }
     grow_to(offset + data.size());

@@ -88,6 +88,8 @@ class File {
                                        uint64_t offset);
 
   // Writes all of `data` at `offset`, extending the file if needed.
+  // Retries short writes and EINTR; a write that makes no progress is
+  // errc::no_space_on_device, never retried.
   virtual std::error_code pwrite(std::span<const std::byte> data,
                                  uint64_t offset) = 0;
 
