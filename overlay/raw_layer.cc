@@ -98,7 +98,7 @@ class RawLayer final : public Layer {
   std::error_code do_trim(uint64_t offset, uint64_t length, bool fua) override {
     std::error_code ec;
     if (!align_ || (offset % align_ == 0 && length % align_ == 0)) {
-      ec = file_->punch_hole(offset, length);
+      ec = file_->discard(offset, length);
       // Trim is advisory: a filesystem that cannot punch holes keeps data.
       if (ec == std::errc::operation_not_supported) ec.clear();
     }

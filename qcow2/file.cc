@@ -193,6 +193,9 @@ class PosixFile final : public File {
         if (errno == EINTR) continue;
         return errno_code();
       }
+      // Nothing written and no error: the file cannot take more (as
+      // QEMU's file driver reads a short write). Retrying would spin.
+      if (n == 0) return std::make_error_code(std::errc::no_space_on_device);
       done += static_cast<size_t>(n);
     }
     grow_to(offset + data.size());
@@ -210,22 +213,29 @@ class PosixFile final : public File {
     return {};
   }
 
+  // On a block device too a punched hole must read as zeros, which
+  // BLKDISCARD does not promise: the kernel's fallocate punches only with
+  // a zeroing unmap (else EOPNOTSUPP, and the caller writes zeros).
   std::error_code punch_hole(uint64_t offset, uint64_t length) override {
-    if (block_device_) {
-      uint64_t range[2] = {offset, length};
-      if (::ioctl(fd_, BLKDISCARD, range) != 0) return errno_code();
-      return {};
-    }
     if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                     static_cast<off_t>(offset), static_cast<off_t>(length)) != 0)
       return errno_code();
     return {};
   }
 
+  std::error_code discard(uint64_t offset, uint64_t length) override {
+    if (!block_device_) return punch_hole(offset, length);
+    uint64_t range[2] = {offset, length};
+    if (::ioctl(fd_, BLKDISCARD, range) != 0) return errno_code();
+    return {};
+  }
+
   std::error_code write_zeroes(uint64_t offset, uint64_t length) override {
-    if (!block_device_ &&
-        ::fallocate(fd_, FALLOC_FL_ZERO_RANGE, static_cast<off_t>(offset),
-                    static_cast<off_t>(length)) == 0) {
+    if (block_device_) {
+      uint64_t range[2] = {offset, length};
+      if (::ioctl(fd_, BLKZEROOUT, range) == 0) return {};
+    } else if (::fallocate(fd_, FALLOC_FL_ZERO_RANGE, static_cast<off_t>(offset),
+                           static_cast<off_t>(length)) == 0) {
       grow_to(offset + length);
       return {};
     }
@@ -472,6 +482,10 @@ std::unique_ptr<File> open_posix_file(const std::string& path,
 
 std::error_code File::pread_nowait(std::span<std::byte>, uint64_t) {
   return would_block();
+}
+
+std::error_code File::discard(uint64_t offset, uint64_t length) {
+  return punch_hole(offset, length);
 }
 
 std::unique_ptr<File> open_temp_file(const std::string& dir, int* fd_out,

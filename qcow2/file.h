@@ -88,6 +88,8 @@ class File {
                                        uint64_t offset);
 
   // Writes all of `data` at `offset`, extending the file if needed.
+  // Retries short writes and EINTR; a write that makes no progress is
+  // errc::no_space_on_device, never retried.
   virtual std::error_code pwrite(std::span<const std::byte> data,
                                  uint64_t offset) = 0;
 
@@ -98,8 +100,13 @@ class File {
   virtual std::error_code truncate(uint64_t size) = 0;
 
   // Deallocates the range; it reads as zeros afterwards. Returns
-  // errc::operation_not_supported where the filesystem cannot.
+  // errc::operation_not_supported where the filesystem or device cannot
+  // promise both (a block device's BLKDISCARD may keep old data).
   virtual std::error_code punch_hole(uint64_t offset, uint64_t length) = 0;
+
+  // Gives the range back to the storage, which may keep its old data
+  // (TRIM): BLKDISCARD on a block device. By default punch_hole().
+  virtual std::error_code discard(uint64_t offset, uint64_t length);
 
   // Makes the range read as zeros, preferably without writing data
   // (FALLOC_FL_ZERO_RANGE); falls back to writing zeros.

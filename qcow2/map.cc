@@ -33,8 +33,10 @@ void Image::Impl::evict_l2_if_needed() {
     L2Table* t = l2[idx].get();
     if (t->dirty) {
       // The table may point at clusters whose refcounts are still only in
-      // the cache: those go first.
-      if (persist_refcounts() || file->flush()) return;  // keep it; retry later
+      // the cache, and (with an external data file) at data not yet on
+      // disk: those go first, as in write_back().
+      if (external && data_file->flush()) return;  // keep it; retry later
+      if (persist_refcounts() || file->flush()) return;
       std::vector<std::byte> raw(cs);
       for (uint64_t k = 0; k < t->words.size(); ++k)
         fmt::store64(&raw[k * 8], t->words[k]);
