@@ -26,6 +26,10 @@ namespace {
 namespace fs = std::filesystem;
 
 constexpr uint64_t kCopyPiece = 2 << 20;
+// A job starts the write-back of its target every this many bytes copied,
+// so that the disk writes while the job copies and the final flush finds
+// little left (instead of the whole copy, all still in the page cache).
+constexpr uint64_t kWritebackStep = 16 << 20;
 constexpr uint64_t kMirrorGranularity = 64 << 10;
 // Active commit turns to sync mode once this little is left to copy: the
 // rest is copied while client requests wait (a bounded pause).
@@ -214,10 +218,22 @@ class LiveJob : public BlockJob {
     return fmt::format("{}: {}", what, ec.message());
   }
 
+  // Counts `n` bytes copied into `node` and starts its write-back every
+  // kWritebackStep. Not while client requests wait: it may block on a
+  // full device queue.
+  void wrote_into(const BlockNode& node, uint64_t n) {
+    unwritten_back_ += n;
+    if (unwritten_back_ < kWritebackStep) return;
+    unwritten_back_ = 0;
+    if (node.image) node.image->start_writeback();
+    else if (node.raw) node.raw->start_writeback();
+  }
+
   LiveTarget target_;
   std::shared_ptr<const Graph> graph_;
   uint64_t speed_;
   std::vector<std::byte> buf_;
+  uint64_t unwritten_back_ = 0;  // bytes copied since the last start_writeback
 };
 
 class StreamJob final : public LiveJob {
@@ -263,6 +279,7 @@ class StreamJob final : public LiveJob {
       }
       pos += piece;
       add_offset(piece);
+      wrote_into(*g.nodes[0], copied);
       throttle(copied);
     }
     if (!checkpoint()) return {};
@@ -344,6 +361,7 @@ class CommitJob final : public LiveJob {
         return io_failure(op, ec, fmt::format("committing into '{}'", g.nodes[base_]->path));
       pos += piece;
       add_offset(piece);
+      wrote_into(*g.nodes[base_], copied);
       throttle(copied);
     }
     return {};
@@ -403,6 +421,7 @@ class CommitJob final : public LiveJob {
       cursor = offset + length;
       add_offset(length);
       set_len(std::max(len_now(), offset_done() + m.dirty_bytes()));
+      if (!locked) wrote_into(*g.nodes[base_], copied);
       if (throttled) throttle(copied);
     }
     return {};

@@ -207,6 +207,12 @@ class PosixFile final : public File {
     return {};
   }
 
+  // The whole file: only its dirty pages are visited.
+  void start_writeback() override {
+    if (writable_.load(std::memory_order_relaxed) && !direct_)
+      (void)::sync_file_range(fd_, 0, 0, SYNC_FILE_RANGE_WRITE);
+  }
+
   std::error_code truncate(uint64_t size) override {
     if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) return errno_code();
     size_.store(size);
@@ -483,6 +489,8 @@ std::unique_ptr<File> open_posix_file(const std::string& path,
 std::error_code File::pread_nowait(std::span<std::byte>, uint64_t) {
   return would_block();
 }
+
+void File::start_writeback() {}
 
 std::error_code File::discard(uint64_t offset, uint64_t length) {
   return punch_hole(offset, length);

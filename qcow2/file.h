@@ -96,6 +96,12 @@ class File {
   // Makes every completed write durable (fdatasync).
   virtual std::error_code flush() = 0;
 
+  // Starts writing completed writes back to the storage without waiting
+  // for them (a hint, so that a later flush() has less left to do; it
+  // promises nothing about durability). Long copies call it as they go.
+  // May wait while the device's queue is full. The default does nothing.
+  virtual void start_writeback();
+
   // Sets the file's length.
   virtual std::error_code truncate(uint64_t size) = 0;
 

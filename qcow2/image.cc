@@ -413,6 +413,11 @@ std::error_code Image::begin_writes() {
 // tells. If someone did (an allocating write, a table load), the steps
 // start again from 2 (what was written stays valid); after a few tries the
 // rest is done the old way, all under the lock (flush_locked).
+void Image::start_writeback() {
+  Impl& I = *impl_;
+  if (!I.ro && !I.is_view) I.data_file->start_writeback();
+}
+
 std::error_code Image::flush() {
   Impl& I = *impl_;
   if (I.is_view) return {};

@@ -449,6 +449,12 @@ class Image {
   // writable image; a no-op when done already, and on v2.
   std::error_code begin_writes();
 
+  // Starts the write-back of the data written so far without waiting for
+  // it (File::start_writeback on the data file), so that a long copy into
+  // the image (a commit's base) does not leave it all to the final flush.
+  // A hint: durability still comes from flush(). Takes no lock.
+  void start_writeback();
+
   // Writes back dirty metadata in dependency order and syncs the file(s).
   // The syncs of data run without the metadata lock (reads and writes go on
   // meanwhile); the lock is held only while the metadata is written.
