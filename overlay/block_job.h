@@ -30,6 +30,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 namespace layerd {
 
@@ -80,6 +81,11 @@ class BlockJob {
   const std::string& id() const { return id_; }
   const std::string& type() const { return type_; }
   const std::string& device() const { return device_; }
+  // The image files the job changes, or drops from its export's graph:
+  // while it runs, no other export may start using one of them. Fixed
+  // before start(); any thread.
+  const std::vector<std::string>& files() const { return files_; }
+  void set_files(std::vector<std::string> files) { files_ = std::move(files); }
   JobInfo info() const;
   JobStatus status() const;
   bool finished() const;  // concluded (or null)
@@ -145,6 +151,7 @@ class BlockJob {
   void thread_main();
 
   const std::string id_, type_, device_;
+  std::vector<std::string> files_;
   JobObserver* const observer_;
 
   mutable std::mutex mutex_;

@@ -64,6 +64,13 @@ std::string backing_name(const Graph& g, size_t above, size_t below) {
   return ec ? b.path : abs.lexically_normal().string();
 }
 
+// The files of the nodes [from, to] of `g`.
+std::vector<std::string> files_of(const Graph& g, size_t from, size_t to) {
+  std::vector<std::string> files;
+  for (size_t i = from; i <= to && i < g.nodes.size(); ++i) files.push_back(g.nodes[i]->path);
+  return files;
+}
+
 std::string refuse_shared(const LiveTarget& t, const Graph& g, size_t from,
                           size_t to) {
   for (size_t i = from; i <= to && i < g.nodes.size(); ++i) {
@@ -756,6 +763,7 @@ std::unique_ptr<BlockJob> start_stream(const LiveTarget& t, const StreamRequest&
   }
   auto job = std::make_unique<StreamJob>(t, job_id_for(r.job_id, t), g, base,
                                          r.backing_file, r.speed, observer);
+  if (base > 1) job->set_files(files_of(*g, 1, base - 1));
   job->start(r.speed);
   return job;
 }
@@ -811,6 +819,7 @@ std::unique_ptr<BlockJob> start_commit(const LiveTarget& t, const CommitRequest&
   if (!t.registry->set_writable(g->nodes[base], true, error)) return nullptr;
   auto job = std::make_unique<CommitJob>(t, job_id_for(r.job_id, t), g, top, base,
                                          r.backing_file, r.empty, r.speed, observer);
+  job->set_files(files_of(*g, top, base));
   job->start(r.speed);
   return job;
 }

@@ -111,7 +111,10 @@ void Control::cancel_all_jobs() {
 
 void Control::register_commands() {
   auto bind = [this](json::value (Control::*fn)(const json::object&)) {
-    return [this, fn](const json::object& args) { return (this->*fn)(args); };
+    return [this, fn](const json::object& args) {
+      std::lock_guard one_change_at_a_time(commands_mutex_);
+      return (this->*fn)(args);
+    };
   };
   qmp_.add_command("query-block", bind(&Control::query_block));
   qmp_.add_command("query-block-jobs", bind(&Control::query_block_jobs));
@@ -188,6 +191,34 @@ void Control::refuse_job_id_in_use(const std::string& id) {
   std::lock_guard lock(mutex_);
   reap_finished_jobs();
   if (jobs_.count(id)) qmp_fail(fmt::format("Job ID '{}' already in use", id));
+}
+
+std::unique_lock<std::mutex> Control::hold_commands() {
+  return std::unique_lock(commands_mutex_);
+}
+
+std::string Control::job_on(const std::string& name) {
+  std::lock_guard lock(mutex_);
+  reap_finished_jobs();
+  for (const auto& [id, job] : jobs_)
+    if (job->device() == name)
+      return fmt::format("export '{}' has a block job running ({} '{}')", name, job->type(), id);
+  return {};
+}
+
+std::string Control::refuse_new_export(const Export& e) {
+  std::vector<std::string> files;
+  for (const auto& n : nodes_of(e)) files.push_back(n->path);
+  if (files.empty()) files.push_back(e.spec.file);  // a raw image served directly
+  std::lock_guard lock(mutex_);
+  reap_finished_jobs();
+  for (const auto& [_, job] : jobs_)
+    for (const std::string& busy : job->files())
+      for (const std::string& f : files)
+        if (same_file(f, busy))
+          return fmt::format("Node '{}' is busy: block device is in use by block job: {}",
+                             busy, job->type());
+  return {};
 }
 
 void Control::add_job(std::unique_ptr<BlockJob> job) {
@@ -418,6 +449,7 @@ json::value Control::export_add(const json::object& args) {
   std::string error;
   auto e = open_export_(spec, &error);
   if (!e) qmp_fail(error);
+  if (auto why = refuse_new_export(*e); !why.empty()) qmp_fail(why);
   exports_.add(std::move(e));
   log_info("export '{}' added over QMP: {}", spec.name, spec.file);
   return json::object{};

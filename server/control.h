@@ -39,6 +39,18 @@ class Control final : public JobObserver {
   // Cancels every job and waits for them (shutdown).
   void cancel_all_jobs();
 
+  // For a --config reload, which replaces exports from another thread:
+  // while the returned lock is held no QMP command runs (so no job starts
+  // and no export is added or deleted over QMP).
+  std::unique_lock<std::mutex> hold_commands();
+  // Why export `name` may not be replaced or removed now (a job runs on
+  // it); "" if it may.
+  std::string job_on(const std::string& name);
+  // Why `e`, not yet installed, may not be added now: its chain uses an
+  // image that a running job changes or drops (what a writer of it would
+  // do would be lost, or what it serves would change); "" if it may.
+  std::string refuse_new_export(const Export& e);
+
   // JobObserver: turned into QMP events.
   void status_changed(const JobInfo& info) override;
   void ready(const JobInfo& info) override;
@@ -77,6 +89,9 @@ class Control final : public JobObserver {
   ImageRegistry& images_;
   QmpServer& qmp_;
   ExportOpener open_export_;
+  // Held by every command handler and by hold_commands(); taken before
+  // mutex_.
+  std::mutex commands_mutex_;
   std::mutex mutex_;  // guards jobs_
   std::map<std::string, std::unique_ptr<BlockJob>> jobs_;
 };

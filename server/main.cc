@@ -259,9 +259,11 @@ bool open_exports(const ServerOptions& o, const std::vector<ExportSpec>& specs,
 // are opened, and only when all of them open are they installed, in one
 // step: connected clients keep the export they negotiated. Names no longer
 // in the file go; exports from --export are never touched.
-void reload_config(const ServerOptions& o, ExportRegistry& exports) {
+void reload_config(const ServerOptions& o, ExportRegistry& exports, Control* control) {
   static std::mutex one_at_a_time;
   std::lock_guard lock(one_at_a_time);
+  std::unique_lock<std::mutex> no_commands;
+  if (control) no_commands = control->hold_commands();
   auto keep_as_is = [&](const std::string& why) {
     log_error("reloading {}: {}; keeping the exports as they were", o.config_file, why);
   };
@@ -283,10 +285,19 @@ void reload_config(const ServerOptions& o, ExportRegistry& exports) {
       kept.push_back(old);
     else
       changed.push_back(spec);
+    if (old && !(old->spec == spec) && control)
+      if (auto why = control->job_on(spec.name); !why.empty()) return keep_as_is(why);
   }
+  if (control)
+    for (const auto& name : gone)
+      if (!names.count(name))
+        if (auto why = control->job_on(name); !why.empty()) return keep_as_is(why);
   ExportRegistry fresh;
   std::string error;
   if (!open_exports(o, changed, fresh, error)) return keep_as_is(error);
+  if (control)
+    for (const auto& e : fresh.all())
+      if (auto why = control->refuse_new_export(*e); !why.empty()) return keep_as_is(why);
   auto added = fresh.all();
   added.insert(added.end(), kept.begin(), kept.end());
   exports.replace(gone, added);
@@ -400,7 +411,7 @@ int run(int argc, char** argv) {
   config.worker_threads = o.threads ? o.threads : default_worker_threads();
   config.tls = tls.get();
   if (!o.config_file.empty())
-    config.reload = [&] { reload_config(o, exports); };
+    config.reload = [&] { reload_config(o, exports, control.get()); };
   if (qmp) qmp->start();
   int status = serve(config, exports, std::move(listeners));
   if (qmp) qmp->stop();

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <fstream>
 #include <random>
 #include <thread>
 
@@ -656,6 +657,102 @@ TEST_F(LiveJobs, RefusesDuplicateJobIdsSharedTopsRawPivotsAndSubclusterStreams) 
   EXPECT_NE(refused("block-stream", {{"device", "ext"}}).find("subclusters"), std::string::npos);
   execute("block-job-cancel", {{"device", "j"}, {"force", true}});
   wait_event("BLOCK_JOB_CANCELLED", "j");
+}
+
+// While a job runs, no new export may use an image the job changes or
+// drops: writes to it would not be mirrored (and an emptied top would lose
+// them), and what it serves would change under its clients. Images the job
+// leaves alone (a stream's base) may be exported.
+TEST_F(LiveJobs, NoNewExportUsesAnImageARunningJobChanges) {
+  make_chain();
+  ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+  Nbd h = connect();
+  VerifiedClient client(h.get(), 8);
+  client.start();
+  auto export_args = [&](const std::string& id, const std::string& file, bool writable) {
+    return json::object{{"type", "nbd"}, {"id", id}, {"node-name", path(file)},
+                        {"writable", writable}};
+  };
+  // A stream changes the top and drops mid; its base stays as it is.
+  execute("block-stream", {{"device", "disk"}, {"base", path("base.qcow2")}, {"speed", 64 << 10}});
+  EXPECT_NE(refused("block-export-add", export_args("x", "mid.qcow2", false))
+                .find("is busy: block device is in use by block job: stream"), std::string::npos);
+  execute("block-export-add", export_args("golden", "base.qcow2", false));
+  execute("block-job-cancel", {{"device", "disk"}, {"force", true}});
+  wait_event("BLOCK_JOB_CANCELLED");
+  {
+    Nbd golden = nbd_connect_to_unix(socket(), [](nbd_handle* g) { nbd_set_export_name(g, "golden"); });
+    ASSERT_TRUE(golden);
+  }
+  ASSERT_TRUE(wait_until([&] {  // once the server has seen the client go
+    try {
+      execute("block-export-del", {{"id", "golden"}});
+      return true;
+    } catch (const ctl::QmpError&) {
+      return false;
+    }
+  }, 10s));
+  // A commit writes its base and empties (or drops) the images above it:
+  // none of them may be exported until it is over.
+  execute("block-commit", {{"device", "disk"}, {"base", path("base.qcow2")}, {"empty", true}});
+  wait_event("BLOCK_JOB_READY");
+  for (const char* f : {"top.qcow2", "mid.qcow2", "base.qcow2"})
+    for (bool writable : {true, false})
+      EXPECT_NE(refused("block-export-add", export_args("x", f, writable)), "") << f;
+  EXPECT_NE(refused("block-export-add", export_args("x", "base.qcow2", false))
+                .find("is busy: block device is in use by block job: commit"), std::string::npos);
+  EXPECT_EQ(execute("query-block-exports").as_array().size(), 1u);
+  execute("block-job-complete", {{"device", "disk"}});
+  expect_completed();
+  const auto model = finish_client(client, 200);
+  stop_server(&h);
+  for (const char* f : {"top.qcow2", "base.qcow2"}) expect_clean(path(f));
+  EXPECT_EQ(qemu_view(path("top.qcow2")), model);
+}
+
+// A --config reload (SIGHUP) leaves an export with a running job alone,
+// and adds no export of an image the job changes: it keeps every export
+// as it was and says why, and the job goes on to the end.
+TEST_F(LiveJobs, ConfigReloadWaitsForTheJobsOfTheExportsItWouldChange) {
+  make_chain();
+  const fs::path config = dir_.path() / "exports.conf";
+  auto write_config = [&](const std::string& extra) {
+    std::ofstream c(config, std::ios::trunc);
+    c << "[export]\nname = disk\nfile = " << path("top.qcow2") << "\nformat = qcow2\n" << extra;
+  };
+  write_config("");
+  ASSERT_NO_FATAL_FAILURE(start_server("", {"--log=info", "--config", config.string()}));
+  auto refusals_logged = [&](size_t n) {
+    return wait_until([&] {
+      const std::string log = server_.log();
+      size_t c = 0;
+      for (size_t at = 0; (at = log.find("keeping the exports as they were", at)) != std::string::npos; ++at) ++c;
+      return c >= n;
+    }, 10s);
+  };
+  Nbd h = connect();
+  VerifiedClient client(h.get(), 9);
+  client.start();
+  execute("block-commit", {{"device", "disk"}});
+  wait_event("BLOCK_JOB_READY");
+  write_config("read-only = on\n");  // changes the export the job runs on
+  server_.signal(SIGHUP);
+  ASSERT_TRUE(refusals_logged(1)) << server_.log();
+  EXPECT_NE(server_.log().find("export 'disk' has a block job running"), std::string::npos)
+      << server_.log();
+  write_config("[export]\nname = more\nfile = " + path("base.qcow2") + "\nformat = qcow2\nread-only = on\n");
+  server_.signal(SIGHUP);
+  ASSERT_TRUE(refusals_logged(2)) << server_.log();
+  EXPECT_NE(server_.log().find("is busy: block device is in use by block job: commit"),
+            std::string::npos) << server_.log();
+  EXPECT_FALSE(nbd_try_connect_unix(socket(), [](nbd_handle* m) { nbd_set_export_name(m, "more"); }));
+  EXPECT_EQ(execute("query-block-jobs").as_array().size(), 1u);
+  execute("block-job-complete", {{"device", "disk"}});
+  expect_completed();
+  const auto model = finish_client(client, 200);
+  stop_server(&h);
+  expect_clean(path("base.qcow2"));
+  EXPECT_EQ(qemu_view(path("base.qcow2")), model);
 }
 
 TEST_F(LiveJobs, RefusesJobsOnReadOnlyExports) {
