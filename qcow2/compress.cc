@@ -1,5 +1,9 @@
-// Decompression of compressed clusters: raw deflate (compression type 0)
-// and zstd (type 1). Compressed data may be followed by unrelated bytes up
+// Compression and decompression of compressed clusters: raw deflate
+// (compression type 0) and zstd (type 1). Clusters are compressed as QEMU
+// compresses them (deflate: default level, 4 KiB window, no zlib header;
+// zstd: default parameters, one frame), each stream state kept per thread
+// and reset for every cluster, so compressing allocates nothing once a
+// thread has compressed its first cluster. Compressed data may be followed by unrelated bytes up
 // to the end of its last sector; decompression stops once a whole cluster
 // has been produced. Decoder memory is bounded by the cluster size: deflate
 // has a fixed 32 KiB window, and a zstd frame asking for a window larger
@@ -9,6 +13,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <optional>
 
 #include "qcow2/internal.h"
 
@@ -62,7 +67,58 @@ bool zstd_decompress(std::span<const std::byte> in, std::span<std::byte> out) {
   return ok;
 }
 
+// deflate's window for compressed clusters (QEMU's: 4 KiB, raw deflate).
+constexpr int kDeflateWindowBits = -12;
+constexpr int kDeflateMemLevel = 9;
+
+std::optional<size_t> deflate_raw(std::span<const std::byte> in,
+                                  std::span<std::byte> out) {
+  struct Stream {
+    z_stream s{};
+    bool ok = deflateInit2(&s, Z_DEFAULT_COMPRESSION, Z_DEFLATED,
+                           kDeflateWindowBits, kDeflateMemLevel,
+                           Z_DEFAULT_STRATEGY) == Z_OK;
+    ~Stream() {
+      if (ok) deflateEnd(&s);
+    }
+  };
+  thread_local Stream stream;
+  if (!stream.ok || deflateReset(&stream.s) != Z_OK) return std::nullopt;
+  z_stream& s = stream.s;
+  s.next_in = reinterpret_cast<Bytef*>(const_cast<std::byte*>(in.data()));
+  s.avail_in = static_cast<uInt>(in.size());
+  s.next_out = reinterpret_cast<Bytef*>(out.data());
+  s.avail_out = static_cast<uInt>(out.size());
+  if (deflate(&s, Z_FINISH) != Z_STREAM_END) return std::nullopt;  // too big
+  return out.size() - s.avail_out;
+}
+
+std::optional<size_t> zstd_compress(std::span<const std::byte> in,
+                                    std::span<std::byte> out) {
+  struct Context {
+    ZSTD_CCtx* c = ZSTD_createCCtx();
+    ~Context() { ZSTD_freeCCtx(c); }
+  };
+  thread_local Context ctx;
+  if (!ctx.c || ZSTD_isError(ZSTD_CCtx_reset(ctx.c, ZSTD_reset_session_only)))
+    return std::nullopt;
+  // One call, as QEMU makes it: anything left over means it did not fit.
+  ZSTD_inBuffer ib{in.data(), in.size(), 0};
+  ZSTD_outBuffer ob{out.data(), out.size(), 0};
+  size_t r = ZSTD_compressStream2(ctx.c, &ob, &ib, ZSTD_e_end);
+  if (r != 0) return std::nullopt;
+  return ob.pos;
+}
+
 }  // namespace
+
+std::optional<size_t> compress_cluster(uint32_t type,
+                                       std::span<const std::byte> in,
+                                       std::span<std::byte> out) {
+  if (type == 0) return deflate_raw(in, out);
+  if (type == 1) return zstd_compress(in, out);
+  return std::nullopt;
+}
 
 bool decompress_cluster(uint32_t type, std::span<const std::byte> in,
                         std::span<std::byte> out) {

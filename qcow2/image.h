@@ -414,6 +414,21 @@ class Image {
   std::error_code write(uint64_t offset, std::span<const std::byte> data,
                         BelowReader below, bool fua = false);
 
+  // Writes whole clusters compressed, as QEMU's compress filter does
+  // (BDRV_REQ_WRITE_COMPRESSED): `offset` is cluster-aligned and `data`
+  // whole clusters, except that the last may end at the end of the disk
+  // (the rest of that cluster compresses as zeros); EINVAL otherwise. Each
+  // cluster is compressed with the image's compression type and its bytes
+  // packed after the previous compressed cluster's in the file. A cluster
+  // that does not compress to less than a cluster is written as an
+  // ordinary one, as QEMU does. Unlike QEMU (which fails with EIO), a
+  // cluster allocated already is replaced, and what it used is released
+  // as by an ordinary write. ENOTSUP with an external data file. With
+  // `fua` the data and its metadata are durable on return.
+  std::error_code write_compressed(uint64_t offset,
+                                   std::span<const std::byte> data,
+                                   bool fua = false);
+
   // Copy-on-read and streaming: writes `data` into those clusters of
   // [offset, offset + data.size()) that are wholly unallocated here, and
   // leaves every other cluster alone, so that a write racing with it on

@@ -13,7 +13,8 @@
 //   check.cc     check and repair (refcount rebuild)
 //   resize.cc    growing the disk (a larger L1 table), emptying the image
 //   create.cc    laying out new images
-//   compress.cc  deflate / zstd decompression
+//   compress.cc  deflate / zstd compression and decompression
+//   write_compressed.cc  compressed cluster writes, their byte allocator
 //   rwlock.h     the writer-preferring metadata lock
 #pragma once
 
@@ -23,6 +24,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <shared_mutex>
 #include <string>
 #include <vector>
@@ -44,6 +46,11 @@ std::string hex(uint64_t v);
 // Decompresses one cluster. `type` is the header compression type.
 bool decompress_cluster(uint32_t type, std::span<const std::byte> in,
                         std::span<std::byte> out);
+// Compresses one cluster `in` into `out`; the compressed size, or nullopt
+// when it does not fit in `out` (or the type is unknown).
+std::optional<size_t> compress_cluster(uint32_t type,
+                                       std::span<const std::byte> in,
+                                       std::span<std::byte> out);
 
 struct FeatureName {
   uint8_t type;
@@ -310,6 +317,17 @@ struct Image::Impl {
   std::error_code release_entry(uint64_t e0, uint64_t bitmap);
   std::error_code reclaim_if_many();
   std::error_code begin_write();
+
+  // --- write_compressed.cc -----------------------------------------------
+  // Where the next compressed cluster's bytes may go: inside the host
+  // cluster the last ones went into, 0 for a new host cluster. Reset when
+  // that cluster is freed.
+  uint64_t compressed_free = 0;
+  std::error_code alloc_compressed_bytes(uint64_t len, uint64_t* host);
+  // Maps guest cluster `gc` to `compressed` (one cluster's compressed
+  // bytes), written to new bytes of the file; takes mu itself.
+  std::error_code write_compressed_cluster(uint64_t gc,
+                                           std::span<const std::byte> compressed);
 
   // --- refcount.cc ---------------------------------------------------------
   std::error_code load_refblock(uint64_t idx, RefBlock** out);

@@ -313,6 +313,7 @@ std::error_code Image::Impl::free_cluster_now(uint64_t host,
     else
       (void)file->punch_hole(c << cb, cs);
     free_hint = std::min(free_hint, c);
+    if (compressed_free >> cb == c) compressed_free = 0;
   }
   return {};
 }

@@ -148,6 +148,7 @@ Status Image::make_empty() {
     I.pending_free.clear();
     I.reftable_pending.clear();
     I.free_hint = 0;
+    I.compressed_free = 0;
   };
   auto use = [&](const EmptyLayout& L) {
     I.h.l1_table_offset = L.l1_cluster() * I.cs;
