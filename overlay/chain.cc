@@ -124,7 +124,8 @@ bool open_chain_nodes(const std::string& path, ImageFormat format,
     } else {
       nodes->push_back(node);
     }
-    if (!node->image || node->image->backing_file().empty()) return true;
+    if (!node->image || node->image->backing_file().empty() || options.no_backing)
+      return true;
     if (!backing_format_of(*node, &current_format, error)) return false;
     named_by = current;
     current = resolve_relative(current, node->image->backing_file());

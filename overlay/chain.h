@@ -38,6 +38,9 @@ struct ChainOptions {
   // The chain goes under a throwaway overlay: its top is opened like a
   // backing image, so that no export may write it meanwhile.
   bool under_overlay = false;
+  // The top image alone, without the backing file it names (QEMU's
+  // backing=null): what it does not allocate reads as zeros.
+  bool no_backing = false;
   // Where images are shared; nullptr: the process's registry.
   ImageRegistry* registry = nullptr;
   // -U: lock no permission away from other users (QEMU's force-share), so

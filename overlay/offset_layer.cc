@@ -5,8 +5,8 @@ namespace {
 
 class OffsetLayer final : public Layer {
  public:
-  OffsetLayer(std::shared_ptr<Layer> below, uint64_t offset)
-      : Layer(below->size() - offset, below->capabilities()),
+  OffsetLayer(std::shared_ptr<Layer> below, uint64_t offset, uint64_t length)
+      : Layer(length, below->capabilities()),
         below_(std::move(below)),
         offset_(offset) {}
 
@@ -47,10 +47,13 @@ class OffsetLayer final : public Layer {
 }  // namespace
 
 std::shared_ptr<Layer> make_offset_layer(std::shared_ptr<Layer> below,
-                                         uint64_t offset) {
+                                         uint64_t offset,
+                                         std::optional<uint64_t> length) {
   if (!below || offset > below->size()) return nullptr;
-  if (offset == 0) return below;
-  return std::make_shared<OffsetLayer>(std::move(below), offset);
+  const uint64_t room = below->size() - offset;
+  if (length && *length > room) return nullptr;
+  if (offset == 0 && (!length || *length == room)) return below;
+  return std::make_shared<OffsetLayer>(std::move(below), offset, length.value_or(room));
 }
 
 }  // namespace layerd

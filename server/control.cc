@@ -245,6 +245,9 @@ void Control::live_target(const std::string& device, LiveTarget* out, bool as_no
   if (e->per_client || e->temp)
     qmp_fail(fmt::format("export '{}' serves throwaway overlays (-s, --overlay); "
                          "its chain cannot change", device));
+  if (e->spec.compress)
+    qmp_fail(fmt::format("export '{}' compresses every write (--image-opts "
+                         "driver=compress); its chain cannot change", device));
   out->device = device;
   out->layer = std::dynamic_pointer_cast<GraphLayer>(e->layer);
   out->registry = &images_;

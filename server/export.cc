@@ -1,7 +1,10 @@
 #include "server/export.h"
 
+#include <algorithm>
+
 #include "nbd/protocol.h"
 #include "overlay/chain.h"
+#include "overlay/offset_layer.h"
 
 namespace layerd {
 
@@ -29,7 +32,7 @@ nbd::ExportInfo Export::info(const std::string& session) const {
     f |= nbd::kTransCanMultiConn;
   i.transmission_flags = f;
   i.min_block_size = policy.min_block_size;
-  i.preferred_block_size = 4096;
+  i.preferred_block_size = std::max<uint32_t>(4096, policy.min_block_size);
   i.max_block_size = policy.max_request_size;
   return i;
 }
@@ -48,6 +51,9 @@ std::shared_ptr<Session> Export::open_session(const std::string& id,
   nodes.insert(nodes.end(), per_client->base.begin(), per_client->base.end());
   s->layer = serve_nodes(std::move(nodes), !policy.read_only,
                          per_client->copy_on_read, 0);
+  const auto& w = per_client->window;
+  if (w.offset != 0 || w.length)  // fits: the base's window does
+    s->layer = make_offset_layer(std::move(s->layer), w.offset, w.length);
   if (!id.empty()) {
     // Forget sessions that ended, so the table does not grow forever.
     std::erase_if(per_client->sessions,

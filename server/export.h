@@ -79,6 +79,11 @@ struct Export {
     std::vector<std::shared_ptr<BlockNode>> base;  // [0] under the overlays
     TempOverlayOptions overlay;
     bool copy_on_read = false;
+    // -o (and --image-opts' size): each session's window into its overlay.
+    struct Window {
+      uint64_t offset = 0;
+      std::optional<uint64_t> length;
+    } window;
     std::mutex mutex;
     std::map<std::string, std::weak_ptr<Session>> sessions;
   };

@@ -14,6 +14,7 @@
 #include <fmt/format.h>
 
 #include "overlay/chain.h"
+#include "overlay/compress_layer.h"
 #include "overlay/offset_layer.h"
 #include "qcow2/file.h"
 #include "server/control.h"
@@ -159,8 +160,15 @@ std::shared_ptr<Export> open_export(const ServerOptions& o, ExportSpec spec,
   co.l2_cache_bytes = o.l2_cache_bytes;
   co.snapshot = spec.snapshot;
   co.under_overlay = spec.overlay != OverlayMode::None;
+  co.no_backing = spec.no_backing;
   std::vector<std::shared_ptr<BlockNode>> nodes;
   if (!open_chain_nodes(spec.file, format, co, &nodes, &error)) return nullptr;
+  const std::shared_ptr<qcow2::Image> top = nodes.front()->image;
+  if (spec.compress && !top) {
+    // qemu's words for a raw image under driver=compress.
+    error = "Compression is not supported for underlying format: raw";
+    return nullptr;
+  }
   for (size_t i = 1; i < nodes.size(); ++i)
     log_info("export '{}': backing image {}: {}", spec.name, i, nodes[i]->path);
 
@@ -191,6 +199,8 @@ std::shared_ptr<Export> open_export(const ServerOptions& o, ExportSpec spec,
       e->layer = serve_nodes(std::move(nodes), !e->policy.read_only,
                              spec.copy_on_read, direct ? 4096 : 0, probed_raw);
       if (probed_raw) e->policy.min_block_size = 512;
+      if (spec.compress && !e->policy.read_only)
+        e->layer = make_compress_layer(std::move(e->layer), top);
       break;
     case OverlayMode::Temp: {
       auto session = std::make_shared<Session>();
@@ -214,22 +224,33 @@ std::shared_ptr<Export> open_export(const ServerOptions& o, ExportSpec spec,
       break;
     }
   }
-  if (spec.offset != 0) {
-    // qemu-nbd's raw driver with an offset, over the image's format; its
-    // message when the offset is past the end.
+  if (spec.offset != 0 || spec.length) {
+    // qemu-nbd's raw driver with an offset (and --image-opts' size), over
+    // the image's format and over the throwaway overlays, as qemu-nbd
+    // stacks it; qemu's messages when it does not fit.
     const uint64_t size = e->layer->size();
-    auto window = make_offset_layer(e->layer, spec.offset);
-    if (!window) {
+    if (spec.offset > size) {
       error = fmt::format("Offset ({}) cannot be greater than size of the "
                           "containing file ({})", spec.offset, size);
       return nullptr;
     }
-    if (e->per_client || e->temp) {
-      error = "-o/--offset cannot be combined with throwaway overlays (-s, "
-              "--overlay) yet";
+    if (spec.length && *spec.length > size - spec.offset) {
+      error = fmt::format("The sum of offset ({}) and size ({}) has to be smaller "
+                          "or equal to the actual size of the containing file ({})",
+                          spec.offset, *spec.length, size);
       return nullptr;
     }
-    e->layer = std::move(window);
+    // Per-client overlays: each session's layer gets the window too (see
+    // Export::open_session); the base's window tells the handshake its size.
+    if (e->per_client) e->per_client->window = {spec.offset, spec.length};
+    e->layer = make_offset_layer(e->layer, spec.offset, spec.length);
+  }
+  if (spec.compress && !e->policy.read_only) {
+    // As qemu's compress filter: clients that ask for block sizes are asked
+    // for whole clusters (where the window allows it); others get merged.
+    uint32_t align = top->cluster_size();
+    while (align > 1 && (e->layer->size() % align || spec.offset % align)) align /= 2;
+    e->policy.min_block_size = std::max(e->policy.min_block_size, align);
   }
   return e;
 }

@@ -16,6 +16,8 @@
 
 #include <fmt/format.h>
 
+#include "server/image_opts.h"
+
 namespace layerd {
 namespace {
 
@@ -294,6 +296,55 @@ std::string resolve_tls(const TlsArguments& t, ServerOptions* o) {
   return "";
 }
 
+// The cache mode with QEMU's cache.direct and cache.no-flush set as given;
+// false for combinations layerd has no mode for.
+bool combine_cache_mode(std::optional<bool> direct, std::optional<bool> no_flush,
+                        CacheMode* mode) {
+  bool d = *mode == CacheMode::None || *mode == CacheMode::DirectSync;
+  bool nf = *mode == CacheMode::Unsafe;
+  const bool writethrough = *mode == CacheMode::Writethrough || *mode == CacheMode::DirectSync;
+  d = direct.value_or(d);
+  nf = no_flush.value_or(nf);
+  if (nf && (d || writethrough)) return false;
+  *mode = nf ? CacheMode::Unsafe
+        : d  ? (writethrough ? CacheMode::DirectSync : CacheMode::None)
+             : (writethrough ? CacheMode::Writethrough : CacheMode::Writeback);
+  return true;
+}
+
+// --image-opts: FILE (already in `e`) is a qemu option string; its image
+// and window go into `e`, its settings into `o`. "" or an error.
+std::string apply_image_opts(ServerOptions* o, ExportSpec* e) {
+  ImageOpts io;
+  if (auto m = parse_image_opts(e->file, &io); !m.empty()) return "--image-opts: " + m;
+  e->file = io.filename;
+  e->format = io.format;
+  e->compress = io.compress;
+  e->no_backing = io.no_backing;
+  // -o stacks a raw window with that offset on top, as in qemu-nbd.
+  if (io.size && o->offset > *io.size)
+    return fmt::format("Offset ({}) cannot be greater than size of the "
+                       "containing file ({})", o->offset, *io.size);
+  if (io.offset + o->offset < io.offset) return "--image-opts: 'offset' is too large";
+  e->offset = io.offset + o->offset;
+  if (io.size) e->length = *io.size - o->offset;
+  if (io.read_only.value_or(false)) e->read_only = true;
+  if (io.force_share) o->force_share = *io.force_share;
+  if (io.discard_unmap) o->discard_unmap = *io.discard_unmap;
+  if (io.detect_zeroes) o->detect_zeroes = *io.detect_zeroes;
+  if (io.detect_zeroes == DetectZeroes::Unmap && !o->discard_unmap)
+    return "--image-opts: setting detect-zeroes to unmap is not allowed "
+           "without setting discard operation to unmap";
+  if (!combine_cache_mode(io.cache_direct, io.cache_no_flush, &o->cache))
+    return "--image-opts: cache.no-flush=on cannot be combined with "
+           "cache.direct=on or a writethrough cache mode in layerd";
+  if (io.l2_cache_bytes) o->l2_cache_bytes = *io.l2_cache_bytes;
+  if (e->compress && e->overlay != OverlayMode::None)
+    return "--image-opts: driver=compress cannot be combined with -s or "
+           "--overlay: writes would go to the throwaway overlay, uncompressed";
+  return "";
+}
+
 ParseResult fail(std::string message) {
   return ParseResult{std::nullopt,
                      fmt::format("layerd: {}\nTry 'layerd --help' for more "
@@ -478,6 +529,11 @@ Image options:
   -f, --format=FORMAT       image format: raw or qcow2 (without -f, the image
                             is checked for a qcow2 header; backing images
                             always use the format their overlay records)
+      --image-opts          FILE is a qemu option string instead of a file
+                            name: driver=qcow2,file.filename=PATH,
+                            driver=raw,file.filename=PATH,offset=N,size=N,
+                            driver=compress,file.driver=qcow2,
+                            file.file.filename=PATH (docs/compatibility.md)
   -r, --read-only           export read-only
   -s, --snapshot            write to a throwaway overlay (in --temp-dir) and
                             leave FILE and its backing images unchanged
@@ -753,8 +809,7 @@ ParseResult parse_command_line(int argc, char** argv) {
         return fail("--tls-hostname is not supported (-L does not speak "
                     "TLS): to list the exports of a TLS server, use "
                     "'nbdinfo --list nbds://HOST/?tls-certificates=DIR'");
-      case kOptImageOpts:
-        return fail("--image-opts is not supported");
+      case kOptImageOpts: o.image_opts = true; break;
       case kOptSelinuxLabel:
         return fail("--selinux-label is not supported: relabel the Unix "
                     "socket once layerd listens ('chcon -t TYPE SOCKET'), or "
@@ -785,6 +840,9 @@ ParseResult parse_command_line(int argc, char** argv) {
       return fail(m);
   }
   if (!o.exports.empty()) {
+    if (o.image_opts)
+      return fail("--image-opts describes the FILE argument; it cannot be "
+                  "combined with --export or --config");
     if (optind != argc)
       return fail(fmt::format("unexpected argument '{}': with --export or "
                               "--config, every image is named there",
@@ -806,6 +864,11 @@ ParseResult parse_command_line(int argc, char** argv) {
     e.allocation_depth = o.allocation_depth;
     e.bitmaps = o.bitmaps;
     e.offset = o.offset;
+    if (o.image_opts) {
+      // qemu-nbd's words.
+      if (o.format_given) return fail("--image-opts and -f are mutually exclusive");
+      if (auto m = apply_image_opts(&o, &e); !m.empty()) return fail(m);
+    }
     if (auto m = check_export(e); !m.empty()) {
       // Say it in the options the user typed.
       if (e.overlay == OverlayMode::PerClient && e.read_only)

@@ -38,6 +38,12 @@ struct ExportSpec {
   // -o: the export starts this many bytes into the image (qemu-nbd's raw
   // driver with an offset, over the image's format).
   uint64_t offset = 0;
+  // --image-opts: the raw driver's size= (the window is this long, else it
+  // reaches to the end), driver=compress (every write compressed, see
+  // overlay/compress_layer.h) and backing= (the top image alone).
+  std::optional<uint64_t> length;
+  bool compress = false;
+  bool no_backing = false;
   bool from_config = false;  // read from --config (SIGHUP reads it again)
   bool operator==(const ExportSpec&) const = default;
 };
@@ -79,6 +85,7 @@ struct ServerOptions {
   bool allocation_depth = false;    // -A
   std::vector<std::string> bitmaps;  // -B (repeatable)
   uint64_t offset = 0;              // -o
+  bool image_opts = false;          // --image-opts: FILE is an option string
   bool copy_on_read = false;        // --copy-on-read
   std::string config_file;          // --config
 
