@@ -116,7 +116,7 @@ class Reader {
 
   std::string read() {
     const std::string top = get("driver").value_or("");
-    if (top.empty() && !has_child("file"))
+    if (top.empty() && !has_child("file") && !last_.count("file"))
       return "no driver and no file: give driver=qcow2|raw|file|compress, or "
              "file.filename=PATH to probe the format";
     if (auto m = node("", top, ""); !m.empty()) return m;
