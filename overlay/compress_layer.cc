@@ -53,7 +53,10 @@ class CompressLayer final : public Layer {
       : Layer(below->size(), below->capabilities()),
         below_(std::move(below)),
         top_(std::move(top)),
-        cluster_(top_->cluster_size()) {}
+        cluster_(top_->cluster_size()) {
+    // Compressing takes CPU time: never on the server's I/O thread.
+    caps_.buffered_writes = false;
+  }
 
  protected:
   std::error_code do_read(uint64_t offset, std::span<std::byte> buf) override {
