@@ -92,8 +92,9 @@ bool find_bitmaps(const ExportSpec& spec, bool read_only,
     std::shared_ptr<const qcow2::Image> image;
     std::optional<qcow2::BitmapInfo> info;
     // With -o, qemu-nbd looks only at the offset node above the image (it
-    // has no bitmaps), and so does layerd.
-    for (size_t i = 0; spec.offset == 0 && i < nodes.size() && !info; ++i) {
+    // has no bitmaps), and so does layerd; so with --image-opts' size=.
+    const bool window = spec.offset != 0 || spec.length;
+    for (size_t i = 0; !window && i < nodes.size() && !info; ++i) {
       const BlockNode& n = *nodes[i];
       // A snapshot view (-l) keeps the bitmaps of its active image, as
       // qemu's temporarily loaded snapshot does.
@@ -108,7 +109,7 @@ bool find_bitmaps(const ExportSpec& spec, bool read_only,
     }
     if (!info) {
       error = fmt::format("Bitmap '{}' is not found", name);
-      if (spec.offset != 0)
+      if (window)
         error += " (with -o, bitmaps are looked for above the offset, where "
                  "there are none, as in qemu-nbd)";
       return false;
