@@ -216,6 +216,9 @@ class Reader {
         error = raw_option(key, name, value);
       } else if (driver == "qcow2") {
         error = qcow2_option(key, name, value);
+      } else if (driver == "probe") {
+        error = fmt::format("option '{}' is not supported by layerd without "
+                            "a driver (give driver=qcow2 or driver=raw)", key);
       } else {
         error = unsupported(key, driver);
       }

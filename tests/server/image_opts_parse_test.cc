@@ -142,6 +142,7 @@ TEST(ImageOptsParse, WhatLayerdDoesNotSupportIsRefusedNamingTheKey) {
            {"driver=qcow2,file.driver=qcow2,file.file.filename=x", "'file.driver=qcow2'"},
            {"driver=raw,file.driver=raw,file.file.filename=x", "'file.driver=raw'"},
            {"read-only=on", "driver="},
+           {"file.filename=x,offset=4k", "'offset' is not supported by layerd without a driver"},
        }) {
     const std::string m = refusal(c.text);
     EXPECT_NE(m.find(c.names), std::string::npos) << c.text << ": " << m;
