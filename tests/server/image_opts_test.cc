@@ -237,6 +237,11 @@ TEST_F(ImageOpts, QcowNodeWithBackingNullReadOnlyAndASnapshot) {
   EXPECT_EQ(snap, qemu_snap);
   EXPECT_EQ(snap[0], 0x21);
   EXPECT_EQ(snap[64 << 10], 0x42);
+  // Over driver=compress too, read-only (qemu-nbd cannot load a snapshot
+  // through the compress filter).
+  auto [compressed_size, compressed_snap] =
+      Serve("", {"-l", "snap1", "--image-opts", compress_opts(top)}, 1 << 20);
+  EXPECT_EQ(compressed_snap, snap);
 }
 
 TEST_F(ImageOpts, OffsetWithThrowawayOverlaysAsQemuNbd) {
