@@ -618,8 +618,7 @@ INSTANTIATE_TEST_SUITE_P(
         Unsupported{{"--object", "secret,id=s0,data=x"}, "tls-creds-x509"},
         Unsupported{{"--tls-authz=authz0"}, "--tls-verify-peer"},
         Unsupported{{"--tls-hostname=example.com"}, "nbdinfo --list nbds://"},
-        Unsupported{{"--selinux-label=system_u:object_r:svirt_t:s0"}, "chcon"},
-        Unsupported{{"--image-opts"}, "--image-opts"}),
+        Unsupported{{"--selinux-label=system_u:object_r:svirt_t:s0"}, "chcon"}),
     [](const ::testing::TestParamInfo<Unsupported>& p) {
       std::string name;
       for (char ch : p.param.args[0])
