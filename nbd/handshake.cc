@@ -412,11 +412,19 @@ void Handshake::handle_info_or_go(bool go) {
   }
   // A minimum block size above 1 binds only a client that asked for block
   // sizes; one that did not may send any alignment, so GO tells it (and
-  // transmission enforces) 1. NBD_OPT_INFO tells the real one. As qemu-nbd.
-  if (go && std::find(requests.begin(), requests.end(),
-                      uint16_t(Info::BlockSize)) == requests.end())
-    e->min_block_size = 1;
+  // transmission enforces) 1. NBD_OPT_INFO tells the real one, and ends
+  // with NBD_REP_ERR_BLOCK_SIZE_REQD ("unwilling to enter transmission
+  // phase ... unless the client first acknowledges" the block sizes)
+  // instead of the ACK. As qemu-nbd.
+  const bool asked = std::find(requests.begin(), requests.end(),
+                               uint16_t(Info::BlockSize)) != requests.end();
+  if (go && !asked) e->min_block_size = 1;
   send_info_replies(option_, *e, requests);
+  if (!go && !asked && e->min_block_size > 1) {
+    reply_error(option_, Rep::ErrBlockSizeReqd,
+                "request NBD_INFO_BLOCK_SIZE to use this export");
+    return;
+  }
   reply(option_, Rep::Ack);
   if (go) enter_transmission(std::move(*e));
 }

@@ -770,17 +770,19 @@ void Connection::serve_sparse_read(const nbd::RequestHeader& r) {
 // Descriptors of a dirty bitmap from `offset` for `length` bytes (at most
 // `max` of them), as qemu's bitmap_to_extents: dirty runs are
 // NBD_STATE_DIRTY, the rest 0, and bytes past the bitmap's image are clean.
+// Appended to `out`, after (and never merged with) the descriptors of the
+// contexts before.
 static std::error_code bitmap_descriptors(
     const ExportedBitmap& b, uint64_t offset, uint64_t length, size_t max,
     std::vector<nbd::BlockStatusDescriptor>& out) {
   const uint64_t end = offset + length;
+  const size_t first = out.size();
   auto add = [&](uint64_t len, uint32_t flags) {
-    if (!out.empty() && out.back().flags == flags)
+    if (out.size() > first && out.back().flags == flags)
       out.back().length += static_cast<uint32_t>(len);
     else
       out.push_back({static_cast<uint32_t>(len), flags});
   };
-  const size_t first = out.size();
   while (offset < end) {
     if (offset >= b.size) {
       if (out.size() - first == max && out.back().flags != 0) break;

@@ -476,7 +476,8 @@ TEST_F(HandshakeTest, GoRepliesInfoThenAckAndEntersTransmission) {
 }
 
 // As qemu-nbd: a minimum block size above 1 is told (and binds) only a
-// client that asks for block sizes; INFO always tells the real one.
+// client that asks for block sizes; INFO always tells the real one, and
+// refuses a client that did not ask.
 TEST_F(HandshakeTest, GoWithoutBlockSizeRequestTellsAndKeepsMinimumOne) {
   start();
   auto r = send(option(Opt::Go, info_data("ro")));
@@ -486,11 +487,18 @@ TEST_F(HandshakeTest, GoWithoutBlockSizeRequestTellsAndKeepsMinimumOne) {
   EXPECT_EQ(hs.chosen_export().min_block_size, 1u);
 }
 
-TEST_F(HandshakeTest, InfoTellsTheRealMinimumBlockSizeUnasked) {
+TEST_F(HandshakeTest, InfoUnaskedTellsTheRealMinimumBlockSizeThenRefuses) {
   start();
   auto r = send(option(Opt::Info, info_data("ro")));
   ASSERT_EQ(r.size(), 3u);
   EXPECT_EQ(r[1].data, info_block_size(512, 65536, 1u << 20));
+  EXPECT_EQ(r[2].option, uint32_t(Opt::Info));
+  EXPECT_EQ(r[2].type, uint32_t(Rep::ErrBlockSizeReqd));
+  EXPECT_EQ(hs.phase(), Phase::Options);
+  // Asked, the same INFO is acknowledged.
+  r = send(option(Opt::Info, info_data("ro", {uint16_t(Info::BlockSize)})));
+  ASSERT_EQ(r.size(), 3u);
+  expect_ack(r[2], Opt::Info);
 }
 
 TEST_F(HandshakeTest, ExportNameKeepsMinimumBlockSizeOne) {
@@ -932,7 +940,7 @@ TEST_F(HandshakeTest, ManyOptionsInOneStreamThenGo) {
         option(Opt::StructuredReply),
         option(Opt::ListMetaContext, meta_data("disk", {"base:"})),
         option(Opt::SetMetaContext, meta_data("disk", {"base:allocation"})),
-        option(Opt::Info, info_data("ro")),
+        option(Opt::Info, info_data("ro", {uint16_t(Info::BlockSize)})),
         option(Opt::Go, info_data("disk", {uint16_t(Info::Name)}))}) {
     in.insert(in.end(), o.begin(), o.end());
   }

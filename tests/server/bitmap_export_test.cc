@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <csignal>
+#include <map>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -224,6 +225,61 @@ TEST_F(BitmapExport, LiveExportShowsWritesAsTheyHappen) {
   EXPECT_EQ(seen.v, (std::vector<uint32_t>{12288 - 9000, 1}));
   h.reset();
   s.stop();
+}
+
+// One BLOCK_STATUS for base:allocation and two bitmaps at once, whole and
+// with REQ_ONE, gives each context its own extents, as qemu-nbd does
+// (libnbd's interop/dirty-bitmap.sh): a context's first extent is never
+// merged into the previous context's last one when their flags match.
+TEST_F(BitmapExport, BlockStatusOfSeveralContextsAtOnceMatchesQemuNbd) {
+  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", image().string(), "1M"});
+  qcow2e2e::qemu_io(image(), "qcow2", {"write 0 64k"});
+  run_expect({"qemu-img", "bitmap", "--add", image().string(), "b0"});
+  run_expect({"qemu-img", "bitmap", "--add", image().string(), "b1"});
+  qcow2e2e::qemu_io(image(), "qcow2", {"write 64k 64k", "write -z 512k 64k"});
+  const std::vector<std::string> contexts{"base:allocation", "qemu:dirty-bitmap:b0",
+                                          "qemu:dirty-bitmap:b1"};
+  // Context name -> its extents, for one request.
+  using Answer = std::map<std::string, std::vector<uint32_t>>;
+  auto statuses = [&](const std::string& binary) {
+    Server s;
+    Start(s, binary, {"-r", "-f", "qcow2", "-B", "b0", "-B", "b1"}, image());
+    Nbd h = nbd_connect_to_unix(sock(), [&](nbd_handle* c) {
+      for (const auto& ctx : contexts) nbd_add_meta_context(c, ctx.c_str());
+    });
+    std::vector<Answer> answers;
+    if (!h) {
+      ADD_FAILURE() << binary << ": " << nbd_error_text();
+      return answers;
+    }
+    for (uint32_t flags : {0u, uint32_t{LIBNBD_CMD_FLAG_REQ_ONE}}) {
+      Answer a;
+      nbd_extent_callback cb{
+          .callback = [](void* u, const char* ctx, uint64_t, uint32_t* e, size_t n,
+                         int*) -> int {
+            (*static_cast<Answer*>(u))[ctx].assign(e, e + n);
+            return 0;
+          },
+          .user_data = &a,
+          .free = nullptr};
+      EXPECT_EQ(nbd_block_status(h.get(), 1 << 20, 0, cb, flags), 0) << nbd_error_text();
+      answers.push_back(a);
+    }
+    h.reset();
+    s.stop();
+    return answers;
+  };
+  const std::vector<Answer> ours = statuses("");
+  const std::vector<Answer> theirs = statuses("/usr/bin/qemu-nbd");
+  ASSERT_EQ(ours.size(), 2u);
+  EXPECT_EQ(ours, theirs);
+  const std::vector<uint32_t> dirty{65536, 0, 65536, 1, 393216, 0, 65536, 1, 458752, 0};
+  EXPECT_EQ(ours[0].at("base:allocation"), (std::vector<uint32_t>{131072, 0, 917504, 3}));
+  EXPECT_EQ(ours[0].at("qemu:dirty-bitmap:b0"), dirty);
+  EXPECT_EQ(ours[0].at("qemu:dirty-bitmap:b1"), dirty);
+  EXPECT_EQ(ours[1].at("base:allocation"), (std::vector<uint32_t>{131072, 0}));
+  EXPECT_EQ(ours[1].at("qemu:dirty-bitmap:b0"), (std::vector<uint32_t>{65536, 0}));
+  EXPECT_EQ(ours[1].at("qemu:dirty-bitmap:b1"), (std::vector<uint32_t>{65536, 0}));
 }
 
 TEST_F(BitmapExport, ListingQemuDirtyBitmapNamespaceGivesEveryBitmap) {

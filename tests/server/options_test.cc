@@ -583,6 +583,31 @@ TEST_F(ProbedRawImage, MinimumBlockSizeIs512ForClientsThatAsk) {
   EXPECT_EQ(nbd_get_block_size(h.get(), LIBNBD_SIZE_MINIMUM), 512);
 }
 
+// As qemu-nbd (libnbd's interop/interop-qemu-block-size.sh): NBD_OPT_INFO
+// from a client that does not ask for block sizes is refused with
+// NBD_REP_ERR_BLOCK_SIZE_REQD when the minimum is above 1, while GO admits
+// it with a minimum of 1.
+TEST_F(ProbedRawImage, InfoWithoutBlockSizeRequestIsRefusedAndGoAdmitsIt) {
+  ASSERT_NO_FATAL_FAILURE(StartProbed());
+  Nbd h = Connect([](nbd_handle* hh) {
+    nbd_set_opt_mode(hh, true);
+    nbd_set_request_block_size(hh, false);
+  });
+  ASSERT_TRUE(h);
+  EXPECT_EQ(nbd_opt_info(h.get()), -1) << "INFO answered without a block size request";
+  EXPECT_EQ(nbd_aio_is_negotiating(h.get()), 1) << nbd_connection_state(h.get());
+  ASSERT_EQ(nbd_opt_go(h.get()), 0) << nbd_error_text();
+  EXPECT_EQ(nbd_get_block_size(h.get(), LIBNBD_SIZE_MINIMUM), 1);
+  h.reset();  // one client at a time (-e 1)
+  // A client that asks is told the real minimum by INFO and GO alike.
+  Nbd asks = Connect([](nbd_handle* hh) { nbd_set_opt_mode(hh, true); });
+  ASSERT_TRUE(asks);
+  ASSERT_EQ(nbd_opt_info(asks.get()), 0) << nbd_error_text();
+  EXPECT_EQ(nbd_get_block_size(asks.get(), LIBNBD_SIZE_MINIMUM), 512);
+  ASSERT_EQ(nbd_opt_go(asks.get()), 0) << nbd_error_text();
+  EXPECT_EQ(nbd_get_block_size(asks.get(), LIBNBD_SIZE_MINIMUM), 512);
+}
+
 TEST_F(ProbedRawImage, WithFormatRawHeadersMayBeWrittenAndBlocksAreBytes) {
   ASSERT_NO_FATAL_FAILURE(StartProbed({"-f", "raw"}));
   Nbd h = Connect();
