@@ -212,19 +212,21 @@ std::span<std::byte> read_scratch(size_t n) {
 
 Connection::Connection(Socket socket, const ExportRegistry& exports,
                        WorkerPool& workers, LoopThreads& loop,
-                       ConnectionLimits limits, std::string peer,
-                       const TlsCredentials* tls)
+                       ClientSlots& slots, ConnectionLimits limits,
+                       std::string peer, const TlsCredentials* tls)
     : socket_(std::move(socket)),
       fd_(socket_.native_handle()),
       exports_(exports),
       workers_(workers),
       loop_(loop),
+      slots_(slots),
       limits_(limits),
       peer_(std::move(peer)),
       tls_credentials_(tls),
       buffers_(std::make_unique<BufferPool>()),
       sender_(fd_, peer_),
-      wake_(socket_.get_executor()) {}
+      wake_(socket_.get_executor()),
+      idle_timer_(socket_.get_executor()) {}
 
 Connection::~Connection() = default;
 
@@ -257,10 +259,66 @@ void Connection::stop() {
   stopping_ = true;
   // Ends the reader's next read with EOF; replies can still be sent.
   ::shutdown(fd_, SHUT_RD);
+  wake_.cancel();
+  idle_timer_.cancel();
+}
+
+void Connection::drop(const char* why) {
+  log_info("{}: {}, dropped", peer_, why);
+  stopping_ = true;
+  ::shutdown(fd_, SHUT_RDWR);
+  wake_.cancel();
+  idle_timer_.cancel();
+}
+
+void Connection::start_negotiating() {
+  std::weak_ptr<Connection> weak = weak_from_this();
+  slot_id_ = slots_.start_negotiating([weak, executor = executor()] {
+    asio::post(executor, [weak] {
+      if (auto c = weak.lock())
+        c->drop("too many connections negotiating (--max-handshakes), oldest");
+    });
+  });
+}
+
+asio::awaitable<bool> Connection::wait_for_serving_slot() {
+  std::weak_ptr<Connection> weak = weak_from_this();
+  slot_granted_ = slots_.request_slot(slot_id_, [weak, executor = executor()] {
+    asio::post(executor, [weak] {
+      if (auto c = weak.lock()) {
+        c->slot_granted_ = true;
+        c->wake_.cancel();
+      }
+    });
+  });
+  if (!slot_granted_) log_info("{}: waiting for a client slot (-e)", peer_);
+  while (!slot_granted_ && !stopping_) {
+    wake_.expires_at(asio::steady_timer::time_point::max());
+    co_await wake_.async_wait(asio::as_tuple(use_awaitable));
+  }
+  co_return slot_granted_ && !stopping_;
+}
+
+void Connection::arm_idle_timer() {
+  const auto limit = std::chrono::seconds(limits_.idle_timeout_seconds);
+  const bool busy = in_flight_.load() != 0;
+  idle_timer_.expires_at((busy ? std::chrono::steady_clock::now() : last_request_) + limit);
+  idle_timer_.async_wait([self = shared_from_this(), limit](boost::system::error_code ec) {
+    if (ec || self->stopping_) return;
+    if (self->in_flight_.load() == 0 &&
+        std::chrono::steady_clock::now() - self->last_request_ >= limit) {
+      log_info("{}: idle for {} s (--idle-timeout), disconnecting", self->peer_,
+               limit.count());
+      self->stop();
+      return;
+    }
+    self->arm_idle_timer();
+  });
 }
 
 asio::awaitable<void> Connection::run() {
   auto self = shared_from_this();
+  start_negotiating();
   try {
     if (co_await handshake()) co_await transmission();
   } catch (const boost::system::system_error& e) {
@@ -288,8 +346,10 @@ asio::awaitable<void> Connection::run() {
   }
   sender_.end_tls();
   boost::system::error_code ignored;
+  idle_timer_.cancel();
   socket_.shutdown(Socket::shutdown_both, ignored);
   socket_.close(ignored);
+  slots_.leave(slot_id_);
   log_info("{}: disconnected", peer_);
 }
 
@@ -297,7 +357,8 @@ asio::awaitable<void> Connection::run() {
 // goes away (the phase then is not Transmission): operator|| in handshake()
 // waits for the first branch to *succeed*, so an exception here would let
 // the time limit, not the disconnect, end the race.
-asio::awaitable<void> Connection::handshake_steps(nbd::Handshake& hs) {
+asio::awaitable<void> Connection::handshake_steps(
+    nbd::Handshake& hs, std::vector<std::byte>& final_output) {
   using Phase = nbd::Handshake::Phase;
   try {
     std::vector<std::byte> in;
@@ -316,6 +377,10 @@ asio::awaitable<void> Connection::handshake_steps(nbd::Handshake& hs) {
       co_await handshake_read(in);
       hs.consume(in);
       out = hs.take_output();
+      if (hs.phase() == Phase::Transmission) {
+        final_output = std::move(out);
+        break;
+      }
       if (!out.empty()) co_await handshake_write(out);
     }
   } catch (const boost::system::system_error& e) {
@@ -330,17 +395,19 @@ asio::awaitable<bool> Connection::handshake() {
       : tls_credentials_->mode() == TlsMode::Require ? nbd::TlsMode::Required
                                                      : nbd::TlsMode::Offered;
   nbd::Handshake hs(*this, tls_mode);
+  std::vector<std::byte> final_output;
   if (limits_.handshake_limit_seconds > 0) {
     asio::steady_timer limit(socket_.get_executor(),
                              std::chrono::seconds(limits_.handshake_limit_seconds));
-    auto done = co_await (handshake_steps(hs) || limit.async_wait(use_awaitable));
+    auto done = co_await (handshake_steps(hs, final_output) ||
+                          limit.async_wait(use_awaitable));
     if (done.index() == 1) {
       log_info("{}: handshake not finished within {} s, dropped", peer_,
                limits_.handshake_limit_seconds);
       co_return false;
     }
   } else {
-    co_await handshake_steps(hs);
+    co_await handshake_steps(hs, final_output);
   }
   if (hs.phase() != nbd::Handshake::Phase::Transmission) {
     if (hs.phase() == nbd::Handshake::Phase::Closed)
@@ -351,6 +418,8 @@ asio::awaitable<bool> Connection::handshake() {
   if (!negotiated.e ||
       negotiated.e->info(negotiated.session).name != hs.chosen_export().name)
     co_return false;
+  if (!co_await wait_for_serving_slot()) co_return false;
+  co_await handshake_write(final_output);
   export_ = std::move(negotiated.e);
   layer_ = export_->layer;
   if (export_->per_client) {
@@ -505,8 +574,11 @@ asio::awaitable<void> Connection::transmission() {
   ReadBuffer reader(socket_, *this);
   std::array<std::byte, nbd::kRequestHeaderSize> header;
   auto self = shared_from_this();
+  last_request_ = std::chrono::steady_clock::now();
+  if (limits_.idle_timeout_seconds > 0) arm_idle_timer();
   while (!sender_.broken()) {
     co_await reader.read_exact(header);
+    if (limits_.idle_timeout_seconds > 0) last_request_ = std::chrono::steady_clock::now();
     auto request = nbd::decode_request(header);
     if (!request) {
       log_info("{}: bad request magic, dropping connection", peer_);

@@ -25,9 +25,19 @@
 // replies are written through Asio from the session's buffered output, and
 // in the transmission phase ReplySender is the session's only sender.
 // Without TLS every read and send is the plain one, unchanged.
+//
+// Limits. The handshake must finish within handshake_limit_seconds; then
+// the connection asks the server's ClientSlots for a serving slot (-e) and
+// holds its final handshake reply until it has one (that wait is not timed:
+// the client is not at fault). A served client that sends nothing for
+// idle_timeout_seconds, with nothing in flight, is disconnected. The reader
+// admits at most max_in_flight_requests requests, and max_in_flight_bytes
+// of WRITE payloads and READ data in flight, at once (a single larger
+// request is admitted alone).
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -38,6 +48,7 @@
 
 #include "nbd/codec.h"
 #include "nbd/handshake.h"
+#include "server/client_slots.h"
 #include "server/export.h"
 #include "server/loop_threads.h"
 #include "server/meta_context.h"
@@ -49,6 +60,7 @@ namespace layerd {
 
 struct ConnectionLimits {
   uint32_t handshake_limit_seconds = 10;  // 0: no limit
+  uint32_t idle_timeout_seconds = 0;      // 0: no limit
   uint32_t max_in_flight_requests = 128;
   uint64_t max_in_flight_bytes = 64u << 20;
 };
@@ -59,10 +71,12 @@ class Connection : public std::enable_shared_from_this<Connection>,
   using Socket = boost::asio::generic::stream_protocol::socket;
 
   // `socket` should have a strand as its executor: the connection's
-  // handlers run there. `tls` (null: no TLS) must outlive the connection.
+  // handlers run there. `slots` and `tls` (null: no TLS) must outlive
+  // the connection.
   Connection(Socket socket, const ExportRegistry& exports,
-             WorkerPool& workers, LoopThreads& loop, ConnectionLimits limits,
-             std::string peer, const TlsCredentials* tls = nullptr);
+             WorkerPool& workers, LoopThreads& loop, ClientSlots& slots,
+             ConnectionLimits limits, std::string peer,
+             const TlsCredentials* tls = nullptr);
   ~Connection() override;
 
   // Runs the whole connection on the socket's executor. Returns once the
@@ -72,6 +86,9 @@ class Connection : public std::enable_shared_from_this<Connection>,
   // Asks the connection to finish: no more requests are read, in-flight
   // ones complete and reply. Call on executor().
   void stop();
+  // Drops the connection at once (logging `why`): reads and writes end,
+  // a wait for a serving slot ends. Call on executor().
+  void drop(const char* why);
 
   Socket::executor_type executor() { return socket_.get_executor(); }
 
@@ -88,10 +105,20 @@ class Connection : public std::enable_shared_from_this<Connection>,
   std::vector<std::string> meta_contexts(const nbd::ExportInfo& e) override;
 
   boost::asio::awaitable<bool> handshake();
+  // Registers with slots_ as negotiating; a drop from there drops this.
+  void start_negotiating();
+  // Waits until slots_ gives this connection a serving slot; false if it
+  // was dropped or stopped first.
+  boost::asio::awaitable<bool> wait_for_serving_slot();
+  // Disconnects a served client idle for limits_.idle_timeout_seconds.
+  void arm_idle_timer();
   // The export's session `id` (per-client overlays), made on a worker.
   boost::asio::awaitable<std::shared_ptr<Session>> open_session(
       std::string id, std::string* error);
-  boost::asio::awaitable<void> handshake_steps(nbd::Handshake& hs);
+  // Runs the handshake until it ends; the output that ends it in the
+  // Transmission phase is left in `final_output` (sent once served).
+  boost::asio::awaitable<void> handshake_steps(nbd::Handshake& hs,
+                                               std::vector<std::byte>& final_output);
   // Handshake I/O, through TLS once it is up.
   boost::asio::awaitable<void> handshake_read(std::span<std::byte> in);
   boost::asio::awaitable<void> handshake_write(std::span<const std::byte> out);
@@ -142,6 +169,9 @@ class Connection : public std::enable_shared_from_this<Connection>,
   const ExportRegistry& exports_;
   WorkerPool& workers_;
   LoopThreads& loop_;
+  ClientSlots& slots_;
+  uint64_t slot_id_ = 0;
+  bool slot_granted_ = false;  // strand only
   ConnectionLimits limits_;
   std::string peer_;
   const TlsCredentials* tls_credentials_;
@@ -178,7 +208,11 @@ class Connection : public std::enable_shared_from_this<Connection>,
   std::atomic<uint32_t> in_flight_{0};
   std::atomic<uint64_t> in_flight_bytes_{0};
   std::atomic<bool> reader_waiting_{false};
+  // Wakes the coroutine of run() from its waits (room, idle, a slot).
   boost::asio::steady_timer wake_;
+  // Idle timeout: when the reader last took a request (reader only).
+  std::chrono::steady_clock::time_point last_request_;
+  boost::asio::steady_timer idle_timer_;
 };
 
 }  // namespace layerd

@@ -96,11 +96,12 @@ class Client {
 
 int connect_to(const ServerOptions& o) {
   if (!o.socket_path.empty()) {
-    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     sockaddr_un addr{};
     addr.sun_family = AF_UNIX;
     if (o.socket_path.size() >= sizeof(addr.sun_path))
-      throw ListError("socket path too long");
+      throw ListError(fmt::format("socket path '{}' is too long", o.socket_path));
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) throw ListError(fmt::format("socket: {}", std::strerror(errno)));
     std::memcpy(addr.sun_path, o.socket_path.c_str(), o.socket_path.size() + 1);
     if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
       std::string e = std::strerror(errno);
@@ -119,7 +120,10 @@ int connect_to(const ServerOptions& o) {
   std::string last = "no address";
   for (addrinfo* ai = res; ai; ai = ai->ai_next) {
     int fd = ::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
-    if (fd < 0) continue;
+    if (fd < 0) {
+      last = std::strerror(errno);
+      continue;
+    }
     if (::connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) {
       ::freeaddrinfo(res);
       return fd;

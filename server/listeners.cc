@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 
 #include <fmt/format.h>
 
@@ -35,25 +36,82 @@ bool is_stale_socket(const std::string& path) {
   return refused;
 }
 
-std::vector<ListeningSocket> open_unix(const std::string& path,
-                                       std::string& error) {
+bool fits_sun_path(const std::string& path) {
+  return path.size() < sizeof(sockaddr_un::sun_path);
+}
+
+// Binds and listens on `path` (which fits sun_path); -1 and `error` set on
+// failure.
+int bind_and_listen(const std::string& path, std::string& error) {
   sockaddr_un addr{};
-  if (path.size() >= sizeof(addr.sun_path)) {
-    error = fmt::format("socket path '{}' is too long", path);
-    return {};
-  }
   addr.sun_family = AF_UNIX;
   std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
   int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) {
     error = fmt::format("socket: {}", std::strerror(errno));
+    return -1;
+  }
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    error = std::strerror(errno);
+    ::close(fd);
+    return -1;
+  }
+  if (::listen(fd, kBacklog) != 0) {
+    error = std::strerror(errno);
+    ::close(fd);
+    ::unlink(path.c_str());
+    return -1;
+  }
+  return fd;
+}
+
+// Makes the socket file at `path` (gone or stale) a listening socket with
+// permissions `mode` (else what the umask leaves). Returns the fd, or -1
+// with `why` set.
+int make_listening_file(const std::string& path, std::optional<uint32_t> mode,
+                        std::string& why) {
+  // A socket made under a temporary name in the same directory, then
+  // renamed into place, appears only once it listens and has its mode: a
+  // client that connects as soon as it sees the file is never refused.
+  // (Where the temporary name would not fit a socket address, a path near
+  // the 107-byte limit, the socket is bound in place and exists a moment
+  // before it listens.)
+  const std::string temporary = fmt::format("{}.{}~", path, ::getpid());
+  const bool rename_into_place = fits_sun_path(temporary);
+  const std::string& bound = rename_into_place ? temporary : path;
+  ::unlink(bound.c_str());  // a stale socket, or one a killed run left
+  // Listening sockets are opened before any thread starts, so the umask
+  // may change for a moment: bind() makes the file with 0777 less the
+  // umask, so it never has more permissions than `mode`.
+  const mode_t old_umask = mode ? ::umask(static_cast<mode_t>(~*mode & 0777)) : 0;
+  int fd = bind_and_listen(bound, why);
+  if (mode) ::umask(old_umask);
+  if (fd < 0 || !rename_into_place) return fd;
+  if (::rename(temporary.c_str(), path.c_str()) != 0) {
+    why = std::strerror(errno);
+    ::close(fd);
+    ::unlink(temporary.c_str());
+    return -1;
+  }
+  return fd;
+}
+
+std::vector<ListeningSocket> open_unix(const std::string& path,
+                                       std::optional<uint32_t> mode,
+                                       std::string& error) {
+  if (!fits_sun_path(path)) {
+    error = fmt::format("socket path '{}' is too long", path);
     return {};
   }
-  if (is_stale_socket(path)) ::unlink(path.c_str());
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-      ::listen(fd, kBacklog) != 0) {
-    error = fmt::format("cannot listen on '{}': {}", path, std::strerror(errno));
-    ::close(fd);
+  std::string why;
+  struct stat existing {};
+  int fd = -1;
+  if (::lstat(path.c_str(), &existing) == 0 && !is_stale_socket(path))
+    why = std::strerror(EADDRINUSE);  // what bind() says
+  else
+    fd = make_listening_file(path, mode, why);
+  if (fd < 0) {
+    error = fmt::format("cannot listen on '{}': {}", path, why);
     return {};
   }
   ListeningSocket l{fd, AF_UNIX, path};
@@ -106,7 +164,7 @@ std::vector<ListeningSocket> open_tcp(const std::string& host, uint16_t port,
 
 std::vector<ListeningSocket> open_listeners(const ServerOptions& o,
                                             std::string& error) {
-  if (!o.socket_path.empty()) return open_unix(o.socket_path, error);
+  if (!o.socket_path.empty()) return open_unix(o.socket_path, o.socket_mode, error);
   return open_tcp(o.bind_address, o.port, error);
 }
 

@@ -429,7 +429,12 @@ int run(int argc, char** argv) {
   ServerConfig config;
   config.max_connections = o.max_connections;
   config.persistent = o.persistent;
-  config.handshake_limit_seconds = o.handshake_limit_seconds;
+  config.max_handshakes = o.max_handshakes;
+  config.limits = {.handshake_limit_seconds = o.handshake_limit_seconds,
+                   .idle_timeout_seconds = o.idle_timeout_seconds,
+                   .max_in_flight_requests = o.max_in_flight,
+                   .max_in_flight_bytes = o.max_buffer};
+  config.access = AccessList(o.access_rules);
   config.worker_threads = o.threads ? o.threads : default_worker_threads();
   config.tls = tls.get();
   if (!o.config_file.empty())

@@ -50,6 +50,13 @@ enum LongOnly {
   kOptTls,
   kOptTlsPsk,
   kOptTlsVerifyPeer,
+  kOptAllow,
+  kOptDeny,
+  kOptSocketMode,
+  kOptMaxHandshakes,
+  kOptIdleTimeout,
+  kOptMaxInFlight,
+  kOptMaxBuffer,
 };
 
 const option kLongOptions[] = {
@@ -105,6 +112,13 @@ const option kLongOptions[] = {
     {"export", required_argument, nullptr, kOptExport},
     {"config", required_argument, nullptr, kOptConfig},
     {"log", required_argument, nullptr, kOptLog},
+    {"allow", required_argument, nullptr, kOptAllow},
+    {"deny", required_argument, nullptr, kOptDeny},
+    {"socket-mode", required_argument, nullptr, kOptSocketMode},
+    {"max-handshakes", required_argument, nullptr, kOptMaxHandshakes},
+    {"idle-timeout", required_argument, nullptr, kOptIdleTimeout},
+    {"max-in-flight", required_argument, nullptr, kOptMaxInFlight},
+    {"max-buffer", required_argument, nullptr, kOptMaxBuffer},
     {nullptr, 0, nullptr, 0},
 };
 
@@ -583,6 +597,22 @@ Limits (layerd only):
                                that may run the event loop while a write
                                blocks (default: 2 per core, at least 4;
                                raise it for slow storage)
+      --max-handshakes=N       connections negotiating at once (default
+                               256); a new one beyond drops the oldest
+      --idle-timeout=SECS      disconnect a served client that sends no
+                               request for SECS seconds (default 0: never)
+      --max-in-flight=N        requests of one connection in flight at
+                               once (default 128)
+      --max-buffer=SIZE        bytes of one connection's WRITE payloads and
+                               READ data in flight at once (default 64M)
+
+Access (layerd only; docs/security.md):
+      --allow=CIDR             let TCP clients from CIDR in (repeatable;
+                               with any --allow, nobody else)
+      --deny=CIDR              keep TCP clients from CIDR out (repeatable);
+                               the most specific rule wins
+      --socket-mode=MODE       permissions of the -k socket (octal, e.g.
+                               0600), set before it can be connected to
 
 TLS (docs/security.md):
       --tls-creds=DIR       X.509 certificates in DIR: ca-cert.pem,
@@ -713,6 +743,51 @@ ParseResult parse_command_line(int argc, char** argv) {
         auto n = parse_number(arg, 3600);
         if (!n) return fail(fmt::format("invalid --handshake-limit '{}'", arg));
         o.handshake_limit_seconds = static_cast<uint32_t>(*n);
+        break;
+      }
+      case kOptAllow:
+      case kOptDeny: {
+        std::string error;
+        auto rule = parse_access_rule(arg, c == kOptAllow, &error);
+        if (!rule) return fail(error);
+        o.access_rules.push_back(*rule);
+        break;
+      }
+      case kOptSocketMode: {
+        uint32_t mode = 0;
+        auto [end, ec] = std::from_chars(arg.data(), arg.data() + arg.size(), mode, 8);
+        if (arg.empty() || ec != std::errc{} || end != arg.data() + arg.size() ||
+            mode > 0777)
+          return fail(fmt::format(
+              "invalid --socket-mode '{}' (octal permissions, e.g. 0600)", arg));
+        o.socket_mode = mode;
+        break;
+      }
+      case kOptMaxHandshakes: {
+        auto n = parse_number(arg, 1u << 20);
+        if (!n || *n == 0)
+          return fail(fmt::format("invalid --max-handshakes '{}' (at least 1)", arg));
+        o.max_handshakes = static_cast<uint32_t>(*n);
+        break;
+      }
+      case kOptIdleTimeout: {
+        auto n = parse_number(arg, 30 * 86400);
+        if (!n) return fail(fmt::format("invalid --idle-timeout '{}'", arg));
+        o.idle_timeout_seconds = static_cast<uint32_t>(*n);
+        break;
+      }
+      case kOptMaxInFlight: {
+        auto n = parse_number(arg, 1u << 16);
+        if (!n || *n == 0)
+          return fail(fmt::format("invalid --max-in-flight '{}' (1 to 65536)", arg));
+        o.max_in_flight = static_cast<uint32_t>(*n);
+        break;
+      }
+      case kOptMaxBuffer: {
+        auto n = parse_size(arg);
+        if (!n || *n < (1u << 20) || *n > (16ull << 30))
+          return fail(fmt::format("invalid --max-buffer '{}' (1M to 16G)", arg));
+        o.max_buffer = *n;
         break;
       }
       case kOptThreads: {
@@ -897,6 +972,11 @@ ParseResult parse_command_line(int argc, char** argv) {
         return fail("-U/--force-share can only be used with -r/--read-only");
   if (!o.socket_path.empty() && (o.port_given || o.bind_given))
     return fail("-k cannot be combined with -p or -b");
+  if (o.socket_mode && o.socket_path.empty())
+    return fail("--socket-mode needs -k: it sets the permissions of the Unix socket");
+  if (!o.access_rules.empty() && !o.socket_path.empty())
+    return fail("--allow and --deny apply to TCP clients; with -k, use the "
+                "socket's permissions (--socket-mode) instead");
   if (!o.bind_given) o.bind_address = "0.0.0.0";
   return {o, "", 0};
 }

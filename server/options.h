@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "overlay/image_registry.h"
+#include "server/access_list.h"
 #include "server/tls_settings.h"
 
 namespace layerd {
@@ -77,6 +78,13 @@ struct ServerOptions {
 
   uint32_t max_request_size = 32u << 20;
   uint32_t handshake_limit_seconds = 10;
+  // Network limits (docs/security.md).
+  std::vector<AccessRule> access_rules;  // --allow, --deny in order
+  std::optional<uint32_t> socket_mode;   // --socket-mode; unset: by umask
+  uint32_t max_handshakes = 256;         // --max-handshakes
+  uint32_t idle_timeout_seconds = 0;     // --idle-timeout; 0 = none
+  uint32_t max_in_flight = 128;          // --max-in-flight, per connection
+  uint64_t max_buffer = 64ull << 20;     // --max-buffer, per connection
   uint32_t threads = 0;             // --threads; 0: default_worker_threads()
 
   // The FILE argument's export (turned into exports[0]).

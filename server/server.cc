@@ -35,6 +35,7 @@ using GenericAcceptor = asio::basic_socket_acceptor<asio::generic::stream_protoc
 namespace {
 
 constexpr int kSendBufferBytes = 4 << 20;
+constexpr auto kAcceptRetryDelay = std::chrono::milliseconds(100);
 
 std::string describe_peer(const asio::generic::stream_protocol::socket& s,
                           int family, uint64_t serial) {
@@ -69,7 +70,7 @@ class ServerLoop {
         loop_threads_(io_, config.worker_threads),
         strand_(asio::make_strand(io_)),
         signals_(strand_, SIGINT, SIGTERM),
-        slot_freed_(strand_) {}
+        slots_(config.max_connections, config.max_handshakes) {}
 
   int run(std::vector<ListeningSocket>& listeners) {
     listeners_ = &listeners;
@@ -101,22 +102,20 @@ class ServerLoop {
  private:
   asio::awaitable<void> accept_loop(GenericAcceptor& acceptor, int family) {
     while (!stopping_) {
-      // Connection limit: leave further clients in the backlog.
-      while (config_.max_connections != 0 &&
-             connections_.size() >= config_.max_connections && !stopping_) {
-        slot_freed_.expires_at(asio::steady_timer::time_point::max());
-        co_await slot_freed_.async_wait(asio::as_tuple(use_awaitable));
-      }
-      if (stopping_) break;
       asio::generic::stream_protocol::socket socket(asio::make_strand(io_));
       auto [ec] = co_await acceptor.async_accept(socket,
                                                  asio::as_tuple(use_awaitable));
       if (ec) {
         if (ec == asio::error::operation_aborted || stopping_) break;
         log_error("accept failed: {}", ec.message());
+        // Out of file descriptors or memory: the pending connection stays
+        // in the backlog, so do not retry at once.
+        asio::steady_timer pause(strand_, kAcceptRetryDelay);
+        co_await pause.async_wait(asio::as_tuple(use_awaitable));
         continue;
       }
       if (stopping_) break;
+      if (family != AF_UNIX && !admitted(socket)) continue;
       if (family != AF_UNIX) {
         int one = 1;
         ::setsockopt(socket.native_handle(), IPPROTO_TCP, TCP_NODELAY, &one,
@@ -130,9 +129,8 @@ class ServerLoop {
       std::string peer = describe_peer(socket, family, ++serial_);
       log_info("{}: connected", peer);
       auto conn = std::make_shared<Connection>(
-          std::move(socket), exports_, workers_, loop_threads_,
-          ConnectionLimits{.handshake_limit_seconds = config_.handshake_limit_seconds},
-          std::move(peer), config_.tls);
+          std::move(socket), exports_, workers_, loop_threads_, slots_,
+          config_.limits, std::move(peer), config_.tls);
       connections_.insert(conn);
       auto executor = conn->executor();
       asio::co_spawn(executor, conn->run(),
@@ -140,6 +138,19 @@ class ServerLoop {
                        on_closed(conn);
                      }));
     }
+  }
+
+  // Whether --allow/--deny let this TCP client in; closes it if not.
+  bool admitted(asio::generic::stream_protocol::socket& socket) {
+    if (config_.access.empty()) return true;
+    boost::system::error_code ec;
+    auto ep = socket.remote_endpoint(ec);
+    if (!ec && config_.access.allows(reinterpret_cast<const sockaddr*>(ep.data())))
+      return true;
+    log_info("{}: refused by --allow/--deny",
+             describe_peer(socket, AF_INET6, ++serial_));
+    socket.close(ec);
+    return false;
   }
 
   void wait_for_signal() {
@@ -159,7 +170,6 @@ class ServerLoop {
 
   void on_closed(const std::shared_ptr<Connection>& conn) {
     connections_.erase(conn);
-    slot_freed_.cancel();
     if (!config_.persistent && connections_.empty() && !stopping_) {
       log_info("last client left and -t was not given: exiting");
       shutdown();
@@ -175,7 +185,6 @@ class ServerLoop {
     boost::system::error_code ignored;
     for (auto& a : acceptors_) a->close(ignored);
     signals_.cancel(ignored);
-    slot_freed_.cancel();
     for (auto& c : connections_)
       asio::post(c->executor(), [c] { c->stop(); });
   }
@@ -187,7 +196,7 @@ class ServerLoop {
   LoopThreads loop_threads_;
   asio::strand<asio::io_context::executor_type> strand_;
   asio::signal_set signals_;
-  asio::steady_timer slot_freed_;
+  ClientSlots slots_;
   std::vector<std::unique_ptr<GenericAcceptor>> acceptors_;
   std::set<std::shared_ptr<Connection>> connections_;
   std::vector<ListeningSocket>* listeners_ = nullptr;

@@ -393,7 +393,13 @@ bool unix_socket_listening(const fs::path& path) {
     std::istringstream ls(line);
     std::string num, ref, proto, flags, type, st, inode, p;
     if (!(ls >> num >> ref >> proto >> flags >> type >> st >> inode >> p)) continue;
-    if (p != want) continue;
+    // layerd binds "PATH.PID~" and renames it to PATH once it listens;
+    // the kernel keeps the name it was bound with.
+    const bool renamed_into_place =
+        p.size() > want.size() + 2 && p.compare(0, want.size(), want) == 0 &&
+        p[want.size()] == '.' && p.back() == '~' &&
+        p.find_first_not_of("0123456789", want.size() + 1) == p.size() - 1;
+    if (p != want && !renamed_into_place) continue;
     unsigned long f = std::strtoul(flags.c_str(), nullptr, 16);
     if (f & 0x10000) return true;  // __SO_ACCEPTCON: listening
   }

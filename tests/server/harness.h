@@ -119,8 +119,9 @@ RunResult run(const std::vector<std::string>& argv, Millis timeout = 30s);
 RunResult run_server_binary(const std::vector<std::string>& args,
                             Millis timeout = 10s);
 
-// True if a Unix socket bound to `path` is listening (from /proc/net/unix;
-// does not connect, so it does not count as a client).
+// True if a Unix socket bound to `path` (or to the temporary name layerd
+// binds and renames to `path`) is listening (from /proc/net/unix; does not
+// connect, so it does not count as a client).
 bool unix_socket_listening(const fs::path& path);
 // True if something listens on TCP `port` (IPv4 or IPv6, /proc/net/tcp*).
 bool tcp_port_listening(uint16_t port);
