@@ -18,7 +18,7 @@ uint64_t ClientSlots::start_negotiating(Callback drop) {
                                  [](const auto& e) { return !e.second.granted; });
       if (victim == negotiating_.end()) victim = negotiating_.begin();
       dropped = std::move(victim->second.drop);
-      negotiating_.erase(victim);
+      forget_locked(victim);
     }
     negotiating_.emplace(id, Negotiating{std::move(drop), {}});
   }
@@ -30,37 +30,37 @@ bool ClientSlots::request_slot(uint64_t id, Callback granted) {
   std::lock_guard lock(mutex_);
   auto it = negotiating_.find(id);
   if (it == negotiating_.end()) return false;  // dropped meanwhile
-  const bool waiting_before = std::any_of(
-      negotiating_.begin(), negotiating_.end(),
-      [](const auto& e) { return static_cast<bool>(e.second.granted); });
-  if (!waiting_before && (max_served_ == 0 || served_.size() < max_served_)) {
+  // Nobody waits while a slot is free (leave() hands it on at once).
+  if (waiting_.empty() && (max_served_ == 0 || served_.size() < max_served_)) {
     negotiating_.erase(it);
     served_.insert(id);
     return true;
   }
   it->second.granted = std::move(granted);
+  waiting_.push_back(id);
   return false;
 }
 
-ClientSlots::Callback ClientSlots::grant_next_locked() {
-  if (max_served_ != 0 && served_.size() >= max_served_) return {};
-  auto next = std::find_if(negotiating_.begin(), negotiating_.end(),
-                           [](const auto& e) { return static_cast<bool>(e.second.granted); });
-  if (next == negotiating_.end()) return {};
-  Callback granted = std::move(next->second.granted);
-  served_.insert(next->first);
-  negotiating_.erase(next);
-  return granted;
+void ClientSlots::forget_locked(std::map<uint64_t, Negotiating>::iterator it) {
+  if (it->second.granted)
+    waiting_.erase(std::find(waiting_.begin(), waiting_.end(), it->first));
+  negotiating_.erase(it);
 }
 
 void ClientSlots::leave(uint64_t id) {
   Callback granted;
   {
     std::lock_guard lock(mutex_);
-    if (served_.erase(id))
-      granted = grant_next_locked();
-    else
-      negotiating_.erase(id);
+    if (auto it = negotiating_.find(id); it != negotiating_.end()) {
+      forget_locked(it);
+    } else if (served_.erase(id) && !waiting_.empty()) {
+      const uint64_t next = waiting_.front();
+      waiting_.pop_front();
+      auto n = negotiating_.find(next);
+      granted = std::move(n->second.granted);
+      negotiating_.erase(n);
+      served_.insert(next);
+    }
   }
   if (granted) granted();
 }

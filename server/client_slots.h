@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -54,15 +55,17 @@ class ClientSlots {
     Callback drop;
     Callback granted;  // set while waiting for a slot
   };
-  // Takes a slot for the oldest waiting connection, if one is free and
-  // somebody waits; returns its `granted`.
-  Callback grant_next_locked();
+  // Removes a negotiating connection (and its place in line).
+  void forget_locked(std::map<uint64_t, Negotiating>::iterator it);
 
   const uint32_t max_served_;
   const uint32_t max_negotiating_;
   mutable std::mutex mutex_;
   uint64_t next_id_ = 1;
   std::map<uint64_t, Negotiating> negotiating_;  // by id: oldest first
+  // Ids waiting for a slot, in the order they asked; each is in
+  // negotiating_ with `granted` set.
+  std::deque<uint64_t> waiting_;
   std::unordered_set<uint64_t> served_;
 };
 

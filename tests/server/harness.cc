@@ -12,6 +12,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -510,6 +511,15 @@ bool Server::start(ServerOptions options) {
         dup2(options.activation_fd, 3);  // dup2 clears FD_CLOEXEC
       }
       setenv("LISTEN_FDS", "1", 1);
+      setenv("LISTEN_PID", std::to_string(getpid()).c_str(), 1);
+    }
+    if (!options.activation_fds.empty()) {
+      // Out of the way first, so that moving one into place clobbers none.
+      const size_t n = std::min<size_t>(options.activation_fds.size(), 16);
+      int high[16];
+      for (size_t i = 0; i < n; ++i) high[i] = fcntl(options.activation_fds[i], F_DUPFD_CLOEXEC, 100);
+      for (size_t i = 0; i < n; ++i) dup2(high[i], 3 + static_cast<int>(i));
+      setenv("LISTEN_FDS", std::to_string(n).c_str(), 1);
       setenv("LISTEN_PID", std::to_string(getpid()).c_str(), 1);
     }
     execvp(cargv[0], cargv.data());

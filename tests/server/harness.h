@@ -171,6 +171,9 @@ struct ServerOptions {
   // If >= 0: a listening socket handed to the child as fd 3 with
   // LISTEN_FDS=1 and LISTEN_PID=<child pid> (systemd socket activation).
   int activation_fd = -1;
+  // Several listening sockets, handed over as fds 3, 4, ... with
+  // LISTEN_FDS set to their number (instead of activation_fd).
+  std::vector<int> activation_fds;
   // Extra environment variables "NAME=value" for the child.
   std::vector<std::string> env;
   // Where the child's stderr (and stdout) go; by default <dir>/server.log.
