@@ -18,7 +18,10 @@
 namespace layerd {
 namespace {
 
-constexpr int kBacklog = 128;
+// Room for a burst of connections (the kernel caps it at net.core.somaxconn):
+// a Unix socket client connecting without blocking is refused outright
+// (EAGAIN) while the backlog is full.
+constexpr int kBacklog = SOMAXCONN;
 
 // A Unix socket file nobody listens on any more (a previous run that was
 // killed) may be replaced; a live one may not.
