@@ -32,8 +32,9 @@
 // the client is not at fault). A served client that sends nothing for
 // idle_timeout_seconds, with nothing in flight, is disconnected. The reader
 // admits at most max_in_flight_requests requests, and max_in_flight_bytes
-// of WRITE payloads and READ data in flight, at once (a single larger
-// request is admitted alone).
+// of WRITE payloads in flight, at once (a single larger request is
+// admitted alone). READ data needs no such bound: it is read into each
+// worker's scratch buffer, so the worker pool bounds it.
 #pragma once
 
 #include <atomic>

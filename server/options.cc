@@ -603,8 +603,8 @@ Limits (layerd only):
                                request for SECS seconds (default 0: never)
       --max-in-flight=N        requests of one connection in flight at
                                once (default 128)
-      --max-buffer=SIZE        bytes of one connection's WRITE payloads and
-                               READ data in flight at once (default 64M)
+      --max-buffer=SIZE        bytes of one connection's WRITE payloads in
+                               flight at once (default 64M)
 
 Access (layerd only; docs/security.md):
       --allow=CIDR             let TCP clients from CIDR in (repeatable;

@@ -8,6 +8,7 @@
 #include <libnbd.h>
 #include <sys/socket.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -732,6 +733,107 @@ TEST_F(Tls, HandshakeLimitCoversTheTlsHandshake) {
   EXPECT_TRUE(idle.raw().wait_closed(5s));
   EXPECT_LT(std::chrono::steady_clock::now() - start, 3s);
   ASSERT_NO_FATAL_FAILURE(ExpectGoodClientServed());
+}
+
+// --- Limits after STARTTLS ---------------------------------------------------------
+
+long vm_hwm_kib(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stol(line.substr(6));
+  return -1;
+}
+
+std::vector<uint8_t> request(uint16_t type, uint64_t offset, uint32_t length) {
+  std::vector<uint8_t> v;
+  append_be32(v, p::kRequestMagic);
+  append_be16(v, 0);
+  append_be16(v, type);
+  append_be64(v, 1);
+  append_be64(v, offset);
+  append_be32(v, length);
+  return v;
+}
+
+// Over TLS, a client fills the socket with read replies it never reads,
+// then pipelines 32 MiB writes until the server stops taking them. Returns
+// the growth of the server's VmHWM in KiB.
+long tls_growth_from_a_client_that_never_reads(Server& server, const fs::path& socket,
+                                               const fs::path& client_dir) {
+  TlsRawClient c;
+  if (!c.start(socket) || !c.start_tls(client_dir)) {
+    ADD_FAILURE() << "STARTTLS failed: " << c.error() << "\n" << server.log();
+    return -1;
+  }
+  auto go = c.option_replies(opt(p::Opt::Go), go_data("disk"));
+  if (go.empty() || go.back().type != rep(p::Rep::Ack)) {
+    ADD_FAILURE() << "GO failed: " << server.log();
+    return -1;
+  }
+  const long base = vm_hwm_kib(server.pid());
+  std::atomic<uint64_t> sent{0};
+  std::thread sender([&] {
+    for (int r = 0; r < 8; ++r)
+      if (!c.send_bytes(request(static_cast<uint16_t>(p::Cmd::Read), 0, 4 << 20))) return;
+    std::vector<uint8_t> payload(32 << 20, 0x5a);
+    for (int w = 0; w < 32; ++w) {
+      if (!c.send_bytes(request(static_cast<uint16_t>(p::Cmd::Write),
+                                (16ull << 20) * (1 + w % 2), 32 << 20)) ||
+          !c.send_bytes(payload))
+        return;
+      sent += payload.size();
+    }
+  });
+  uint64_t last = ~0ull;
+  while (sent.load() != last && sent.load() < (32ull << 25)) {
+    last = sent.load();
+    std::this_thread::sleep_for(700ms);
+  }
+  const long peak = vm_hwm_kib(server.pid());
+  ::shutdown(c.raw().fd(), SHUT_RDWR);
+  sender.join();
+  std::printf("[ FIGURES  ] TLS client that never reads: %llu MiB of writes taken, VmHWM "
+              "%ld -> %ld KiB\n",
+              static_cast<unsigned long long>(last >> 20), base, peak);
+  return peak - base;
+}
+
+TEST_F(Tls, MaxBufferAndMaxInFlightBoundAClientAfterStartTls) {
+  create_pattern_image(image_path(), 64 << 20, kSeed);
+  ASSERT_NO_FATAL_FAILURE(StartTlsServer({"--tls-creds", creds().server().string()}));
+  const long bounded =
+      tls_growth_from_a_client_that_never_reads(server_, socket_path(), creds().client());
+  // --max-buffer (64M by default), the readers' 4 MiB buffers, TLS records.
+  EXPECT_LT(bounded, 160 * 1024) << "KiB grown with the default --max-buffer";
+  ASSERT_NO_FATAL_FAILURE(ExpectGoodClientServed());
+  server_.stop();
+  // Lifted, the payloads pile up: the bound above is the limits' doing.
+  auto start = [&](Server& s, const fs::path& socket, std::vector<std::string> limits) {
+    ServerOptions o;
+    o.args = {"-f", "raw", "-t", "-e", "0", "-x", kExportName, "--tls-creds",
+              creds().server().string()};
+    o.args.insert(o.args.end(), limits.begin(), limits.end());
+    o.args.insert(o.args.end(), {"-k", socket.string(), image_path().string()});
+    o.unix_socket = socket;
+    o.log_file = dir_ / (socket.stem().string() + ".log");
+    ASSERT_TRUE(s.start(std::move(o))) << s.error();
+  };
+  {
+    Server lifted;
+    ASSERT_NO_FATAL_FAILURE(start(lifted, dir_ / "lifted.sock",
+                                  {"--max-buffer", "512M", "--max-in-flight", "1024"}));
+    EXPECT_GT(tls_growth_from_a_client_that_never_reads(lifted, dir_ / "lifted.sock",
+                                                        creds().client()),
+              320 * 1024)
+        << "KiB grown with --max-buffer=512M";
+  }
+  Server few;
+  ASSERT_NO_FATAL_FAILURE(
+      start(few, dir_ / "few.sock", {"--max-buffer", "512M", "--max-in-flight", "4"}));
+  EXPECT_LT(tls_growth_from_a_client_that_never_reads(few, dir_ / "few.sock", creds().client()),
+            96 * 1024)
+      << "KiB grown with --max-in-flight=4";
 }
 
 // --- qemu's clients and qemu-nbd's command line -------------------------------------------
