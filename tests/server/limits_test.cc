@@ -260,13 +260,18 @@ TEST_F(Limits, TwoListeningSocketsShareTheClientLimitAndIdleWithoutSpinning) {
   ::close(fa);
   ::close(fb);
   ASSERT_TRUE(started) << server_.error();
+  // Idle with two listening sockets and no client at all.
+  long before = cpu_ticks(server_.pid());
+  std::this_thread::sleep_for(1s);
+  EXPECT_LT(cpu_ticks(server_.pid()) - before, 5 * sysconf(_SC_CLK_TCK) / 100)
+      << "ticks used in one idle second with no client";
   Nbd first = nbd_connect_to_unix(a);
   ASSERT_TRUE(first) << server_.log();
   ExpectReadWorks(first.get());
   Nbd second(nbd_create());
   ASSERT_EQ(nbd_aio_connect_unix(second.get(), b.c_str()), 0) << nbd_error_text();
   EXPECT_FALSE(becomes_ready(second.get(), 1s)) << "a second client served with -e 1";
-  const long before = cpu_ticks(server_.pid());
+  before = cpu_ticks(server_.pid());
   std::this_thread::sleep_for(1s);
   const long used = cpu_ticks(server_.pid()) - before;
   EXPECT_LT(used, 10 * sysconf(_SC_CLK_TCK) / 100)
@@ -503,6 +508,36 @@ TEST_F(Limits, ListingWithATooLongSocketPathFailsClearly) {
   RunResult r = run_server_binary({"-L", "-k", path});
   EXPECT_EQ(r.exit_code, 1) << r.describe();
   EXPECT_NE(r.err.find("is too long"), std::string::npos) << r.err;
+}
+
+// Bug: the list client made its socket before looking at the path, and
+// left it open when the path was too long. strace shows whether one is
+// made at all.
+TEST_F(Limits, ListingWithATooLongSocketPathMakesNoSocket) {
+  SKIP_UNLESS_LAYERD();
+  if (run({"strace", "-o", "/dev/null", "true"}, 10s).exit_code != 0)
+    GTEST_SKIP() << "strace cannot trace here";
+  const fs::path trace = dir_ / "trace";
+  const std::string path = (dir_ / std::string(200, 'x')).string();
+  RunResult r = run({"strace", "-f", "-o", trace.string(), "-e", "trace=socket",
+                     server_binary(), "-L", "-k", path});
+  EXPECT_EQ(r.exit_code, 1) << r.describe();
+  const std::string calls = read_text_file(trace);
+  EXPECT_EQ(calls.find("socket(AF_UNIX"), std::string::npos) << calls;
+}
+
+// Bug: a failing socket() went unnoticed, and connect() on -1 reported
+// "Bad file descriptor". strace makes socket() fail.
+TEST_F(Limits, ListingWhenNoSocketCanBeMadeSaysWhy) {
+  SKIP_UNLESS_LAYERD();
+  if (run({"strace", "-o", "/dev/null", "true"}, 10s).exit_code != 0)
+    GTEST_SKIP() << "strace cannot trace here";
+  RunResult r = run({"strace", "-f", "-o", "/dev/null", "-e", "trace=socket", "-e",
+                     "inject=socket:error=EMFILE", server_binary(), "-L", "-k",
+                     socket_path().string()});
+  EXPECT_EQ(r.exit_code, 1) << r.describe();
+  EXPECT_NE(r.err.find("Too many open files"), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find("Bad file descriptor"), std::string::npos) << r.err;
 }
 
 }  // namespace
