@@ -6,13 +6,16 @@
 
 #include <gnutls/gnutls.h>
 #include <libnbd.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -834,6 +837,129 @@ TEST_F(Tls, MaxBufferAndMaxInFlightBoundAClientAfterStartTls) {
   EXPECT_LT(tls_growth_from_a_client_that_never_reads(few, dir_ / "few.sock", creds().client()),
             96 * 1024)
       << "KiB grown with --max-in-flight=4";
+}
+
+// --- The systemd units (docs/systemd/) ----------------------------------------------
+
+const fs::path kUnitDir = fs::path(LAYERD_SOURCE_DIR) / "docs" / "systemd";
+
+// The words of the unit's ExecStart= (continuation lines joined).
+std::vector<std::string> exec_start(const fs::path& service) {
+  std::string text = read_text_file(service), joined;
+  for (size_t i = 0; i < text.size(); ++i) {
+    if (text[i] == '\\' && i + 1 < text.size() && text[i + 1] == '\n') {
+      ++i;
+      continue;
+    }
+    joined += text[i];
+  }
+  std::istringstream lines(joined);
+  std::string line;
+  while (std::getline(lines, line)) {
+    if (line.rfind("ExecStart=", 0) != 0) continue;
+    std::istringstream words(line.substr(10));
+    std::vector<std::string> argv;
+    for (std::string w; words >> w;) argv.push_back(w);
+    return argv;
+  }
+  return {};
+}
+
+// A listening TCP socket on 127.0.0.1:port, as systemd would hand it over.
+int listening_tcp_socket(uint16_t port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  int one = 1;
+  ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+      ::listen(fd, 16) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+TEST_F(Tls, SystemdUnitsPassSystemdAnalyzeVerify) {
+  if (run({"systemd-analyze", "--version"}, 10s).exit_code != 0)
+    GTEST_SKIP() << "systemd-analyze is not installed";
+  // Copies whose ExecStart names the binary under test (verify checks
+  // that it exists).
+  for (const char* unit : {"layerd.socket", "layerd.service"}) {
+    std::string text = read_text_file(kUnitDir / unit);
+    const std::string installed = "/usr/local/bin/layerd";
+    if (auto at = text.find(installed); at != std::string::npos)
+      text.replace(at, installed.size(), server_binary());
+    write_text(dir_ / unit, text);
+  }
+  RunResult r = run({"systemd-analyze", "verify", (dir_ / "layerd.socket").string(),
+                     (dir_ / "layerd.service").string()},
+                    30s);
+  EXPECT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_EQ(r.err, "") << "systemd-analyze has remarks";
+}
+
+// layerd started as layerd.service would start it: its ExecStart, the
+// credentials directory (%d) holding what LoadCredential= names, the image
+// in the state directory and the socket of layerd.socket as fd 3.
+TEST_F(Tls, SystemdServiceServesTheSocketItIsHanded) {
+  std::vector<std::string> argv = exec_start(kUnitDir / "layerd.service");
+  ASSERT_FALSE(argv.empty()) << "no ExecStart in layerd.service";
+  ASSERT_EQ(argv[0], "/usr/local/bin/layerd");
+  const std::string service = read_text_file(kUnitDir / "layerd.service");
+  for (const char* file : {"ca-cert.pem", "server-cert.pem", "server-key.pem"})
+    EXPECT_NE(service.find(std::string("LoadCredential=") + file + ":"), std::string::npos)
+        << file;
+  EXPECT_NE(read_text_file(kUnitDir / "layerd.socket").find("ListenStream="),
+            std::string::npos);
+  const fs::path state = dir_ / "state";
+  fs::create_directories(state);
+  const fs::path raw = dir_ / "pattern.raw";
+  create_pattern_image(raw, kImageSize, kSeed);
+  for (auto& word : argv) {
+    if (word == "/usr/local/bin/layerd") word = server_binary();
+    if (auto at = word.find("%d"); at != std::string::npos)
+      word.replace(at, 2, creds().server().string());
+    if (word.rfind("/var/lib/layerd/", 0) == 0)
+      word = (state / word.substr(16)).string();
+  }
+  const fs::path image = state / "disk.qcow2";
+  ASSERT_NE(std::find(argv.begin(), argv.end(), image.string()), argv.end())
+      << "the unit no longer serves /var/lib/layerd/disk.qcow2";
+  RunResult convert = run({"qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw.string(),
+                           image.string()});
+  ASSERT_EQ(convert.exit_code, 0) << convert.describe();
+
+  port_ = pick_free_port("127.0.0.1");
+  const int listener = listening_tcp_socket(port_);
+  ASSERT_GE(listener, 0);
+  ServerOptions o;
+  o.binary = argv[0];
+  o.args.assign(argv.begin() + 1, argv.end());
+  o.activation_fd = listener;
+  o.tcp_port = port_;
+  o.log_file = dir_ / "server.log";
+  const bool started = server_.start(std::move(o));
+  ::close(listener);
+  ASSERT_TRUE(started) << server_.error();
+
+  std::string error;
+  Nbd h = connect_uri(tcp_uri(certs(creds().client())), &error);
+  ASSERT_TRUE(h) << error << "\n" << server_.log();
+  std::vector<uint8_t> buf(1 << 20);
+  ASSERT_EQ(nbd_pread(h.get(), buf.data(), buf.size(), 0, 0), 0) << nbd_error_text();
+  EXPECT_EQ(first_difference(buf, pattern(0, buf.size(), kSeed)), -1);
+  // --tls-verify-peer: a client without a certificate is refused, and one
+  // in plain text learns nothing.
+  EXPECT_FALSE(connect_uri(tcp_uri(certs(creds().anonymous())), &error));
+  Nbd plain(nbd_create());
+  nbd_set_export_name(plain.get(), "disk");
+  EXPECT_EQ(nbd_connect_tcp(plain.get(), "127.0.0.1", std::to_string(port_).c_str()), -1);
+  // SIGTERM (the unit's KillSignal) ends it cleanly.
+  h.reset();
+  EXPECT_EQ(server_.stop(), 0) << server_.log();
 }
 
 // --- qemu's clients and qemu-nbd's command line -------------------------------------------
