@@ -595,6 +595,19 @@ PidGuard::~PidGuard() {
   wait_until([this] { return !process_alive(pid_); }, 5s);
 }
 
+long proc_status_kib(pid_t pid, const std::string& field) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind(field + ":", 0) == 0) return std::stol(line.substr(field.size() + 1));
+  return -1;
+}
+
+bool runs_sanitized(pid_t pid) {
+  const std::string maps = read_text_file("/proc/" + std::to_string(pid) + "/maps");
+  return maps.find("libasan") != std::string::npos || maps.find("libtsan") != std::string::npos;
+}
+
 bool process_alive(pid_t pid) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
   std::string line;

@@ -216,6 +216,12 @@ class Server {
   std::string error_;
 };
 
+// A field of /proc/PID/status in KiB ("VmRSS", "VmHWM"), or -1.
+long proc_status_kib(pid_t pid, const std::string& field);
+// True if `pid` runs with ASan's or TSan's runtime (their quarantine keeps
+// freed memory, so its memory figures say nothing about layerd's bounds).
+bool runs_sanitized(pid_t pid);
+
 // Kills a daemon that is not our child (started with --fork) at scope exit.
 class PidGuard {
  public:

@@ -18,7 +18,6 @@
 
 #include <atomic>
 #include <chrono>
-#include <fstream>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -37,13 +36,14 @@ constexpr uint32_t opt(p::Opt o) { return static_cast<uint32_t>(o); }
 constexpr uint16_t cmd(p::Cmd c) { return static_cast<uint16_t>(c); }
 constexpr uint32_t kNoZeroes = p::kClientFlagFixedNewstyle | p::kClientFlagNoZeroes;
 
-// A field of /proc/PID/status in KiB ("VmRSS", "VmHWM"), or -1.
-long status_kib(pid_t pid, const std::string& field) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind(field + ":", 0) == 0) return std::stol(line.substr(field.size() + 1));
-  return -1;
+// EXPECTs that the server grew by less than `bound_kib` (unless sanitized).
+void expect_growth_below(pid_t pid, long grown_kib, long bound_kib, const std::string& what) {
+  if (runs_sanitized(pid)) {
+    std::printf("[ NOTE     ] %s: +%ld KiB, not checked against %ld KiB under a sanitizer\n",
+                what.c_str(), grown_kib, bound_kib);
+    return;
+  }
+  EXPECT_LT(grown_kib, bound_kib) << "KiB grown by " << what;
 }
 
 // Open file descriptors of `pid`.
@@ -184,7 +184,7 @@ class HostileClients : public ServerTest {
                                     << " ms";
     EXPECT_TRUE(server_.running()) << server_.log();
   }
-  long peak_kib() { return status_kib(server_.pid(), "VmHWM"); }
+  long peak_kib() { return proc_status_kib(server_.pid(), "VmHWM"); }
 };
 
 // --- Connections that never negotiate ---------------------------------------------
@@ -220,8 +220,7 @@ TEST_F(HostileClients, AThousandConnectionsThatNeverNegotiateLeaveGoodClientsSer
   // --max-handshakes (256) bounds what the server holds: the oldest were
   // dropped.
   EXPECT_LT(fds, 256 + 64) << "fds open in the server";
-  EXPECT_LT(peak - base, 64 * 1024) << "KiB grown by a thousand idle connections; VmHWM "
-                                    << base << " KiB before, " << peak << " KiB after";
+  expect_growth_below(server_.pid(), peak - base, 64 * 1024, "a thousand idle connections");
   std::printf("[ FIGURES  ] 1000 idle connections: VmHWM %ld -> %ld KiB, %ld fds open\n",
               base, peak, fds);
 }
@@ -328,8 +327,7 @@ TEST_F(HostileClients, HugeOptionLengthsAreSkippedWithoutBufferingAndEndAtTheHan
   const long peak = peak_kib();
   ASSERT_NO_FATAL_FAILURE(ExpectGoodClientAlwaysServed(prober));
   EXPECT_GT(sent.load(), 64u << 20) << "the junk was not read";
-  EXPECT_LT(peak - base, 32 * 1024) << "KiB grown while skipping " << (sent >> 20)
-                                    << " MiB of option payload";
+  expect_growth_below(server_.pid(), peak - base, 32 * 1024, "skipping option payloads");
   std::printf("[ FIGURES  ] 4 GiB options: %llu MiB skipped, VmHWM %ld -> %ld KiB\n",
               static_cast<unsigned long long>(sent >> 20), base, peak);
 }
@@ -358,7 +356,7 @@ TEST_F(HostileClients, HugeRequestLengthsAreRefusedAndNothingIsAllocatedForThem)
   EXPECT_TRUE(c.wait_closed(5s));
   const long peak = peak_kib();
   ASSERT_NO_FATAL_FAILURE(ExpectGoodClientAlwaysServed(prober));
-  EXPECT_LT(peak - base, 48 * 1024) << "KiB grown by requests of 4 GiB";
+  expect_growth_below(server_.pid(), peak - base, 48 * 1024, "requests of 4 GiB");
 }
 
 // A client that sends options as fast as it can (reading the replies or
@@ -396,7 +394,7 @@ TEST_F(HostileClients, OptionFloodsEndAtTheHandshakeLimit) {
   EXPECT_LT(Clock::now() - start, 5s) << "a flood outlived the handshake limit";
   const long peak = peak_kib();
   ASSERT_NO_FATAL_FAILURE(ExpectGoodClientAlwaysServed(prober));
-  EXPECT_LT(peak - base, 32 * 1024) << "KiB grown by option floods";
+  expect_growth_below(server_.pid(), peak - base, 32 * 1024, "option floods");
 }
 
 // --- Bad requests (libnbd, strict mode off) ------------------------------------------
@@ -490,7 +488,7 @@ TEST_F(HostileClients, ADisconnectInTheMiddleOfAReadReplyFreesEverything) {
   ASSERT_NO_FATAL_FAILURE(ExpectGoodClientAlwaysServed(prober));
   EXPECT_TRUE(wait_until([&] { return open_sockets(server_.pid()) == listening; }, 5s))
       << open_sockets(server_.pid()) << " sockets open, " << listening << " listening";
-  EXPECT_LT(peak - base, 256 * 1024) << "KiB grown by abandoned 32 MiB reads";
+  expect_growth_below(server_.pid(), peak - base, 256 * 1024, "abandoned 32 MiB reads");
   std::printf("[ FIGURES  ] abandoned reads: VmHWM %ld -> %ld KiB\n", base, peak);
 }
 
@@ -506,7 +504,7 @@ long growth_from_a_client_that_never_reads(Server& server, const fs::path& socke
     ADD_FAILURE() << "handshake failed: " << server.log();
     return -1;
   }
-  const long base = status_kib(server.pid(), "VmHWM");
+  const long base = proc_status_kib(server.pid(), "VmHWM");
   std::atomic<uint64_t> sent{0};
   std::thread sender([&] {
     for (int r = 0; r < 8; ++r)
@@ -521,13 +519,16 @@ long growth_from_a_client_that_never_reads(Server& server, const fs::path& socke
       sent += payload.size();
     }
   });
-  // Until the sending stalls (the server stopped reading) or all is sent.
-  uint64_t last = ~0ull;
-  while (sent.load() != last && sent.load() < (64ull << 25)) {
-    last = sent.load();
-    std::this_thread::sleep_for(500ms);
+  // Until the sending has stalled for a second (the server stopped
+  // reading) or all is sent.
+  uint64_t last = 0;
+  for (int unchanged = 0; unchanged < 4 && last < (64ull << 25);) {
+    std::this_thread::sleep_for(250ms);
+    const uint64_t now = sent.load();
+    unchanged = now == last ? unchanged + 1 : 0;
+    last = now;
   }
-  const long peak = status_kib(server.pid(), "VmHWM");
+  const long peak = proc_status_kib(server.pid(), "VmHWM");
   ::shutdown(c.fd(), SHUT_RDWR);
   sender.join();
   std::printf("[ FIGURES  ] a client that never reads: %llu MiB of writes accepted, VmHWM "
@@ -545,7 +546,7 @@ TEST_F(HostileClients, AClientThatNeverReadsItsRepliesIsBoundedByMaxBuffer) {
     ASSERT_NO_FATAL_FAILURE(ExpectGoodClientAlwaysServed(prober));
     // --max-buffer (64M by default) of payloads, the readers' 4 MiB
     // buffers and the sockets' buffers.
-    EXPECT_LT(grown, 160 * 1024) << "KiB grown with the default --max-buffer";
+    expect_growth_below(server_.pid(), grown, 160 * 1024, "the default --max-buffer");
   }
   // The same with the bound lifted to 1G: the payloads pile up, so the
   // bound above is --max-buffer's doing.
@@ -564,7 +565,7 @@ TEST_F(HostileClients, AClientThatNeverReadsItsRepliesIsBoundedByMaxBuffer) {
   ASSERT_NO_FATAL_FAILURE(
       StartAnotherServer(few, socket, {"--max-buffer", "1G", "--max-in-flight", "4"}));
   const long grown = growth_from_a_client_that_never_reads(few, socket);
-  EXPECT_LT(grown, 96 * 1024) << "KiB grown with --max-in-flight=4";
+  expect_growth_below(few.pid(), grown, 96 * 1024, "--max-in-flight=4");
 }
 
 }  // namespace

@@ -740,14 +740,6 @@ TEST_F(Tls, HandshakeLimitCoversTheTlsHandshake) {
 
 // --- Limits after STARTTLS ---------------------------------------------------------
 
-long vm_hwm_kib(pid_t pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind("VmHWM:", 0) == 0) return std::stol(line.substr(6));
-  return -1;
-}
-
 std::vector<uint8_t> request(uint16_t type, uint64_t offset, uint32_t length) {
   std::vector<uint8_t> v;
   append_be32(v, p::kRequestMagic);
@@ -774,7 +766,7 @@ long tls_growth_from_a_client_that_never_reads(Server& server, const fs::path& s
     ADD_FAILURE() << "GO failed: " << server.log();
     return -1;
   }
-  const long base = vm_hwm_kib(server.pid());
+  const long base = proc_status_kib(server.pid(), "VmHWM");
   std::atomic<uint64_t> sent{0};
   std::thread sender([&] {
     for (int r = 0; r < 8; ++r)
@@ -788,12 +780,15 @@ long tls_growth_from_a_client_that_never_reads(Server& server, const fs::path& s
       sent += payload.size();
     }
   });
-  uint64_t last = ~0ull;
-  while (sent.load() != last && sent.load() < (32ull << 25)) {
-    last = sent.load();
-    std::this_thread::sleep_for(700ms);
+  // Until the sending has stalled for a second, or all is sent.
+  uint64_t last = 0;
+  for (int unchanged = 0; unchanged < 4 && last < (32ull << 25);) {
+    std::this_thread::sleep_for(250ms);
+    const uint64_t now = sent.load();
+    unchanged = now == last ? unchanged + 1 : 0;
+    last = now;
   }
-  const long peak = vm_hwm_kib(server.pid());
+  const long peak = proc_status_kib(server.pid(), "VmHWM");
   ::shutdown(c.raw().fd(), SHUT_RDWR);
   sender.join();
   std::printf("[ FIGURES  ] TLS client that never reads: %llu MiB of writes taken, VmHWM "
@@ -808,7 +803,11 @@ TEST_F(Tls, MaxBufferAndMaxInFlightBoundAClientAfterStartTls) {
   const long bounded =
       tls_growth_from_a_client_that_never_reads(server_, socket_path(), creds().client());
   // --max-buffer (64M by default), the readers' 4 MiB buffers, TLS records.
-  EXPECT_LT(bounded, 160 * 1024) << "KiB grown with the default --max-buffer";
+  // (Under a sanitizer its quarantine keeps freed memory: bounds unchecked.)
+  const bool sanitized = runs_sanitized(server_.pid());
+  if (!sanitized) {
+    EXPECT_LT(bounded, 160 * 1024) << "KiB grown with the default --max-buffer";
+  }
   ASSERT_NO_FATAL_FAILURE(ExpectGoodClientServed());
   server_.stop();
   // Lifted, the payloads pile up: the bound above is the limits' doing.
@@ -834,9 +833,11 @@ TEST_F(Tls, MaxBufferAndMaxInFlightBoundAClientAfterStartTls) {
   Server few;
   ASSERT_NO_FATAL_FAILURE(
       start(few, dir_ / "few.sock", {"--max-buffer", "512M", "--max-in-flight", "4"}));
-  EXPECT_LT(tls_growth_from_a_client_that_never_reads(few, dir_ / "few.sock", creds().client()),
-            96 * 1024)
-      << "KiB grown with --max-in-flight=4";
+  const long few_grown =
+      tls_growth_from_a_client_that_never_reads(few, dir_ / "few.sock", creds().client());
+  if (!sanitized) {
+    EXPECT_LT(few_grown, 96 * 1024) << "KiB grown with --max-in-flight=4";
+  }
 }
 
 // --- The systemd units (docs/systemd/) ----------------------------------------------
