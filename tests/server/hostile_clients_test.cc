@@ -175,16 +175,25 @@ class HostileClients : public ServerTest {
     auto e = c.handshake(kExportName);
     ASSERT_TRUE(e) << server_.log();
   }
-  // The prober saw every round served within a second; the server lives.
+  // The prober saw every round served within a second (three for a
+  // sanitized server, several times slower); the server lives.
   void ExpectGoodClientAlwaysServed(Prober& prober) {
     prober.stop();
     EXPECT_GT(prober.rounds(), 0);
     EXPECT_EQ(prober.failures(), "");
-    EXPECT_LT(prober.slowest(), 1s) << "a good client waited " << prober.slowest().count()
-                                    << " ms";
+    const Millis bound = runs_sanitized(server_.pid()) ? 3s : 1s;
+    EXPECT_LT(prober.slowest(), bound) << "a good client waited " << prober.slowest().count()
+                                       << " ms";
     EXPECT_TRUE(server_.running()) << server_.log();
   }
   long peak_kib() { return proc_status_kib(server_.pid(), "VmHWM"); }
+  // After all that, the server still stops cleanly (under a sanitizer: with
+  // no error and no leak).
+  void TearDown() override {
+    if (server_.running()) {
+      EXPECT_EQ(server_.stop(), 0) << server_.log();
+    }
+  }
 };
 
 // --- Connections that never negotiate ---------------------------------------------
