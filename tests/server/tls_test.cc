@@ -840,6 +840,24 @@ TEST_F(Tls, MaxBufferAndMaxInFlightBoundAClientAfterStartTls) {
   }
 }
 
+TEST_F(Tls, IdleTimeoutDisconnectsAnIdleTlsClient) {
+  ASSERT_NO_FATAL_FAILURE(
+      StartTlsServer({"--tls-creds", creds().server().string(), "--idle-timeout", "1"}));
+  TlsRawClient c;
+  ASSERT_TRUE(c.start(socket_path()));
+  ASSERT_TRUE(c.start_tls(creds().client())) << c.error();
+  auto go = c.option_replies(opt(p::Opt::Go), go_data("disk"));
+  ASSERT_FALSE(go.empty());
+  ASSERT_EQ(go.back().type, rep(p::Rep::Ack));
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<uint8_t> byte(1);
+  EXPECT_FALSE(c.recv_bytes(byte)) << "the server sent data to an idle client";
+  const auto waited = std::chrono::steady_clock::now() - start;
+  EXPECT_GE(waited, 900ms);
+  EXPECT_LT(waited, 3s) << "not disconnected by --idle-timeout=1";
+  ASSERT_NO_FATAL_FAILURE(ExpectGoodClientServed());
+}
+
 // --- The systemd units (docs/systemd/) ----------------------------------------------
 
 const fs::path kUnitDir = fs::path(LAYERD_SOURCE_DIR) / "docs" / "systemd";
