@@ -401,6 +401,10 @@ bool unix_socket_listening(const fs::path& path) {
         p[want.size()] == '.' && p.back() == '~' &&
         p.find_first_not_of("0123456789", want.size() + 1) == p.size() - 1;
     if (p != want && !renamed_into_place) continue;
+    // Listening under the temporary name is not enough: until the rename,
+    // a client connecting to PATH gets ENOENT.
+    std::error_code ec;
+    if (renamed_into_place && !fs::is_socket(path, ec)) continue;
     unsigned long f = std::strtoul(flags.c_str(), nullptr, 16);
     if (f & 0x10000) return true;  // __SO_ACCEPTCON: listening
   }

@@ -120,7 +120,7 @@ RunResult run_server_binary(const std::vector<std::string>& args,
                             Millis timeout = 10s);
 
 // True if a Unix socket bound to `path` (or to the temporary name layerd
-// binds and renames to `path`) is listening (from /proc/net/unix; does not
+// binds, once renamed to `path`) is listening (from /proc/net/unix; does not
 // connect, so it does not count as a client).
 bool unix_socket_listening(const fs::path& path);
 // True if something listens on TCP `port` (IPv4 or IPv6, /proc/net/tcp*).
