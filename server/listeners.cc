@@ -183,6 +183,13 @@ std::vector<ListeningSocket> activated_listeners(std::string& error) {
     error = fmt::format("invalid LISTEN_FDS '{}'", fds);
     return {};
   }
+  std::vector<std::string> names;
+  if (const char* list = std::getenv("LISTEN_FDNAMES")) {
+    std::string_view rest(list);
+    for (size_t colon; (colon = rest.find(':')) != std::string_view::npos; rest.remove_prefix(colon + 1))
+      names.emplace_back(rest.substr(0, colon));
+    names.emplace_back(rest);
+  }
   ::unsetenv("LISTEN_PID");
   ::unsetenv("LISTEN_FDS");
   ::unsetenv("LISTEN_FDNAMES");
@@ -195,7 +202,11 @@ std::vector<ListeningSocket> activated_listeners(std::string& error) {
       return {};
     }
     ::fcntl(fd, F_SETFD, FD_CLOEXEC);
-    out.push_back(ListeningSocket{fd, family, ""});
+    ListeningSocket l;
+    l.fd = fd;
+    l.family = family;
+    if (static_cast<size_t>(fd - 3) < names.size()) l.activation_name = names[fd - 3];
+    out.push_back(std::move(l));
   }
   return out;
 }

@@ -327,6 +327,33 @@ void reload_config(const ServerOptions& o, ExportRegistry& exports, Control* con
            changed.size());
 }
 
+// --qmp-listen: moves the activated sockets it names from `*activated`
+// to `*qmp`. false with `*error` when one is not there.
+bool take_qmp_listeners(const ServerOptions& o, std::vector<ListeningSocket>* activated,
+                        std::vector<ListeningSocket>* qmp, std::string* error) {
+  if (o.qmp_activated.empty()) return true;
+  if (activated->empty()) {
+    *error = "--qmp-listen names a socket passed by socket activation, but none was "
+             "passed (LISTEN_FDS); use --qmp PATH otherwise";
+    return false;
+  }
+  std::vector<std::string> passed;
+  for (const auto& l : *activated) passed.push_back(l.activation_name.empty() ? "(unnamed)" : l.activation_name);
+  for (const std::string& name : o.qmp_activated) {
+    auto is_named = [&](const ListeningSocket& l) { return l.activation_name == name; };
+    auto moved = std::stable_partition(activated->begin(), activated->end(),
+                                       [&](const ListeningSocket& l) { return !is_named(l); });
+    if (moved == activated->end()) {
+      *error = fmt::format("--qmp-listen {}: no socket of that name was passed (LISTEN_FDNAMES: {})",
+                           name, fmt::join(passed, ", "));
+      return false;
+    }
+    qmp->insert(qmp->end(), moved, activated->end());
+    activated->erase(moved, activated->end());
+  }
+  return true;
+}
+
 bool write_pid_file(const std::string& path, std::string& error) {
   std::ofstream f(path, std::ios::trunc);
   f << ::getpid() << "\n";
@@ -392,6 +419,8 @@ int run(int argc, char** argv) {
   }
   std::vector<ListeningSocket> listeners = activated_listeners(error);
   if (!error.empty()) return fail(error);
+  std::vector<ListeningSocket> qmp_listeners;
+  if (!take_qmp_listeners(o, &listeners, &qmp_listeners, &error)) return fail(error);
   if (!listeners.empty() &&
       (!o.socket_path.empty() || o.port_given || o.bind_given))
     return fail("-k, -p and -b cannot be used with socket activation");
@@ -406,7 +435,7 @@ int run(int argc, char** argv) {
   // The control socket is listening before anyone is told layerd is up.
   std::unique_ptr<QmpServer> qmp;
   std::unique_ptr<Control> control;
-  if (!o.qmp_sockets.empty()) {
+  if (!o.qmp_sockets.empty() || !qmp_listeners.empty()) {
     qmp = std::make_unique<QmpServer>();
     control = std::make_unique<Control>(
         exports, process_registry(), *qmp,
@@ -416,6 +445,8 @@ int run(int argc, char** argv) {
     control->register_commands();
     for (const auto& path : o.qmp_sockets)
       if (!qmp->listen(path, &error)) return fail(error);
+    for (const auto& l : qmp_listeners)
+      if (!qmp->adopt(l.fd, &error)) return fail(error);
   }
 
   int ready_fd = o.fork ? daemonize() : -1;

@@ -43,6 +43,7 @@ enum LongOnly {
   kOptOverlay,
   kOptKeepOverlay,
   kOptQmp,
+  kOptQmpListen,
   kOptCopyOnRead,
   kOptExport,
   kOptConfig,
@@ -108,6 +109,7 @@ const option kLongOptions[] = {
     {"overlay", required_argument, nullptr, kOptOverlay},
     {"keep-overlay", required_argument, nullptr, kOptKeepOverlay},
     {"qmp", required_argument, nullptr, kOptQmp},
+    {"qmp-listen", required_argument, nullptr, kOptQmpListen},
     {"copy-on-read", no_argument, nullptr, kOptCopyOnRead},
     {"export", required_argument, nullptr, kOptExport},
     {"config", required_argument, nullptr, kOptConfig},
@@ -572,6 +574,10 @@ Image options:
       --qmp=PATH            a QMP control socket at PATH (repeatable): live
                             snapshot, commit and stream jobs, exports
                             (docs/control.md; use with -t)
+      --qmp-listen=NAME     with socket activation: the passed sockets named
+                            NAME (LISTEN_FDNAMES, systemd's
+                            FileDescriptorName=) are QMP control sockets
+                            (repeatable)
   -U, --force-share         serve the image even if another process (QEMU,
                             qemu-nbd, qemu-io) writes it; only with -r
   -n, --nocache             same as --cache=none
@@ -810,6 +816,7 @@ ParseResult parse_command_line(int argc, char** argv) {
       case kOptTempDir: o.temp_dir = std::string(arg); break;
       case kOptKeepOverlay: o.keep_overlay_dir = std::string(arg); break;
       case kOptQmp: o.qmp_sockets.emplace_back(arg); break;
+      case kOptQmpListen: o.qmp_activated.emplace_back(arg); break;
       case kOptExport: {
         ExportSpec e;
         if (auto m = parse_export_spec(arg, &e); !m.empty()) return fail(m);

@@ -100,6 +100,9 @@ struct ServerOptions {
   std::string temp_dir;             // --temp-dir; empty: default_temp_dir()
   std::string keep_overlay_dir;     // --keep-overlay
   std::vector<std::string> qmp_sockets;  // --qmp PATH (repeatable)
+  // --qmp-listen NAME (repeatable): the socket-activated sockets of that
+  // name (LISTEN_FDNAMES) are QMP control sockets, not NBD ones.
+  std::vector<std::string> qmp_activated;
 
   // TLS: --tls-creds DIR (or the ID of an --object), --tls-psk FILE,
   // --tls-verify-peer, --tls=off|on|require. With credentials and no --tls,

@@ -208,6 +208,70 @@ TEST_F(Lifecycle, SocketActivationWithSocketOptionFails) {
   EXPECT_FALSE(server_.log().empty()) << "no error message";
 }
 
+// Reads from `fd` until `text` has arrived (or 5 s passed); what was read.
+std::string read_until(int fd, const std::string& text) {
+  std::string got;
+  char buf[4096];
+  const auto deadline = std::chrono::steady_clock::now() + 5s;
+  while (got.find(text) == std::string::npos && std::chrono::steady_clock::now() < deadline) {
+    ssize_t n = ::recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+    if (n > 0) got.append(buf, static_cast<size_t>(n));
+    else if (n == 0) break;
+    else std::this_thread::sleep_for(10ms);
+  }
+  return got;
+}
+
+// --qmp-listen: of the sockets systemd passes, the one named (by
+// FileDescriptorName=, in LISTEN_FDNAMES) speaks QMP, the others NBD.
+TEST_F(Lifecycle, QmpListenTakesTheActivatedSocketOfThatName) {
+  if (server_is_qemu_nbd()) GTEST_SKIP() << "layerd's control socket";
+  const fs::path nbd_sock = dir_ / "nbd.sock", qmp_sock = dir_ / "qmp.sock";
+  int nbd_fd = listening_unix_socket(nbd_sock), qmp_fd = listening_unix_socket(qmp_sock);
+  ASSERT_TRUE(nbd_fd >= 0 && qmp_fd >= 0) << std::strerror(errno);
+  ServerOptions o = BaseOptions({"-f", "raw", "-t", "--qmp-listen", "control"});
+  o.activation_fds = {qmp_fd, nbd_fd};
+  o.env = {"LISTEN_FDNAMES=control:nbd"};
+  o.unix_socket = nbd_sock;
+  const bool started = server_.start(std::move(o));
+  ::close(nbd_fd);
+  ::close(qmp_fd);
+  ASSERT_TRUE(started) << server_.error();
+  Nbd h = nbd_connect_to_unix(nbd_sock);
+  ASSERT_TRUE(h) << server_.log();
+  ExpectReadWorks(h.get());
+  int c = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, qmp_sock.c_str(), sizeof addr.sun_path - 1);
+  ASSERT_EQ(::connect(c, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0) << std::strerror(errno);
+  EXPECT_NE(read_until(c, "\n").find("\"QMP\""), std::string::npos);
+  const std::string cmds =
+      "{\"execute\": \"qmp_capabilities\"}\n{\"execute\": \"query-block-exports\"}\n";
+  ASSERT_EQ(::send(c, cmds.data(), cmds.size(), MSG_NOSIGNAL), static_cast<ssize_t>(cmds.size()));
+  EXPECT_NE(read_until(c, "node-name").find("\"node-name\""), std::string::npos);
+  ::close(c);
+}
+
+TEST_F(Lifecycle, QmpListenWithoutSuchASocketFails) {
+  if (server_is_qemu_nbd()) GTEST_SKIP() << "layerd's control socket";
+  RunResult r = run_server_binary(BaseOptions({"-f", "raw", "--qmp-listen", "control"}).args);
+  EXPECT_EQ(r.exit_code, 1) << r.describe();
+  EXPECT_NE(r.err.find("none was passed"), std::string::npos) << r.err;
+  const fs::path sock = dir_ / "nbd.sock";
+  int fd = listening_unix_socket(sock);
+  ASSERT_GE(fd, 0);
+  ServerOptions o = BaseOptions({"-f", "raw", "--qmp-listen", "control"});
+  o.activation_fd = fd;
+  o.env = {"LISTEN_FDNAMES=nbd"};
+  const bool started = server_.start(std::move(o));
+  ::close(fd);
+  ASSERT_TRUE(started) << server_.error();
+  EXPECT_EQ(server_.wait_exit(5s), 1);
+  EXPECT_NE(server_.log().find("no socket of that name was passed (LISTEN_FDNAMES: nbd)"),
+            std::string::npos) << server_.log();
+}
+
 // --- When it exits -----------------------------------------------------------------
 
 TEST_F(Lifecycle, ExitsWithZeroAfterTheLastClientLeavesWithoutPersistent) {
