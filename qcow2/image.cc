@@ -198,6 +198,7 @@ Status Image::Impl::write_back_read_only() {
     // Writing the bitmaps back allocates clusters: with the lock held
     // exclusively (images with recording bitmaps only).
     if (auto ec = I.store_bitmaps()) return Status::IoError(ec, "storing the dirty bitmaps");
+    if (auto ec = I.refresh_copied_flags()) return Status::IoError(ec, "COPIED flags");
   }
   if (auto ec = I.data_file->flush()) return Status::IoError(ec, "flush");
   std::shared_lock lk(I.mu);
@@ -431,6 +432,9 @@ std::error_code Image::flush() {
   if (I.corrupt) return eio();
   if (auto ec = I.data_file->flush()) return ec;
   std::unique_lock lk(I.mu);
+  if (!I.corrupt && !I.ro) {
+    if (auto ec = I.refresh_copied_flags()) return ec;
+  }
   // Lets go of the lock for a sync; false if the metadata may have changed
   // meanwhile (or the sync failed: `*ec`).
   auto sync_unlocked = [&](std::error_code* ec) {

@@ -366,6 +366,7 @@ std::error_code Image::Impl::write_l1() {
 
 std::error_code Image::Impl::flush_locked(bool sync) {
   if (ro || is_view) return {};
+  if (auto ec = refresh_copied_flags()) return ec;
   return write_back(sync);
 }
 

@@ -4,7 +4,112 @@ namespace layerd::qcow2 {
 
 namespace {
 std::error_code eio() { return std::make_error_code(std::errc::io_error); }
+std::error_code enospc() { return std::make_error_code(std::errc::no_space_on_device); }
+constexpr size_t kSector = 512;
 }  // namespace
+
+const char* io_kind_name(IoKind k) {
+  switch (k) {
+    case IoKind::Read: return "read";
+    case IoKind::Write: return "write";
+    case IoKind::Flush: return "flush";
+    case IoKind::Truncate: return "truncate";
+    case IoKind::PunchHole: return "punch_hole";
+    case IoKind::WriteZeroes: return "write_zeroes";
+  }
+  return "?";
+}
+
+const char* fault_kind_name(FaultKind k) {
+  switch (k) {
+    case FaultKind::Eio: return "EIO";
+    case FaultKind::Enospc: return "ENOSPC";
+    case FaultKind::TornWrite: return "torn write";
+    case FaultKind::NotSupported: return "EOPNOTSUPP";
+    case FaultKind::DiskFull: return "disk full";
+  }
+  return "?";
+}
+
+std::vector<FaultKind> fault_kinds_for(IoKind io) {
+  switch (io) {
+    case IoKind::Read:
+    case IoKind::Flush:
+      return {FaultKind::Eio};
+    case IoKind::Write:
+      return {FaultKind::Eio, FaultKind::Enospc, FaultKind::TornWrite};
+    case IoKind::Truncate:
+    case IoKind::WriteZeroes:
+      return {FaultKind::Eio, FaultKind::Enospc};
+    case IoKind::PunchHole:
+      return {FaultKind::Eio, FaultKind::NotSupported};
+  }
+  return {};
+}
+
+void FaultPlan::arm(uint64_t index, FaultKind kind) {
+  std::lock_guard lock(mu_);
+  count_ = 0;
+  armed_ = true;
+  index_ = index;
+  kind_ = kind;
+  fired_ = false;
+}
+
+void FaultPlan::disarm() {
+  std::lock_guard lock(mu_);
+  armed_ = false;
+}
+
+uint64_t FaultPlan::count() const {
+  std::lock_guard lock(mu_);
+  return count_;
+}
+
+bool FaultPlan::fired() const {
+  std::lock_guard lock(mu_);
+  return fired_;
+}
+
+void FaultPlan::record(bool on) {
+  std::lock_guard lock(mu_);
+  recording_ = on;
+  recorded_.clear();
+}
+
+std::vector<IoKind> FaultPlan::recorded() const {
+  std::lock_guard lock(mu_);
+  return recorded_;
+}
+
+std::error_code FaultPlan::next(IoKind io, bool grows, bool* torn) {
+  std::lock_guard lock(mu_);
+  const uint64_t i = count_++;
+  if (recording_) recorded_.push_back(io);
+  if (!armed_) return {};
+  if (kind_ == FaultKind::DiskFull) {
+    if (i < index_ || !grows) return {};
+    fired_ = true;
+    return enospc();
+  }
+  if (i != index_) return {};
+  fired_ = true;
+  switch (kind_) {
+    case FaultKind::Eio: return eio();
+    case FaultKind::Enospc: return enospc();
+    case FaultKind::TornWrite:
+      if (torn) *torn = true;
+      return enospc();
+    case FaultKind::NotSupported:
+      return std::make_error_code(std::errc::operation_not_supported);
+    case FaultKind::DiskFull: break;
+  }
+  return eio();
+}
+
+std::error_code FaultyFile::planned(IoKind io, bool grows, bool* torn) {
+  return plan_ ? plan_->next(io, grows, torn) : std::error_code();
+}
 
 bool FaultyFile::tick(std::atomic<int>& left) {
   int v = left.load();
@@ -16,6 +121,7 @@ bool FaultyFile::tick(std::atomic<int>& left) {
 
 std::error_code FaultyFile::pread(std::span<std::byte> buf, uint64_t offset) {
   ++preads_;
+  if (auto ec = planned(IoKind::Read, false)) return ec;
   if (tick(preads_left_)) return eio();
   return inner_->pread(buf, offset);
 }
@@ -23,6 +129,12 @@ std::error_code FaultyFile::pread(std::span<std::byte> buf, uint64_t offset) {
 std::error_code FaultyFile::pwrite(std::span<const std::byte> data,
                                    uint64_t offset) {
   ++pwrites_;
+  bool torn = false;
+  if (auto ec = planned(IoKind::Write, offset + data.size() > inner_->size(), &torn)) {
+    // Disks write whole sectors: the tear is at a sector boundary.
+    if (torn) (void)inner_->pwrite(data.first(data.size() / 2 / kSector * kSector), offset);
+    return ec;
+  }
   if (crashed_) return eio();
   if (tick(pwrites_left_)) {
     if (sticky_) crashed_ = true;
@@ -33,21 +145,25 @@ std::error_code FaultyFile::pwrite(std::span<const std::byte> data,
 
 std::error_code FaultyFile::flush() {
   ++flushes_;
+  if (auto ec = planned(IoKind::Flush, false)) return ec;
   if (fail_flush_ || crashed_) return eio();
   return inner_->flush();
 }
 
 std::error_code FaultyFile::truncate(uint64_t size) {
+  if (auto ec = planned(IoKind::Truncate, size > inner_->size())) return ec;
   if (crashed_) return eio();
   return inner_->truncate(size);
 }
 
 std::error_code FaultyFile::punch_hole(uint64_t offset, uint64_t length) {
+  if (auto ec = planned(IoKind::PunchHole, false)) return ec;
   if (crashed_) return eio();
   return inner_->punch_hole(offset, length);
 }
 
 std::error_code FaultyFile::write_zeroes(uint64_t offset, uint64_t length) {
+  if (auto ec = planned(IoKind::WriteZeroes, offset + length > inner_->size())) return ec;
   if (crashed_) return eio();
   return inner_->write_zeroes(offset, length);
 }
