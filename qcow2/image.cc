@@ -328,7 +328,10 @@ std::error_code Image::write(uint64_t offset, std::span<const std::byte> data,
     if ((ec = I.lock_for_change(lk, first, last))) return ec;
     I.note_guest_change(offset, data.size());  // again: a reopen may be between
     std::vector<ClusterPlan> plans;
-    if ((ec = I.plan_write(offset, data, &plans))) return ec;
+    if ((ec = I.plan_write(offset, data, &plans))) {
+      I.abort_plans(plans);
+      return ec;
+    }
     ec = I.execute_and_apply(lk, first, last, plans, below);
   }
   if (ec) return ec;
@@ -351,7 +354,10 @@ std::error_code Image::populate(uint64_t offset,
   std::unique_lock<WriterPreferringMutex> lk;
   if (auto ec = I.lock_for_change(lk, first, last)) return ec;
   std::vector<ClusterPlan> plans;
-  if (auto ec = I.plan_populate(offset, data, &plans)) return ec;
+  if (auto ec = I.plan_populate(offset, data, &plans)) {
+    I.abort_plans(plans);
+    return ec;
+  }
   if (plans.empty()) return {};
   BelowReader below = zero_below();  // every plan covers whole clusters
   return I.execute_and_apply(lk, first, last, plans, below);

@@ -277,6 +277,10 @@ struct Image::Impl {
   std::error_code execute_write(std::vector<ClusterPlan>& plans,
                                 BelowReader& below);
   std::error_code apply_write(const std::vector<ClusterPlan>& plans);
+  // After a failed plan or data write: gives back the fresh clusters of
+  // `plans`, which nothing maps yet (a full disk must not leak what the
+  // write that hit it took).
+  void abort_plans(const std::vector<ClusterPlan>& plans);
   // Plans populate(): zero clusters are marked at once, the others get
   // fresh host clusters; clusters not wholly unallocated are skipped.
   std::error_code plan_populate(uint64_t offset, std::span<const std::byte> data,
@@ -313,6 +317,11 @@ struct Image::Impl {
                                 std::span<const std::byte> data,
                                 BelowReader& below);
   std::error_code l2_for_write(uint64_t i, L2Table** out);
+  // Writes zeros over a newly allocated metadata cluster, so that its
+  // space is taken on disk now: its write-back later is an overwrite, and
+  // a full disk fails the request that needs the cluster, not a flush of
+  // requests already acknowledged.
+  std::error_code reserve_cluster(uint64_t host);
   std::error_code zero_locked(uint64_t offset, uint64_t length, bool may_unmap,
                               BelowReader& below);
   std::error_code discard_locked(uint64_t offset, uint64_t length,

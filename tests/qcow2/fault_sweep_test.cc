@@ -23,7 +23,8 @@
 // overwrites in place, zero writes with and without unmap, discards in
 // both modes, FUA, an internal snapshot taken, overwritten and deleted,
 // writes spread over more L2 tables than the cache holds, enough new
-// clusters to add refcount blocks and grow the refcount table, reads, a
+// clusters to add refcount blocks and grow the refcount table (of the
+// 512-byte clusters; the test checks that it grew), reads, a
 // flush and close. The images: 512-byte clusters with 64-bit refcounts,
 // compressed clusters, subclusters, a chain with backing reads, a v2 image.
 //
@@ -291,9 +292,9 @@ class Workload {
 struct Outcome {
   std::string failure;
   bool fired = false;
-  bool some_request_failed = false;
   bool leaked = false;
   uint64_t ios = 0;
+  uint32_t refcount_table_clusters = 0;  // at the end
 };
 
 OpenOptions top_options(const Scenario& s) {
@@ -342,6 +343,7 @@ Outcome run_once(const Scenario& s, const Prepared& p, const std::shared_ptr<Fau
     else if (!w->write_after()) out.failure = "a write after the fault fails";
     else if ((ec = img->close())) out.failure = "close fails after the fault: " + ec.message();
   }
+  if (img) out.refcount_table_clusters = img->info().refcount_table_clusters;
   img.reset();
   if (!out.failure.empty()) return out;
 
@@ -460,6 +462,12 @@ TEST_P(FaultSweep, EveryFaultAtEveryIoKeepsAcknowledgedDataAndAConsistentImage) 
   std::vector<IoKind> ios = plan->recorded();
   plan->record(false);
   ASSERT_GT(ios.size(), 40u);
+  if (s.big_write) {
+    HeaderInfo before;
+    ASSERT_TRUE(Image::probe(memory_copy(p.top), &before).ok());
+    EXPECT_GT(clean.refcount_table_clusters, before.refcount_table_clusters)
+        << "the workload should grow the refcount table";
+  }
 
   struct Run {
     uint64_t index;
@@ -602,11 +610,93 @@ void fail_each_read_of(bool deleting) {
 TEST(FaultFound, SnapshotTakenPartWayLeavesLeaksAtWorst) { fail_each_read_of(false); }
 TEST(FaultFound, SnapshotDeletedPartWayLeavesLeaksAtWorst) { fail_each_read_of(true); }
 
+// A full disk (found end to end, tests/server/full_disk_test.cc). A new
+// L2 table or refcount block used to get its space only when it was first
+// written back, so once the disk filled, a flush failed for writes
+// acknowledged before (and went on failing); and the clusters a write
+// refused for lack of space took stayed counted (leaks).
+TEST(FaultFound, WritesAcknowledgedBeforeTheDiskFilledCanBeFlushed) {
+  auto mem = std::shared_ptr<File>(make_memory_file());
+  CreateOptions co;
+  co.size = 64 << 20;
+  co.cluster_size = 4096;
+  ASSERT_TRUE(Image::create(*mem, co).ok());
+  auto plan = std::make_shared<FaultPlan>();
+  auto file = std::make_shared<FaultyFile>(mem, plan);
+  std::unique_ptr<Image> img;
+  ASSERT_TRUE(Image::open(file, {}, &img).ok());
+  std::vector<std::byte> data(4096, std::byte{0x5c});
+  ASSERT_FALSE(img->write(8 << 20, data, zero_below()));  // a new L2 table
+  plan->arm(0, FaultKind::DiskFull);
+  EXPECT_FALSE(img->flush());
+  EXPECT_FALSE(plan->fired());
+  EXPECT_FALSE(img->close());
+}
+
+TEST(FaultFound, AWriteThatNeedsANewRefcountBlockOnAFullDiskFailsItself) {
+  TempDir dir;
+  const std::string path = dir / "img.qcow2";
+  // 512 counts per refcount block: the first covers the first 2 MiB of
+  // the file.
+  run("qemu-img create -q -f qcow2 -o cluster_size=4k,refcount_bits=64 '" + path + "' 64M");
+  auto plan = std::make_shared<FaultPlan>();
+  {
+    auto inner = open_file(path, true);
+    auto file = std::make_shared<FaultyFile>(inner, plan);
+    std::unique_ptr<Image> img;
+    ASSERT_TRUE(Image::open(file, {}, &img).ok());
+    std::vector<std::byte> data(4096, std::byte{0x5c});
+    uint64_t cluster = 0;
+    while (inner->size() < (2 << 20)) {
+      ASSERT_FALSE(img->write(cluster * 4096, data, zero_below()));
+      ++cluster;
+    }
+    ASSERT_FALSE(img->flush());
+    plan->arm(0, FaultKind::DiskFull);
+    EXPECT_EQ(img->write(cluster * 4096, data, zero_below()), std::errc::no_space_on_device);
+    EXPECT_FALSE(img->flush()) << "the writes acknowledged before cannot be flushed";
+    plan->disarm();
+    EXPECT_FALSE(img->write(cluster * 4096, data, zero_below()));
+    EXPECT_FALSE(img->close());
+  }
+  std::string report;
+  EXPECT_EQ(qemu_check_status(path, &report), 0) << report;
+}
+
+TEST(FaultFound, WriteRefusedForLackOfSpaceLeaksNothing) {
+  TempDir dir;
+  const std::string path = dir / "img.qcow2";
+  run("qemu-img create -q -f qcow2 -o cluster_size=4k '" + path + "' 64M");
+  auto plan = std::make_shared<FaultPlan>();
+  {
+    auto file = std::make_shared<FaultyFile>(open_file(path, true), plan);
+    std::unique_ptr<Image> img;
+    ASSERT_TRUE(Image::open(file, {}, &img).ok());
+    std::vector<std::byte> data(64 << 10, std::byte{0x5c});
+    ASSERT_FALSE(img->write(0, data, zero_below()));
+    ASSERT_FALSE(img->write(64 << 10, data, zero_below()));
+    // Free clusters inside the file (holes now), which the allocator
+    // hands out again.
+    ASSERT_FALSE(img->discard(0, 64 << 10, DiscardMode::Unallocate, zero_below()));
+    ASSERT_FALSE(img->flush());
+    plan->arm(0, FaultKind::DiskFull);
+    // A table and data clusters (the table's write fails), and data
+    // clusters alone (their write fails).
+    EXPECT_EQ(img->write(32 << 20, data, zero_below()), std::errc::no_space_on_device);
+    EXPECT_EQ(img->write(1 << 20, data, zero_below()), std::errc::no_space_on_device);
+    plan->disarm();
+    EXPECT_FALSE(img->flush());
+    EXPECT_FALSE(img->close());
+  }
+  std::string report;
+  EXPECT_EQ(qemu_check_status(path, &report), 0) << report;
+}
+
 Scenario small_clusters() {
   return {"SmallClustersRefcount64Snapshot",
-          "qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=64 img.qcow2 1M && "
+          "qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=64 img.qcow2 4M && "
           "qemu-io -f qcow2 -c 'write -P 17 0 40k' -c 'write -P 18 200k 8k' img.qcow2 >/dev/null",
-          false, 2 * 512, 2 * 512, 160 << 10};
+          false, 2 * 512, 2 * 512, 2560 << 10};
 }
 
 Scenario compressed() {

@@ -33,9 +33,12 @@ enum class FaultKind {
   // of a write of one sector), then ENOSPC.
   TornWrite,
   NotSupported, // punch_hole: EOPNOTSUPP (file systems without it)
-  // From the chosen I/O on, every call that would grow the file (a write
-  // or write_zeroes past its end, a growing truncate) fails with ENOSPC,
-  // as on a full disk, until disarm() ("space was freed"); the rest works.
+  // From the chosen I/O on, every call that needs space fails with
+  // ENOSPC, as on a full disk, until disarm() ("space was freed"); the
+  // rest works. A write or write_zeroes needs space when it touches a
+  // block of the file that holds nothing yet: past the end, or a hole
+  // (never written, or punched), counted in 4 KiB blocks as file systems
+  // allocate them; a growing truncate needs space too.
   DiskFull,
 };
 const char* fault_kind_name(FaultKind k);
@@ -59,10 +62,10 @@ class FaultPlan {
   void record(bool on);
   std::vector<IoKind> recorded() const;
 
-  // For FaultyFile: counts one I/O of kind `io` (which would grow the
-  // file when `grows`) and says how it must fail: {} for not at all.
+  // For FaultyFile: counts one I/O of kind `io` (which needs space on the
+  // disk when `needs_space`) and says how it must fail: {} for not at all.
   // `*torn` is set for a TornWrite.
-  std::error_code next(IoKind io, bool grows, bool* torn);
+  std::error_code next(IoKind io, bool needs_space, bool* torn);
 
  private:
   mutable std::mutex mu_;
@@ -75,11 +78,13 @@ class FaultPlan {
   std::vector<IoKind> recorded_;
 };
 
+// With a FaultPlan it also keeps the file system's view of the file's
+// space (which blocks hold data; at first those `inner` reports as data),
+// for DiskFull.
 class FaultyFile : public File {
  public:
   explicit FaultyFile(std::shared_ptr<File> inner,
-                      std::shared_ptr<FaultPlan> plan = nullptr)
-      : inner_(std::move(inner)), plan_(std::move(plan)) {}
+                      std::shared_ptr<FaultPlan> plan = nullptr);
 
   // The n-th (0-based) pwrite from now on fails with EIO; -1 disables.
   // With `sticky`, every later pwrite, flush, truncate, punch_hole and
@@ -117,13 +122,22 @@ class FaultyFile : public File {
 
  private:
   static bool tick(std::atomic<int>& left);
-  std::error_code planned(IoKind io, bool grows, bool* torn = nullptr);
+  std::error_code planned(IoKind io, bool needs_space, bool* torn = nullptr);
+  // The space model (only with a plan): whether [offset, offset + length)
+  // touches a block without data; marking a range written (its blocks
+  // hold data) or punched (the blocks wholly inside it are holes again).
+  bool needs_space(uint64_t offset, uint64_t length);
+  void took_space(uint64_t offset, uint64_t length);
+  void freed_space(uint64_t offset, uint64_t length);
+  void resized(uint64_t size);
   std::shared_ptr<File> inner_;
   std::shared_ptr<FaultPlan> plan_;
   std::atomic<int> pwrites_left_{-1}, preads_left_{-1};
   std::atomic<bool> fail_flush_{false};
   std::atomic<bool> sticky_{false}, crashed_{false};
   std::atomic<int> pwrites_{0}, flushes_{0}, preads_{0};
+  std::mutex space_mu_;
+  std::vector<bool> has_data_;  // per 4 KiB block, up to the file's size
 };
 
 }  // namespace layerd::qcow2
