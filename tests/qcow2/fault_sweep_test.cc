@@ -633,6 +633,24 @@ TEST(FaultFound, WritesAcknowledgedBeforeTheDiskFilledCanBeFlushed) {
   EXPECT_FALSE(img->close());
 }
 
+// Image::create (throwaway overlays of -s) left the L1 table a hole, which
+// its first entry's write-back then needed space for (found end to end).
+TEST(FaultFound, AnImageLayerdCreatedCanBeFlushedOnAFullDisk) {
+  auto plan = std::make_shared<FaultPlan>();
+  auto file = std::make_shared<FaultyFile>(std::shared_ptr<File>(make_memory_file()), plan);
+  CreateOptions co;
+  co.size = 64 << 20;
+  ASSERT_TRUE(Image::create(*file, co).ok());
+  std::unique_ptr<Image> img;
+  ASSERT_TRUE(Image::open(file, {}, &img).ok());
+  std::vector<std::byte> data(64 << 10, std::byte{0x5c});
+  ASSERT_FALSE(img->write(0, data, zero_below()));
+  plan->arm(0, FaultKind::DiskFull);
+  EXPECT_FALSE(img->flush());
+  EXPECT_FALSE(plan->fired());
+  EXPECT_FALSE(img->close());
+}
+
 TEST(FaultFound, AWriteThatNeedsANewRefcountBlockOnAFullDiskFailsItself) {
   TempDir dir;
   const std::string path = dir / "img.qcow2";
