@@ -1,6 +1,8 @@
 // A full file system under an export, end to end: layerd serves a qcow2
-// image (and a raw one) on a small tmpfs the test mounts, and a libnbd
-// client writes past what the tmpfs holds. The client must get ENOSPC
+// image (a raw one; and with -s a qcow2 image on a roomy disk whose
+// throwaway overlay is on the tmpfs, kept there with --keep-overlay) on a
+// small tmpfs the test mounts, and a libnbd client writes past what the
+// tmpfs holds. The client must get ENOSPC
 // (NBD_ENOSPC), not EIO and not success; what it wrote before reads back;
 // the server goes on serving (a second client reads); once space is freed
 // the same write succeeds and later ones too; and after shutdown qemu-img
@@ -40,8 +42,21 @@ class FullDisk : public ::testing::TestWithParam<std::string> {
   }
 
   fs::path small(const std::string& name) const { return dir_ / "small" / name; }
-  bool qcow2() const { return GetParam() == "qcow2"; }
-  fs::path image() const { return small(qcow2() ? "disk.qcow2" : "disk.raw"); }
+  bool overlay() const { return GetParam() == "overlay"; }
+  bool qcow2() const { return GetParam() != "raw"; }
+  std::string format() const { return qcow2() ? "qcow2" : "raw"; }
+  // The file the client's writes land in: the image, or the kept overlay
+  // (found once layerd has exited).
+  fs::path image() const {
+    if (overlay()) return dir_ / "base.qcow2";
+    return small(qcow2() ? "disk.qcow2" : "disk.raw");
+  }
+  fs::path written_file() const {
+    if (!overlay()) return image();
+    for (const auto& e : fs::directory_iterator(dir_ / "small"))
+      if (e.path().extension() == ".qcow2") return e.path();
+    return {};
+  }
 
   void make_image() {
     if (qcow2()) {
@@ -60,8 +75,11 @@ class FullDisk : public ::testing::TestWithParam<std::string> {
 
   void start_server() {
     ServerOptions o;
-    o.args = {"-f", GetParam(), "-t", "-e", "2", "-x", "disk", "-k", (dir_ / "nbd.sock").string(),
-              image().string()};
+    o.args = {"-f", format(), "-t", "-e", "2", "-x", "disk", "-k", (dir_ / "nbd.sock").string()};
+    if (overlay())
+      o.args.insert(o.args.end(), {"-s", "--temp-dir", small("").string(), "--keep-overlay",
+                                   small("").string()});
+    o.args.push_back(image().string());
     o.unix_socket = dir_ / "nbd.sock";
     o.log_file = dir_ / "server.log";
     ASSERT_TRUE(server_.start(std::move(o))) << server_.error();
@@ -135,12 +153,14 @@ TEST_P(FullDisk, ClientGetsEnospcAndWritesWorkAgainOnceSpaceIsFreed) {
   // After shutdown: the image is clean and holds what was acknowledged.
   h.reset();
   EXPECT_EQ(server_.stop(), 0) << server_.log();
+  const fs::path file = written_file();
+  ASSERT_FALSE(file.empty()) << "no overlay kept in " << small("");
   if (qcow2()) {
-    RunResult r = run({"qemu-img", "check", image().string()});
+    RunResult r = run({"qemu-img", "check", file.string()});
     EXPECT_EQ(r.exit_code, 0) << r.out;
   }
   const fs::path raw = dir_ / "oracle.raw";  // on the roomy disk, not the tmpfs
-  RunResult r = run({"qemu-img", "convert", "-f", GetParam(), "-O", "raw", image().string(),
+  RunResult r = run({"qemu-img", "convert", "-f", format(), "-O", "raw", file.string(),
                      raw.string()});
   ASSERT_EQ(r.exit_code, 0) << r.out;
   auto content = read_file_range(raw, 0, kDiskSize);
@@ -150,7 +170,7 @@ TEST_P(FullDisk, ClientGetsEnospcAndWritesWorkAgainOnceSpaceIsFreed) {
   EXPECT_TRUE(all_zero(std::span(content).subspan(end)));
 }
 
-INSTANTIATE_TEST_SUITE_P(Formats, FullDisk, ::testing::Values("qcow2", "raw"),
+INSTANTIATE_TEST_SUITE_P(Formats, FullDisk, ::testing::Values("qcow2", "raw", "overlay"),
                          [](const auto& param_info) { return param_info.param; });
 
 }  // namespace
