@@ -317,10 +317,10 @@ struct Image::Impl {
                                 std::span<const std::byte> data,
                                 BelowReader& below);
   std::error_code l2_for_write(uint64_t i, L2Table** out);
-  // Writes zeros over a newly allocated metadata cluster, so that its
-  // space is taken on disk now: its write-back later is an overwrite, and
-  // a full disk fails the request that needs the cluster, not a flush of
-  // requests already acknowledged.
+  // Zeroes a newly allocated metadata cluster (write_zeroes allocates), so
+  // that its space is taken on disk now: its write-back later is an
+  // overwrite, and a full disk fails the request that needs the cluster,
+  // not a flush of requests already acknowledged.
   std::error_code reserve_cluster(uint64_t host);
   std::error_code zero_locked(uint64_t offset, uint64_t length, bool may_unmap,
                               BelowReader& below);

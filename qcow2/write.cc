@@ -6,7 +6,7 @@
 // only then point the L2 entries at the new clusters and queue the old ones
 // for release. A failed data write therefore never maps a half-written
 // cluster; its fresh clusters are given back (abort_plans). A new L2 table
-// is written (as zeros) when it is allocated, so that a full disk fails the
+// is zeroed (write_zeroes) when it is allocated, so that a full disk fails the
 // write that needs it rather than a later flush.
 #include <algorithm>
 #include <cstring>
@@ -119,8 +119,7 @@ std::error_code Image::Impl::l2_for_write(uint64_t i, L2Table** out) {
 }
 
 std::error_code Image::Impl::reserve_cluster(uint64_t host) {
-  const std::vector<std::byte> zeros(cs);
-  if (auto ec = file->pwrite(zeros, host)) {
+  if (auto ec = file->write_zeroes(host, cs)) {
     (void)free_cluster_now(host);
     return ec;
   }
