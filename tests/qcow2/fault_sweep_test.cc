@@ -527,7 +527,7 @@ TEST_P(FaultSweep, EveryFaultAtEveryIoKeepsAcknowledgedDataAndAConsistentImage) 
   std::printf("fault sweep %s: %zu I/Os (%s), %zu of %zu runs in %.1f s\n", s.name.c_str(),
               ios.size(), io_list.c_str(), chosen.size(), runs.size(), seconds);
   for (const auto& [kind, st] : stats)
-    std::printf("  %-10s %5d runs, %5d hit the fault, %5d leaked clusters\n", kind.c_str(),
+    std::printf("  %-10s %5d runs, %5d hit the fault, %5d left leaked clusters\n", kind.c_str(),
                 st[0], st[1], st[2]);
 }
 
