@@ -1,12 +1,12 @@
-// A full file system under an export, end to end: layerd serves a qcow2
-// image (a raw one; and with -s a qcow2 image on a roomy disk whose
-// throwaway overlay is on the tmpfs, kept there with --keep-overlay) on a
-// small tmpfs the test mounts, and a libnbd client writes past what the
-// tmpfs holds. The client must get ENOSPC
-// (NBD_ENOSPC), not EIO and not success; what it wrote before reads back;
-// the server goes on serving (a second client reads); once space is freed
-// the same write succeeds and later ones too; and after shutdown qemu-img
-// check finds the image clean and qemu-img reads what was acknowledged.
+// A full file system under an export, end to end: on a small tmpfs the
+// test mounts, layerd serves a qcow2 image, a raw image, and (-s) the
+// throwaway overlay of a qcow2 image on a roomy disk (kept there with
+// --keep-overlay); a libnbd client writes past what the tmpfs holds. The
+// client must get ENOSPC (NBD_ENOSPC), not EIO and not success; what it
+// wrote before reads back; the server goes on serving (a second client
+// reads); once space is freed the same write succeeds and later ones too;
+// and after shutdown qemu-img check finds the image clean and qemu-img
+// reads what was acknowledged.
 // Mounting needs root: elsewhere the tests skip, saying so.
 //
 // (tests/server/live_jobs_faults_test.cc fills a disk under block jobs;
