@@ -520,7 +520,8 @@ std::error_code Image::Impl::store_bitmaps() {
 
 void Image::Impl::count_bitmap_clusters(
     const std::function<void(uint64_t, uint64_t, const char*)>& ref,
-    const std::function<void(std::string)>& corruption) {
+    const std::function<void(std::string)>& corruption,
+    const std::function<void()>& read_error) {
   if (!bitmaps_vouched() || bitmaps_dir_size == 0) return;
   const uint64_t fsize = file->size();
   if (bitmaps_dir_offset % cs || bitmaps_dir_size > fmt::kMaxBitmapDirectoryBytes ||
@@ -532,7 +533,7 @@ void Image::Impl::count_bitmap_clusters(
   ref(bitmaps_dir_offset, bitmaps_dir_size, "bitmap directory");
   std::vector<std::byte> dir(bitmaps_dir_size);
   if (file->pread(dir, bitmaps_dir_offset)) {
-    corruption("ERROR could not read the bitmap directory");
+    read_error();
     return;
   }
   // Leniently: every entry that can be read counts, whatever QEMU would
@@ -558,7 +559,7 @@ void Image::Impl::count_bitmap_clusters(
     ref(toff, uint64_t(tsize) * 8, "bitmap table");
     std::vector<uint64_t> table;
     if (tsize && read_bitmap_table(*file, toff, tsize, &table)) {
-      corruption("ERROR could not read the bitmap table at " + hex(toff));
+      read_error();
       continue;
     }
     for (uint64_t t : table) {

@@ -60,9 +60,9 @@ Status Image::Impl::check_locked(Repair repair, CheckReport* rep) {
   // Bitmaps: directory, bitmap tables, bitmap data clusters, while the
   // autoclear bit vouches for them (as QEMU: once a program without bitmap
   // support cleared it, they are dropped and their clusters are leaks).
-  count_bitmap_clusters(ref, [&](std::string msg) {
-    problem(&rep->corruptions, std::move(msg));
-  });
+  count_bitmap_clusters(
+      ref, [&](std::string msg) { problem(&rep->corruptions, std::move(msg)); },
+      [&] { ++rep->check_errors; });
 
   // L1/L2 walk.
   std::vector<std::byte> raw(cs);
@@ -133,7 +133,12 @@ Status Image::Impl::check_locked(Repair repair, CheckReport* rep) {
   }
   for (auto [off, times] : snapshot_l2) walk_l2(0, off, false, times);
 
-  // Compare.
+  // Compare. A table that could not be read (check_errors) counted none
+  // of the clusters it maps: their refcounts then look too high, and
+  // "repairing" those leaks would free clusters in use. Only a complete
+  // walk repairs leaks (raising a refcount that is too low is safe either
+  // way), as QEMU's check, which stops at the first such error.
+  const bool walk_complete = rep->check_errors == 0;
   uint64_t fixed_corr = 0;
   reserved = &expected;
   auto fix = [&](uint64_t c, uint64_t want) -> bool {
@@ -158,7 +163,7 @@ Status Image::Impl::check_locked(Repair repair, CheckReport* rep) {
       problem(&rep->leaks, "Leaked cluster " + std::to_string(c) +
                                " refcount=" + std::to_string(actual) +
                                " reference=" + std::to_string(want));
-      if (repair != Repair::None && fix(c, want)) ++rep->leaks_fixed;
+      if (repair != Repair::None && walk_complete && fix(c, want)) ++rep->leaks_fixed;
     }
   }
   // Refcounts counted beyond the end of the file are leaks too.
@@ -172,7 +177,7 @@ Status Image::Impl::check_locked(Repair repair, CheckReport* rep) {
       if (!v) continue;
       problem(&rep->leaks, "Leaked cluster " + std::to_string(c) + " refcount=" +
                                std::to_string(v) + " reference=0");
-      if (repair != Repair::None) {
+      if (repair != Repair::None && walk_complete) {
         rb_set(*b, k, 0);
         b->dirty = true;
         ++rep->leaks_fixed;

@@ -157,6 +157,11 @@ Status Image::create(File& f, const CreateOptions& o) {
   if (auto ec = f.truncate(N * cs)) return Status::IoError(ec, "truncate");
   if (auto ec = f.pwrite(rt, rt_off)) return Status::IoError(ec, "write");
   if (auto ec = f.pwrite(rbs, rb_off)) return Status::IoError(ec, "write");
+  // The L1 table is all zeros, but it must take its space now (not be a
+  // hole): its first entry is written back when the disk may be full.
+  if (l1_off) {
+    if (auto ec = f.write_zeroes(l1_off, L * cs)) return Status::IoError(ec, "write");
+  }
   if (auto ec = f.flush()) return Status::IoError(ec, "flush");
   if (auto ec = f.pwrite(c, 0)) return Status::IoError(ec, "write");
   if (auto ec = f.flush()) return Status::IoError(ec, "flush");

@@ -198,6 +198,7 @@ Status Image::Impl::write_back_read_only() {
     // Writing the bitmaps back allocates clusters: with the lock held
     // exclusively (images with recording bitmaps only).
     if (auto ec = I.store_bitmaps()) return Status::IoError(ec, "storing the dirty bitmaps");
+    if (auto ec = I.refresh_copied_flags()) return Status::IoError(ec, "COPIED flags");
   }
   if (auto ec = I.data_file->flush()) return Status::IoError(ec, "flush");
   std::shared_lock lk(I.mu);
@@ -327,7 +328,10 @@ std::error_code Image::write(uint64_t offset, std::span<const std::byte> data,
     if ((ec = I.lock_for_change(lk, first, last))) return ec;
     I.note_guest_change(offset, data.size());  // again: a reopen may be between
     std::vector<ClusterPlan> plans;
-    if ((ec = I.plan_write(offset, data, &plans))) return ec;
+    if ((ec = I.plan_write(offset, data, &plans))) {
+      I.abort_plans(plans);
+      return ec;
+    }
     ec = I.execute_and_apply(lk, first, last, plans, below);
   }
   if (ec) return ec;
@@ -350,7 +354,10 @@ std::error_code Image::populate(uint64_t offset,
   std::unique_lock<WriterPreferringMutex> lk;
   if (auto ec = I.lock_for_change(lk, first, last)) return ec;
   std::vector<ClusterPlan> plans;
-  if (auto ec = I.plan_populate(offset, data, &plans)) return ec;
+  if (auto ec = I.plan_populate(offset, data, &plans)) {
+    I.abort_plans(plans);
+    return ec;
+  }
   if (plans.empty()) return {};
   BelowReader below = zero_below();  // every plan covers whole clusters
   return I.execute_and_apply(lk, first, last, plans, below);
@@ -431,6 +438,9 @@ std::error_code Image::flush() {
   if (I.corrupt) return eio();
   if (auto ec = I.data_file->flush()) return ec;
   std::unique_lock lk(I.mu);
+  if (!I.corrupt && !I.ro) {
+    if (auto ec = I.refresh_copied_flags()) return ec;
+  }
   // Lets go of the lock for a sync; false if the metadata may have changed
   // meanwhile (or the sync failed: `*ec`).
   auto sync_unlocked = [&](std::error_code* ec) {

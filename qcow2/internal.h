@@ -211,10 +211,13 @@ struct Image::Impl {
   // (see bitmaps.cc for the order of writes).
   std::error_code store_bitmaps();
   // check: reports every cluster the bitmaps extension references to
-  // `ref`, reading the directory from disk, and problems to `corruption`.
+  // `ref`, reading the directory from disk, problems to `corruption`, and
+  // tables it could not read (whose clusters went uncounted) to
+  // `read_error`.
   void count_bitmap_clusters(
       const std::function<void(uint64_t, uint64_t, const char*)>& ref,
-      const std::function<void(std::string)>& corruption);
+      const std::function<void(std::string)>& corruption,
+      const std::function<void()>& read_error);
 
   // --- image.cc ------------------------------------------------------------
   // The steps of a read-write open beyond a read-only one (autoclear bits,
@@ -274,6 +277,10 @@ struct Image::Impl {
   std::error_code execute_write(std::vector<ClusterPlan>& plans,
                                 BelowReader& below);
   std::error_code apply_write(const std::vector<ClusterPlan>& plans);
+  // After a failed plan or data write: gives back the fresh clusters of
+  // `plans`, which nothing maps yet (a full disk must not leak what the
+  // write that hit it took).
+  void abort_plans(const std::vector<ClusterPlan>& plans);
   // Plans populate(): zero clusters are marked at once, the others get
   // fresh host clusters; clusters not wholly unallocated are skipped.
   std::error_code plan_populate(uint64_t offset, std::span<const std::byte> data,
@@ -310,6 +317,11 @@ struct Image::Impl {
                                 std::span<const std::byte> data,
                                 BelowReader& below);
   std::error_code l2_for_write(uint64_t i, L2Table** out);
+  // Zeroes a newly allocated metadata cluster (write_zeroes allocates), so
+  // that its space is taken on disk now: its write-back later is an
+  // overwrite, and a full disk fails the request that needs the cluster,
+  // not a flush of requests already acknowledged.
+  std::error_code reserve_cluster(uint64_t host);
   std::error_code zero_locked(uint64_t offset, uint64_t length, bool may_unmap,
                               BelowReader& below);
   std::error_code discard_locked(uint64_t offset, uint64_t length,
@@ -367,9 +379,22 @@ struct Image::Impl {
   // --- snapshot.cc ---------------------------------------------------------
   std::error_code write_snapshot_table(
       std::vector<std::vector<std::byte>> entries);
-  std::error_code set_copied_flags();
+  // Sets the COPIED flags of the active L1 and its tables to match the
+  // refcounts (of tables whose own count is one, or of all of them).
+  std::error_code set_copied_flags(bool shared_tables_too = false);
+  // A snapshot taken or deleted only in part (an I/O error on the way)
+  // leaves refcounts changed before the COPIED flags followed them (QEMU's
+  // check calls that corruption, though data is safe: a flag too few only
+  // copies a cluster that could be written in place, and a table whose
+  // count is too high is shared with nothing). Then the flags are stale
+  // until refresh_copied_flags() recomputes them, which every write-back
+  // under mu held exclusively does first (flush, close, reopen read-only).
+  bool copied_flags_stale = false;
+  std::error_code refresh_copied_flags();
   Status create_snapshot_locked(const std::string& name);
   Status delete_snapshot_locked(const std::string& id_or_name);
+  Status take_snapshot(const std::string& name);
+  Status drop_snapshot(size_t index);
 
   // --- check.cc -----------------------------------------------------------
   Status check_locked(Repair repair, CheckReport* report);

@@ -128,9 +128,12 @@ std::error_code Image::Impl::create_refblock(uint64_t idx, uint64_t cluster) {
   b->offset = cluster << cb;
   b->raw.assign(cs, std::byte{0});
   if (cluster / rb_entries == idx) rb_set(*b, cluster % rb_entries, 1);
-  // Written at the next persist_refcounts(): the block first, then (after
-  // a flush) its reftable entry. Nothing on disk refers to the clusters it
-  // counts before then, so a crash in between leaves unused clusters.
+  // Written now, so that its space is taken (a full disk fails the request
+  // that needs the block, not a later flush), and again at the next
+  // persist_refcounts(): the block first, then (after a flush) its
+  // reftable entry. Nothing on disk refers to the clusters it counts
+  // before then, so a crash in between leaves unused clusters.
+  if (auto ec = file->pwrite(b->raw, b->offset)) return ec;
   b->dirty = true;
   reftable[idx] = b->offset;
   reftable_pending.push_back(idx);
@@ -366,6 +369,7 @@ std::error_code Image::Impl::write_l1() {
 
 std::error_code Image::Impl::flush_locked(bool sync) {
   if (ro || is_view) return {};
+  if (auto ec = refresh_copied_flags()) return ec;
   return write_back(sync);
 }
 

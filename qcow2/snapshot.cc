@@ -76,7 +76,7 @@ std::error_code Image::Impl::write_snapshot_table(
   return {};
 }
 
-std::error_code Image::Impl::set_copied_flags() {
+std::error_code Image::Impl::set_copied_flags(bool shared_tables_too) {
   for (uint64_t i = 0; i < l1.size(); ++i) {
     uint64_t off = l1[i] & fmt::kL1OffsetMask;
     if (!off) continue;
@@ -87,7 +87,11 @@ std::error_code Image::Impl::set_copied_flags() {
       l1[i] = want;
       l1_dirty = true;
     }
-    if (rc != 1) continue;  // a shared table is not ours to change
+    // A shared table is not ours to change, except to mend flags left
+    // stale by a failure: then the count of a table may be too high (its
+    // snapshot half gone), and so a flag is set exactly where the cluster
+    // it maps has a count of one, in whatever table (as QEMU's repair).
+    if (rc != 1 && !shared_tables_too) continue;
     L2Table* t;
     if (auto ec = load_l2(i, &t)) return ec;
     if (!t) continue;
@@ -119,7 +123,19 @@ Status Image::Impl::create_snapshot_locked(const std::string& name) {
     if (s.name == name)
       return Status::Invalid("a snapshot named '" + name + "' already exists");
   if (auto ec = flush_locked(true)) return Status::IoError(ec, "flush");
+  Status st = take_snapshot(name);
+  if (!st.ok()) copied_flags_stale = true;
+  return st;
+}
 
+std::error_code Image::Impl::refresh_copied_flags() {
+  if (!copied_flags_stale) return {};
+  if (auto ec = set_copied_flags(true)) return ec;
+  copied_flags_stale = false;
+  return {};
+}
+
+Status Image::Impl::take_snapshot(const std::string& name) {
   // Count everything the active L1 reaches once more; the active tables no
   // longer own their clusters alone.
   const uint64_t end = std::max(end_cluster, fmt::div_round_up(file->size(), cs));
@@ -212,6 +228,12 @@ Status Image::Impl::delete_snapshot_locked(const std::string& key) {
     return {std::make_error_code(std::errc::no_such_file_or_directory),
             "no snapshot '" + key + "'"};
   if (auto ec = flush_locked(true)) return Status::IoError(ec, "flush");
+  Status st = drop_snapshot(idx);
+  if (!st.ok()) copied_flags_stale = true;
+  return st;
+}
+
+Status Image::Impl::drop_snapshot(size_t idx) {
   SnapshotInfo s = snaps[idx];
   // Read its L1 table before the entry disappears.
   std::vector<uint64_t> sl1(s.l1_size);

@@ -4,8 +4,10 @@
 // An allocating write runs in three steps: plan every cluster (allocate the
 // host clusters, counted in the refcount cache), write all the data, and
 // only then point the L2 entries at the new clusters and queue the old ones
-// for release. A failed data write therefore leaks clusters but never maps
-// a half-written one.
+// for release. A failed data write therefore never maps a half-written
+// cluster; its fresh clusters are given back (abort_plans). A new L2 table
+// is zeroed (write_zeroes) when it is allocated, so that a full disk fails the
+// write that needs it rather than a later flush.
 #include <algorithm>
 #include <cstring>
 
@@ -68,6 +70,7 @@ std::error_code Image::Impl::l2_for_write(uint64_t i, L2Table** out) {
   if (!off) {
     uint64_t host;
     if (auto ec = alloc_clusters(1, &host)) return ec;
+    if (auto ec = reserve_cluster(host)) return ec;
     evict_l2_if_needed();
     auto t = std::make_unique<L2Table>();
     t->offset = host;
@@ -95,6 +98,7 @@ std::error_code Image::Impl::l2_for_write(uint64_t i, L2Table** out) {
       // Shared with a snapshot: copy the table.
       uint64_t host;
       if (auto ec = alloc_clusters(1, &host)) return ec;
+      if (auto ec = reserve_cluster(host)) return ec;
       if (!l2[i]) {  // evicted by the allocation
         if (auto ec = load_l2(i, &t)) return ec;
       }
@@ -112,6 +116,20 @@ std::error_code Image::Impl::l2_for_write(uint64_t i, L2Table** out) {
   }
   *out = t;
   return {};
+}
+
+std::error_code Image::Impl::reserve_cluster(uint64_t host) {
+  if (auto ec = file->write_zeroes(host, cs)) {
+    (void)free_cluster_now(host);
+    return ec;
+  }
+  return {};
+}
+
+void Image::Impl::abort_plans(const std::vector<ClusterPlan>& plans) {
+  // An error here leaves the cluster counted: a leak, as before.
+  for (const ClusterPlan& p : plans)
+    if (p.fresh) (void)free_cluster_now(p.host);
 }
 
 std::error_code Image::Impl::release_entry(uint64_t e0, uint64_t /*bitmap*/) {
@@ -384,6 +402,7 @@ std::error_code Image::Impl::execute_and_apply(
   inflight.erase(std::find(inflight.begin(), inflight.end(),
                            std::make_pair(first, last)));
   if (!ec) ec = apply_write(plans);
+  else abort_plans(plans);
   lk.unlock();
   inflight_cv.notify_all();
   return ec;
@@ -394,8 +413,12 @@ std::error_code Image::Impl::write_locked(uint64_t offset,
                                           BelowReader& below) {
   if (data.empty()) return {};
   std::vector<ClusterPlan> plans;
-  if (auto ec = plan_write(offset, data, &plans)) return ec;
-  if (auto ec = execute_write(plans, below)) return ec;
+  std::error_code ec = plan_write(offset, data, &plans);
+  if (!ec) ec = execute_write(plans, below);
+  if (ec) {
+    abort_plans(plans);
+    return ec;
+  }
   return apply_write(plans);
 }
 

@@ -38,57 +38,25 @@
 // work belongs to a job thread. emit() may be called from any thread.
 #pragma once
 
-#include <cstddef>
-#include <cstdint>
-#include <functional>
-#include <initializer_list>
 #include <memory>
 #include <string>
 #include <string_view>
 
 #include <boost/json.hpp>
 
+#include "server/qmp_protocol.h"
+
 namespace layerd {
-
-// Thrown by a command handler to answer with an error. Classes are QEMU's:
-// "GenericError" (the default), "CommandNotFound", "DeviceNotFound",
-// "DeviceNotActive", "KVMMissingCap".
-struct QmpError {
-  std::string error_class = "GenericError";
-  std::string desc;
-};
-
-// Throws a GenericError with `desc`.
-[[noreturn]] void qmp_fail(std::string desc);
-
-// Argument access for handlers: each throws a GenericError in QEMU's words
-// ("Parameter 'device' is missing", "Invalid parameter type for 'speed',
-// expected: integer") when the argument is absent (the required forms) or
-// of the wrong type.
-std::string qmp_required_string(const boost::json::object& args,
-                                std::string_view name);
-int64_t qmp_required_int(const boost::json::object& args, std::string_view name);
-std::string qmp_optional_string(const boost::json::object& args,
-                                std::string_view name, std::string fallback = {});
-int64_t qmp_optional_int(const boost::json::object& args,
-                         std::string_view name, int64_t fallback);
-bool qmp_optional_bool(const boost::json::object& args, std::string_view name,
-                       bool fallback);
-// Refuses arguments other than `known` ("Parameter 'X' is unexpected").
-void qmp_only_arguments(const boost::json::object& args,
-                        std::initializer_list<std::string_view> known);
 
 class QmpServer {
  public:
-  static constexpr size_t kMaxMessageBytes = 1 << 20;
+  static constexpr size_t kMaxMessageBytes = qmp::kMaxMessageBytes;
   static constexpr size_t kMaxQueuedBytes = kMaxMessageBytes * 16;
-  static constexpr int kMaxDepth = 1024;
-  // The "qemu" triple of the greeting and query-version.
-  static constexpr int kQemuMajor = 7, kQemuMinor = 2, kQemuMicro = 0;
+  static constexpr int kMaxDepth = qmp::kMaxDepth;
 
   // Runs on the server thread. Returns the "return" value ({} for none);
   // throws QmpError.
-  using Handler = std::function<boost::json::value(const boost::json::object& arguments)>;
+  using Handler = QmpCommands::Handler;
 
   QmpServer();
   ~QmpServer();  // stop()s
@@ -102,6 +70,8 @@ class QmpServer {
   // GenericError carrying what() and the server goes on. A client that
   // disconnects while its command runs loses only the reply.
   void add_command(std::string name, Handler handler);
+  // The commands added, for a QmpSession fed without a socket (fuzzing).
+  const QmpCommands& commands() const;
 
   // Listens on a Unix socket at `path` (a stale socket file there, one no
   // one accepts on, is replaced; a socket someone listens on is refused as

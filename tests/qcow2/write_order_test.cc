@@ -6,6 +6,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -27,7 +28,10 @@ namespace layerd::qcow2::test {
 namespace {
 
 // Records, for the image file, every pwrite made while the data file holds
-// writes that were not flushed yet.
+// writes that were not flushed yet. Writes of zeros are left out: a new L2
+// table is written as zeros when allocated (to take its space), before
+// anything points at it, which is harmless; a table that maps data is
+// never all zeros.
 struct Order {
   bool data_unflushed = false;
   std::set<uint64_t> image_writes_before_data_flush;
@@ -42,7 +46,9 @@ class DataFileSpy final : public File {
   }
   std::error_code pwrite(std::span<const std::byte> d, uint64_t o) override {
     if (is_data_) order_->data_unflushed = true;
-    else if (order_->data_unflushed) order_->image_writes_before_data_flush.insert(o);
+    else if (order_->data_unflushed &&
+             std::any_of(d.begin(), d.end(), [](std::byte b) { return b != std::byte{0}; }))
+      order_->image_writes_before_data_flush.insert(o);
     return inner_->pwrite(d, o);
   }
   std::error_code flush() override {

@@ -5,6 +5,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -87,6 +88,16 @@ TempDir::~TempDir() {
   std::error_code ec;
   // A test may have made something unreadable; removal runs as the owner.
   fs::remove_all(path_, ec);
+}
+
+Tmpfs::Tmpfs(const fs::path& dir, const std::string& size) : dir_(dir) {
+  fs::create_directories(dir);
+  ok_ = ::mount("tmpfs", dir.c_str(), "tmpfs", 0, ("size=" + size).c_str()) == 0;
+  if (!ok_) error_ = std::strerror(errno);
+}
+
+Tmpfs::~Tmpfs() {
+  if (ok_) ::umount2(dir_.c_str(), MNT_DETACH);
 }
 
 uint8_t pattern_byte(uint64_t offset, uint32_t seed) {

@@ -67,6 +67,24 @@ class TempDir {
   fs::path path_;
 };
 
+// A tmpfs of `size` (mount's "size=" value) mounted at `dir`, made if
+// missing, for the scope; ok() false if the mount failed (not root, no
+// tmpfs), with the reason in error(). Tests of full disks use it.
+class Tmpfs {
+ public:
+  Tmpfs(const fs::path& dir, const std::string& size);
+  ~Tmpfs();
+  Tmpfs(const Tmpfs&) = delete;
+  Tmpfs& operator=(const Tmpfs&) = delete;
+  bool ok() const { return ok_; }
+  const std::string& error() const { return error_; }
+
+ private:
+  fs::path dir_;
+  bool ok_ = false;
+  std::string error_;
+};
+
 // Deterministic, position-dependent bytes: byte i of an image made with
 // `seed` is pattern_byte(i, seed), so data read from the wrong offset or
 // written by the wrong client is noticed.

@@ -22,7 +22,6 @@
 // LAYERD_FAULT_ROUNDS sets the rounds per crash test (default 3; the cancel
 // tests do one fewer).
 #include <signal.h>
-#include <sys/mount.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -198,27 +197,6 @@ size_t lock_count(const std::string& file) {
     if (line.find(inode) != std::string::npos) ++n;
   return n;
 }
-
-// A tmpfs of `size` mounted at `dir` for the scope; ok() false if the
-// mount failed (not root, no tmpfs).
-class Tmpfs {
- public:
-  Tmpfs(const fs::path& dir, const std::string& size) : dir_(dir) {
-    fs::create_directories(dir);
-    ok_ = ::mount("tmpfs", dir.c_str(), "tmpfs", 0, ("size=" + size).c_str()) == 0;
-    if (!ok_) error_ = std::strerror(errno);
-  }
-  ~Tmpfs() {
-    if (ok_) ::umount2(dir_.c_str(), MNT_DETACH);
-  }
-  bool ok() const { return ok_; }
-  const std::string& error() const { return error_; }
-
- private:
-  fs::path dir_;
-  bool ok_ = false;
-  std::string error_;
-};
 
 enum class Job {
   IntermediateCommit,
