@@ -9,6 +9,7 @@
 
 #include <fmt/format.h>
 
+#include "overlay/image_dirs.h"
 #include "overlay/image_locks.h"
 #include "overlay/raw_layer.h"
 
@@ -49,6 +50,12 @@ bool backing_format_of(const BlockNode& current, ImageFormat* format,
   if (backing.rfind("json:", 0) == 0) {
     *error = fmt::format("'{}' names a json: backing file, which layerd "
                          "does not open", current.path);
+    return false;
+  }
+  if (auto why = refuse_protocol_name(
+          fmt::format("backing file '{}' of '{}'", backing, current.path), backing);
+      !why.empty()) {
+    *error = why;
     return false;
   }
   if (name.empty()) {
@@ -111,6 +118,8 @@ bool open_chain_nodes(const std::string& path, ImageFormat format,
     no.direct = options.direct;
     no.l2_cache_bytes = options.l2_cache_bytes;
     no.allow_data_files = options.allow_data_files;
+    no.image_dirs = options.image_dirs;
+    no.trusted_name = top && options.trusted_top;
     no.force_share = options.force_share;
     no.lock_access = options.lock_access;
     no.conflict = options.conflict;

@@ -3,7 +3,9 @@
 //
 // Backing names resolve against the directory of the image naming them,
 // the backing format comes from the image's header extension (never
-// probed; a missing one is an error), `json:` names and loops are refused.
+// probed; a missing one is an error), `json:` and other protocol names and
+// loops are refused, and with ChainOptions::image_dirs every name is opened
+// only inside the allowed image directories.
 // Backing images are opened read-only and never written, so other readers
 // may share them. Only the top image is written. Every file is locked as
 // QEMU locks it (overlay/image_locks.h).
@@ -31,6 +33,11 @@ struct ChainOptions {
   // Relative names resolve against the image's directory (qemu resolves
   // them against its working directory).
   bool allow_data_files = false;
+  // Where backing and data file names may lead (overlay/image_dirs.h);
+  // nullptr: anywhere (tools). `trusted_top`: the user named the top image,
+  // so only the names below it are confined.
+  const ImageDirs* image_dirs = nullptr;
+  bool trusted_top = true;
   size_t max_depth = 4096;
   // Serve this internal snapshot (id or name) of the top image instead of
   // its active state; read-only.

@@ -24,8 +24,24 @@ std::string resolve_relative(const std::string& image_path,
   return (fs::path(image_path).parent_path() / name).string();
 }
 
+// How messages name the file `path` of a node opened with `o`.
+std::string describe_file(const std::string& path, const NodeOptions& o) {
+  if (o.backing && !o.named_by.empty() && o.named_by != "a throwaway overlay")
+    return fmt::format("backing file '{}' of '{}'", path, o.named_by);
+  return fmt::format("image '{}'", path);
+}
+
+// The policy that confines the node's own file, or nullptr.
+const ImageDirs* confining(const NodeOptions& o) {
+  return o.trusted_name ? nullptr : o.image_dirs;
+}
+
 std::string cannot_open(const std::string& path, const NodeOptions& o,
                         std::error_code ec) {
+  if (const ImageDirs* dirs = confining(o)) {
+    std::string why = dirs->explain(ec, describe_file(path, o), path);
+    if (!why.empty()) return why;
+  }
   if (o.backing && !o.named_by.empty() && o.named_by != "a throwaway overlay")
     return fmt::format("cannot open backing file '{}' of '{}': {}", path,
                        o.named_by, ec.message());
@@ -60,7 +76,8 @@ std::shared_ptr<BlockNode> open_block_node(const std::string& path,
   fo.mode = o.writable ? OpenMode::ReadWrite : OpenMode::ReadOnly;
   fo.direct = o.direct;
   std::error_code ec;
-  std::shared_ptr<File> file = open_posix_file(path, fo, ec);
+  const ImageDirs* dirs = confining(o);
+  std::shared_ptr<File> file = dirs ? dirs->open(path, fo, ec) : open_posix_file(path, fo, ec);
   if (!file) {
     *error = cannot_open(path, o, ec);
     return nullptr;
@@ -114,9 +131,21 @@ std::shared_ptr<BlockNode> open_block_node(const std::string& path,
                            "name one", path);
       return nullptr;
     }
+    const std::string what = fmt::format("data file '{}' of '{}'", header.data_file, path);
+    if (auto why = refuse_protocol_name(what, header.data_file); !why.empty()) {
+      *error = why;
+      return nullptr;
+    }
     node->data_file_path = resolve_relative(path, header.data_file);
-    node->data_file = open_posix_file(node->data_file_path, fo, ec);
+    node->data_file = o.image_dirs ? o.image_dirs->open(node->data_file_path, fo, ec)
+                                   : open_posix_file(node->data_file_path, fo, ec);
     if (!node->data_file) {
+      if (o.image_dirs) {
+        *error = o.image_dirs->explain(
+            ec, fmt::format("data file '{}' of '{}'", node->data_file_path, path),
+            node->data_file_path);
+        if (!error->empty()) return nullptr;
+      }
       *error = fmt::format("cannot open data file '{}' of '{}': {}",
                            node->data_file_path, path, ec.message());
       return nullptr;
@@ -188,9 +217,14 @@ std::shared_ptr<BlockNode> ImageRegistry::open(const std::string& path,
                                                ImageFormat format,
                                                const NodeOptions& o,
                                                std::string* error) {
+  // A confined name is looked up as it will be opened, so that a file
+  // outside is not shared either because some export has it open.
   struct stat st {};
-  if (::stat(path.c_str(), &st) != 0) {
-    *error = cannot_open(path, o, std::error_code(errno, std::generic_category()));
+  std::error_code ec;
+  const ImageDirs* dirs = confining(o);
+  if (dirs ? !dirs->stat(path, &st, ec) : ::stat(path.c_str(), &st) != 0) {
+    if (!dirs) ec = std::error_code(errno, std::generic_category());
+    *error = cannot_open(path, o, ec);
     return nullptr;
   }
   Key key{st.st_dev, st.st_ino, ""};

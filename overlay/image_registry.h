@@ -31,6 +31,7 @@
 #include <string>
 #include <tuple>
 
+#include "overlay/image_dirs.h"
 #include "overlay/image_locks.h"
 #include "qcow2/file.h"
 #include "qcow2/image.h"
@@ -81,6 +82,11 @@ struct NodeOptions {
   bool direct = false;   // O_DIRECT (raw only)
   uint64_t l2_cache_bytes = 128ull << 20;
   bool allow_data_files = false;
+  // Where the names the image records (its data file) may lead and, unless
+  // `trusted_name`, where its own name may (overlay/image_dirs.h): a name
+  // outside is refused. nullptr: anywhere (tools that own their images).
+  const ImageDirs* image_dirs = nullptr;
+  bool trusted_name = false;  // the user named the file itself
   // For check and repair tools: repair a dirty image at open (as a server
   // does), and whether a writable open of a corrupt image is refused.
   bool repair_dirty_on_open = true;

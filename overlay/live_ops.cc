@@ -617,23 +617,45 @@ std::shared_ptr<const Graph> job_graph(const LiveTarget& t, std::string* error) 
   return g;
 }
 
+// The directory `path` would be created in, opened for creating names in
+// it: beneath an allowed image directory when `dirs` confines names. -1
+// with `error` set.
+int open_parent_dir(const std::string& path, const ImageDirs* dirs, std::string* error) {
+  std::string dir = fs::path(path).parent_path().string();
+  if (dir.empty()) dir = ".";
+  std::error_code ec;
+  const int flags = O_RDONLY | O_DIRECTORY | O_CLOEXEC;
+  int fd = dirs ? dirs->open_fd(dir, flags, ec) : ::open(dir.c_str(), flags);
+  if (fd >= 0) return fd;
+  if (!dirs) ec = std::error_code(errno, std::generic_category());
+  *error = dirs ? dirs->explain(ec, fmt::format("snapshot file '{}'", path), path) : "";
+  if (error->empty()) *error = fmt::format("cannot create '{}': {}", path, ec.message());
+  return -1;
+}
+
 // Makes `path` a new empty qcow2 image over `below` (named `backing`):
 // written and synced under a temporary name in the same directory, then
 // renamed into place, so that a kill leaves either no file or a whole one.
+// All three steps go through one descriptor of that directory (no name is
+// looked up twice) and never follow a symlink at the final names.
 bool create_overlay(const std::string& path, const std::string& backing,
-                    const BlockNode& below, std::string* error) {
+                    const BlockNode& below, const ImageDirs* dirs, std::string* error) {
   std::error_code ec;
   if (fs::exists(path, ec)) {
     *error = fmt::format("'{}' already exists; remove it or use mode 'existing'", path);
     return false;
   }
-  const fs::path final_path(path);
-  const std::string temp =
-      (final_path.parent_path() / ("." + final_path.filename().string() + ".layerd-new"))
-          .string();
+  const int dfd = open_parent_dir(path, dirs, error);
+  if (dfd < 0) return false;
+  const std::string name = fs::path(path).filename().string();
+  const std::string temp = "." + name + ".layerd-new";
   FileOptions fo{.mode = OpenMode::ReadWrite, .create = true};
-  auto file = open_posix_file(temp, fo, ec);
+  std::unique_ptr<File> file;
+  int fd = ::openat(dfd, temp.c_str(), posix_open_flags(fo) | O_NOFOLLOW, 0644);
+  if (fd >= 0) file = adopt_posix_fd(fd, fo, ec);
+  else ec = std::error_code(errno, std::generic_category());
   if (!file) {
+    ::close(dfd);
     *error = fmt::format("cannot create '{}': {}", path, ec.message());
     return false;
   }
@@ -646,26 +668,24 @@ bool create_overlay(const std::string& path, const std::string& backing,
   if (st.ok() && (ec = file->flush())) st = qcow2::Status::IoError(ec, "flush");
   file.reset();
   // No replacing: a file that appeared meanwhile stays.
-  if (st.ok() && ::renameat2(AT_FDCWD, temp.c_str(), AT_FDCWD, path.c_str(),
-                             RENAME_NOREPLACE) != 0)
+  if (st.ok() &&
+      ::renameat2(dfd, temp.c_str(), dfd, name.c_str(), RENAME_NOREPLACE) != 0)
     st = qcow2::Status::IoError(std::error_code(errno, std::generic_category()),
                                 "renaming it into place");
   if (st.ok()) {
     // The name must survive a crash before the export writes into it.
-    std::string dir = final_path.parent_path().string();
-    int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd < 0 || ::fsync(dfd) != 0)
+    if (::fsync(dfd) != 0) {
       st = qcow2::Status::IoError(std::error_code(errno, std::generic_category()),
                                   "syncing its directory");
-    if (dfd >= 0) ::close(dfd);
-    if (!st.ok()) fs::remove(path, ec);
+      ::unlinkat(dfd, name.c_str(), 0);
+    }
   }
   if (!st.ok()) {
-    fs::remove(temp, ec);
+    ::unlinkat(dfd, temp.c_str(), 0);
     *error = fmt::format("cannot create '{}': {}", path, st.message());
-    return false;
   }
-  return true;
+  ::close(dfd);
+  return st.ok();
 }
 
 }  // namespace
@@ -687,11 +707,18 @@ bool live_snapshot(const LiveTarget& t, const SnapshotRequest& r, std::string* e
     *error = "Parameter 'snapshot-file' is missing";
     return false;
   }
+  if (auto why = refuse_protocol_name(fmt::format("snapshot file '{}'", r.file), r.file);
+      !why.empty()) {
+    *error = why;
+    return false;
+  }
   std::error_code ec;
   const std::string backing = fs::absolute(old_top->path, ec).lexically_normal().string();
-  if (!r.existing && !create_overlay(r.file, backing, *old_top, error)) return false;
+  if (!r.existing && !create_overlay(r.file, backing, *old_top, t.image_dirs.get(), error))
+    return false;
   NodeOptions no;
   no.writable = true;
+  no.image_dirs = t.image_dirs.get();
   std::shared_ptr<BlockNode> node =
       t.registry->open(r.file, ImageFormat::Qcow2, no, error);
   if (!node) return false;

@@ -42,6 +42,9 @@ struct LiveTarget {
   std::string device;  // the export's name
   std::shared_ptr<GraphLayer> layer;
   ImageRegistry* registry = nullptr;
+  // Where file names the client sends (a snapshot file) may lead; nullptr:
+  // anywhere.
+  std::shared_ptr<const ImageDirs> image_dirs;
   // The name of another user (an export) of `node` outside this export's
   // graph, or "" if none: such a node must not be changed.
   std::function<std::string(const BlockNode& node)> other_user;

@@ -4,6 +4,8 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <linux/openat2.h>
+#include <sys/syscall.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -443,18 +445,16 @@ class MemoryFile final : public File {
 
 }  // namespace
 
-std::unique_ptr<File> open_posix_file(const std::string& path,
-                                      const FileOptions& options,
-                                      std::error_code& ec) {
+int posix_open_flags(const FileOptions& options) {
   int flags = O_CLOEXEC;
   flags |= options.mode == OpenMode::ReadWrite ? O_RDWR : O_RDONLY;
   if (options.direct) flags |= O_DIRECT;
   if (options.create && options.mode == OpenMode::ReadWrite) flags |= O_CREAT;
-  int fd = ::open(path.c_str(), flags, 0644);
-  if (fd < 0) {
-    ec = errno_code();
-    return nullptr;
-  }
+  return flags;
+}
+
+std::unique_ptr<File> adopt_posix_fd(int fd, const FileOptions& options,
+                                     std::error_code& ec) {
   struct stat st {};
   if (::fstat(fd, &st) != 0) {
     ec = errno_code();
@@ -484,6 +484,38 @@ std::unique_ptr<File> open_posix_file(const std::string& path,
   ec.clear();
   return std::make_unique<PosixFile>(fd, options.mode == OpenMode::ReadWrite,
                                      block_device, options.direct, size);
+}
+
+std::unique_ptr<File> open_posix_file(const std::string& path,
+                                      const FileOptions& options,
+                                      std::error_code& ec) {
+  int fd = ::open(path.c_str(), posix_open_flags(options), 0644);
+  if (fd < 0) {
+    ec = errno_code();
+    return nullptr;
+  }
+  return adopt_posix_fd(fd, options, ec);
+}
+
+int open_beneath(int dir_fd, const std::string& relative, int flags,
+                 std::error_code& ec) {
+  open_how how{};
+  how.flags = static_cast<uint64_t>(flags | O_CLOEXEC);
+  how.mode = (flags & O_CREAT) ? 0644 : 0;
+  how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
+  // EAGAIN: a rename raced with a ".." lookup; the kernel asks for a retry
+  // (a bounded number: a rename loop must not keep layerd here).
+  long fd;
+  int retries = 64;
+  do {
+    fd = ::syscall(SYS_openat2, dir_fd, relative.c_str(), &how, sizeof how);
+  } while (fd < 0 && (errno == EINTR || (errno == EAGAIN && --retries > 0)));
+  if (fd < 0) {
+    ec = errno_code();
+    return -1;
+  }
+  ec.clear();
+  return static_cast<int>(fd);
 }
 
 std::error_code File::pread_nowait(std::span<std::byte>, uint64_t) {

@@ -166,6 +166,26 @@ std::unique_ptr<File> open_posix_file(const std::string& path,
                                       const FileOptions& options,
                                       std::error_code& ec);
 
+// The open(2) flags open_posix_file uses for `options` (O_CLOEXEC always).
+int posix_open_flags(const FileOptions& options);
+
+// A File for `fd`, a descriptor opened with posix_open_flags(options); it
+// takes the descriptor (closed on failure too). Fails like open_posix_file
+// for directories and special files.
+std::unique_ptr<File> adopt_posix_fd(int fd, const FileOptions& options,
+                                     std::error_code& ec);
+
+// Opens `relative` beneath the directory open on `dir_fd` with openat2(2)
+// and RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS: the kernel resolves every
+// component, so a name that would lead out of the directory (a `..` above
+// it, an absolute name, a symlink pointing out, also one swapped in while
+// the name is resolved) fails with EXDEV, a /proc magic link with ELOOP.
+// ENOSYS where the kernel has no openat2 (before Linux 5.6). `flags` as for
+// open(2) (O_PATH for just the file's identity). A descriptor, or -1 with
+// `ec` set.
+int open_beneath(int dir_fd, const std::string& relative, int flags,
+                 std::error_code& ec);
+
 // A file with no name in directory `dir`, for throwaway overlays: made with
 // O_TMPFILE where the file system has it (so it can be given a name later,
 // see link_temp_file), else created and unlinked at once. Either way it

@@ -251,6 +251,7 @@ void Control::live_target(const std::string& device, LiveTarget* out, bool as_no
   out->device = device;
   out->layer = std::dynamic_pointer_cast<GraphLayer>(e->layer);
   out->registry = &images_;
+  out->image_dirs = e->image_dirs;
   out->other_user = [this, device](const BlockNode& node) -> std::string {
     for (const auto& other : exports_.all()) {
       if (other->name == device) continue;

@@ -73,6 +73,9 @@ struct Export {
   std::shared_ptr<Layer> layer;
   ExportPolicy policy;
   std::vector<ExportedBitmap> bitmaps;  // -B, in the order given
+  // Where the names its images record, and file names a QMP client sends
+  // for it (a live snapshot), may lead.
+  std::shared_ptr<const ImageDirs> image_dirs;
 
   // Per-client overlays: set for such an export.
   struct PerClient {

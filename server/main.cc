@@ -37,12 +37,15 @@ int fail(const std::string& message) {
 
 // Without -f, only the image the user named is examined (as qemu-nbd does);
 // formats of backing images are never guessed.
-bool detect_format(const std::string& path, ImageFormat* format,
-                   std::string& error) {
+// A name from a QMP client is looked at only inside `confine`.
+bool detect_format(const std::string& path, const ImageDirs* confine,
+                   ImageFormat* format, std::string& error) {
   std::error_code ec;
-  auto file = open_posix_file(path, FileOptions{}, ec);
+  auto file = confine ? confine->open(path, FileOptions{}, ec)
+                      : open_posix_file(path, FileOptions{}, ec);
   if (!file) {
-    error = fmt::format("cannot open '{}': {}", path, ec.message());
+    if (confine) error = confine->explain(ec, fmt::format("image '{}'", path), path);
+    if (error.empty()) error = fmt::format("cannot open '{}': {}", path, ec.message());
     return false;
   }
   std::byte magic[4] = {};
@@ -132,17 +135,63 @@ bool find_bitmaps(const ExportSpec& spec, bool read_only,
   return true;
 }
 
+// The allowed image directories (overlay/image_dirs.h): those of
+// --image-dir, to which each export given on the command line or in
+// --config adds its image's directory; an image named over QMP
+// (block-export-add) must lie in `for_qmp`, the directories of --image-dir
+// and of the images given at start.
+struct ImagePolicy {
+  ImageDirs user;
+  ImageDirs for_qmp;
+};
+
+bool make_image_policy(const ServerOptions& o, ImagePolicy* policy, std::string& error) {
+  for (const auto& dir : o.image_dirs)
+    if (!policy->user.add(dir, &error)) return false;
+  policy->for_qmp = policy->user;
+  for (const auto& spec : o.exports) {
+    std::string ignored;  // a missing image fails when its export opens
+    if (!policy->for_qmp.everywhere())
+      (void)policy->for_qmp.add(std::filesystem::path(spec.file).parent_path().string(),
+                                &ignored);
+  }
+  return true;
+}
+
+// The directories the chain of `spec` may use.
+std::shared_ptr<ImageDirs> image_dirs_of(const ImagePolicy& policy, const ExportSpec& spec,
+                                         bool named_over_qmp, std::string& error) {
+  auto dirs = std::make_shared<ImageDirs>(named_over_qmp ? policy.for_qmp : policy.user);
+  if (!named_over_qmp && !dirs->everywhere() &&
+      !dirs->add(std::filesystem::path(spec.file).parent_path().string(), &error)) {
+    error = fmt::format("cannot open '{}': {}", spec.file, error);
+    return nullptr;
+  }
+  return dirs;
+}
+
 // Opens the chain of `spec` and builds its export: served as it is, with
 // one throwaway overlay (-s), or with an overlay per client.
-std::shared_ptr<Export> open_export(const ServerOptions& o, ExportSpec spec,
-                                    std::string& error) {
+std::shared_ptr<Export> open_export(const ServerOptions& o, const ImagePolicy& policy,
+                                    ExportSpec spec, std::string& error,
+                                    bool named_over_qmp = false) {
+  if (named_over_qmp) {
+    if (auto why = refuse_protocol_name(fmt::format("image '{}'", spec.file), spec.file);
+        !why.empty()) {
+      error = why;
+      return nullptr;
+    }
+  }
+  std::shared_ptr<ImageDirs> dirs = image_dirs_of(policy, spec, named_over_qmp, error);
+  if (!dirs) return nullptr;
   // As qemu-nbd: -s with -r serves read-only; nothing can be written, so
   // no overlay is needed.
   const ExportSpec asked = spec;
   if (spec.read_only && spec.overlay == OverlayMode::Temp) spec.overlay = OverlayMode::None;
   ImageFormat format;
   if (spec.format.empty()) {
-    if (!detect_format(spec.file, &format, error)) return nullptr;
+    if (!detect_format(spec.file, named_over_qmp ? dirs.get() : nullptr, &format, error))
+      return nullptr;
   } else if (!parse_image_format(spec.format, &format)) {
     error = fmt::format("unknown format '{}'", spec.format);
     return nullptr;
@@ -158,6 +207,8 @@ std::shared_ptr<Export> open_export(const ServerOptions& o, ExportSpec spec,
   co.force_share = o.force_share;
   co.direct = direct;
   co.allow_data_files = o.allow_data_file;
+  co.image_dirs = dirs.get();
+  co.trusted_top = !named_over_qmp;
   co.l2_cache_bytes = o.l2_cache_bytes;
   co.snapshot = spec.snapshot;
   co.under_overlay = spec.overlay != OverlayMode::None;
@@ -178,6 +229,7 @@ std::shared_ptr<Export> open_export(const ServerOptions& o, ExportSpec spec,
   e->name = spec.name;
   e->description = spec.description;
   e->policy = policy_of(o, spec);
+  e->image_dirs = dirs;
   if (!find_bitmaps(spec, e->policy.read_only, nodes, &e->bitmaps, error))
     return nullptr;
   TempOverlayOptions overlay{
@@ -258,15 +310,16 @@ std::shared_ptr<Export> open_export(const ServerOptions& o, ExportSpec spec,
 
 // Opens every export; writable ones first, so that a read-only export of
 // the same file shares the writable image (see ImageRegistry).
-bool open_exports(const ServerOptions& o, const std::vector<ExportSpec>& specs,
-                  ExportRegistry& exports, std::string& error) {
+bool open_exports(const ServerOptions& o, const ImagePolicy& policy,
+                  const std::vector<ExportSpec>& specs, ExportRegistry& exports,
+                  std::string& error) {
   std::vector<const ExportSpec*> order;
   for (const auto& spec : specs) order.push_back(&spec);
   std::stable_partition(order.begin(), order.end(), [&](const ExportSpec* s) {
     return !policy_of(o, *s).read_only && s->overlay == OverlayMode::None;
   });
   for (const ExportSpec* spec : order) {
-    auto e = open_export(o, *spec, error);
+    auto e = open_export(o, policy, *spec, error);
     if (!e) {
       if (specs.size() > 1) error = fmt::format("export '{}': {}", spec->name, error);
       return false;
@@ -281,7 +334,8 @@ bool open_exports(const ServerOptions& o, const std::vector<ExportSpec>& specs,
 // are opened, and only when all of them open are they installed, in one
 // step: connected clients keep the export they negotiated. Names no longer
 // in the file go; exports from --export are never touched.
-void reload_config(const ServerOptions& o, ExportRegistry& exports, Control* control) {
+void reload_config(const ServerOptions& o, const ImagePolicy& policy,
+                   ExportRegistry& exports, Control* control) {
   static std::mutex one_at_a_time;
   std::lock_guard lock(one_at_a_time);
   std::unique_lock<std::mutex> no_commands;
@@ -316,7 +370,7 @@ void reload_config(const ServerOptions& o, ExportRegistry& exports, Control* con
         if (auto why = control->job_on(name); !why.empty()) return keep_as_is(why);
   ExportRegistry fresh;
   std::string error;
-  if (!open_exports(o, changed, fresh, error)) return keep_as_is(error);
+  if (!open_exports(o, policy, changed, fresh, error)) return keep_as_is(error);
   if (control)
     for (const auto& e : fresh.all())
       if (auto why = control->refuse_new_export(*e); !why.empty()) return keep_as_is(why);
@@ -425,8 +479,10 @@ int run(int argc, char** argv) {
       (!o.socket_path.empty() || o.port_given || o.bind_given))
     return fail("-k, -p and -b cannot be used with socket activation");
 
+  ImagePolicy policy;
+  if (!make_image_policy(o, &policy, error)) return fail(error);
   ExportRegistry exports;
-  if (!open_exports(o, o.exports, exports, error)) return fail(error);
+  if (!open_exports(o, policy, o.exports, exports, error)) return fail(error);
   if (listeners.empty()) {
     listeners = open_listeners(o, error);
     if (listeners.empty()) return fail(error);
@@ -439,8 +495,8 @@ int run(int argc, char** argv) {
     qmp = std::make_unique<QmpServer>();
     control = std::make_unique<Control>(
         exports, process_registry(), *qmp,
-        [&o](const ExportSpec& spec, std::string* why) {
-          return open_export(o, spec, *why);
+        [&o, &policy](const ExportSpec& spec, std::string* why) {
+          return open_export(o, policy, spec, *why, /*named_over_qmp=*/true);
         });
     control->register_commands();
     for (const auto& path : o.qmp_sockets)
@@ -469,7 +525,7 @@ int run(int argc, char** argv) {
   config.worker_threads = o.threads ? o.threads : default_worker_threads();
   config.tls = tls.get();
   if (!o.config_file.empty())
-    config.reload = [&] { reload_config(o, exports, control.get()); };
+    config.reload = [&] { reload_config(o, policy, exports, control.get()); };
   if (qmp) qmp->start();
   int status = serve(config, exports, std::move(listeners));
   if (qmp) qmp->stop();

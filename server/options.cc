@@ -32,6 +32,7 @@ enum LongOnly {
   kOptHandshakeLimit,
   kOptThreads,
   kOptAllowDataFile,
+  kOptImageDir,
   kOptL2CacheSize,
   kOptObject,
   kOptTlsCreds,
@@ -104,6 +105,7 @@ const option kLongOptions[] = {
     {"handshake-limit", required_argument, nullptr, kOptHandshakeLimit},
     {"threads", required_argument, nullptr, kOptThreads},
     {"allow-data-file", no_argument, nullptr, kOptAllowDataFile},
+    {"image-dir", required_argument, nullptr, kOptImageDir},
     {"l2-cache-size", required_argument, nullptr, kOptL2CacheSize},
     {"temp-dir", required_argument, nullptr, kOptTempDir},
     {"overlay", required_argument, nullptr, kOptOverlay},
@@ -592,6 +594,10 @@ Image options:
   -T, --trace=PATTERN       accepted for compatibility; ignored
       --allow-data-file     open the external data file a qcow2 image names
                             (data_file); refused otherwise
+      --image-dir=DIR       follow backing and data file names (and file
+                            names sent over QMP) into DIR too; by default
+                            only into the exported image's directory;
+                            repeatable; / follows them anywhere
       --l2-cache-size=SIZE  qcow2 mapping cache per image (default 128M,
                             which maps 1 TiB at 64 KiB clusters)
 
@@ -738,6 +744,7 @@ ParseResult parse_command_line(int argc, char** argv) {
         break;
       }
       case kOptAllowDataFile: o.allow_data_file = true; break;
+      case kOptImageDir: o.image_dirs.emplace_back(arg); break;
       case kOptL2CacheSize: {
         auto n = parse_size(arg);
         if (!n || *n < (1u << 20))

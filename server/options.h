@@ -74,6 +74,10 @@ struct ServerOptions {
   DetectZeroes detect_zeroes = DetectZeroes::Off;
 
   bool allow_data_file = false;     // --allow-data-file
+  // --image-dir DIR (repeatable): where backing and data file names, and
+  // file names sent over QMP, may lead, besides each exported image's own
+  // directory; "/" follows names anywhere (overlay/image_dirs.h).
+  std::vector<std::string> image_dirs;
   uint64_t l2_cache_bytes = 128ull << 20;  // --l2-cache-size, per image
 
   uint32_t max_request_size = 32u << 20;
