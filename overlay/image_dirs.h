@@ -41,7 +41,6 @@ class ImageDirs {
 
   // True if `/` is among the directories: names are followed anywhere.
   bool everywhere() const { return everywhere_; }
-  bool empty() const { return dirs_.empty() && !everywhere_; }
 
   // "/img, /data" for messages.
   std::string describe() const;
