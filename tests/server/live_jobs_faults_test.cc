@@ -738,7 +738,8 @@ TEST_F(LiveJobFullDisk, StreamIntoAFullTopFailsAndReadsStayCorrect) {
   run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", path("mid.qcow2"), "-F", "qcow2",
               small("top.qcow2")});
   run_expect({"qemu-io", "-c", "write -P 0x33 6M 256k", small("top.qcow2")});
-  ASSERT_NO_FATAL_FAILURE(start_server(small("top.qcow2")));
+  // The chain below lies in <work>, the top's parent directory.
+  ASSERT_NO_FATAL_FAILURE(start_server(small("top.qcow2"), {"--image-dir", work_.string()}));
   const auto chain_before = chain();
   ASSERT_EQ(chain_before.size(), 3u);
   const auto content = qemu_view(small("top.qcow2"));

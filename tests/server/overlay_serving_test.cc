@@ -219,9 +219,12 @@ TEST_F(OverlayServing, KeptOverlayIsAValidOverlayOfTheChainWithItsClusterSize) {
   EXPECT_NE(info.out.find("\"backing-filename-format\": \"qcow2\""), std::string::npos) << info.out;
   run_expect({"qemu-io", "-c", "read -P 0x11 0 4k", "-c", "read -P 0x77 4k 8k", "-c",
               "read -P 0x11 12k 8180k", kept[0].string()});
-  // layerd serves the kept file over the original chain too.
+  // layerd serves the kept file over the original chain too, once the
+  // chain's directory is allowed (the kept file is in keep/).
   Server again;
-  ASSERT_TRUE(start({"-r", "-f", "qcow2", kept[0].string()}, again, dir_ / "again.sock"));
+  ASSERT_TRUE(start({"-r", "-f", "qcow2", "--image-dir", dir_.path().string(),
+                     kept[0].string()},
+                    again, dir_ / "again.sock"));
   Nbd h = connect("", dir_ / "again.sock");
   ASSERT_TRUE(h);
   ASSERT_NO_FATAL_FAILURE(expect_bytes(h.get(), 4096, 8192, 0x77));
