@@ -257,6 +257,8 @@ TEST_F(ImageDirs, ReloadedExportWithBackingOutsideIsRefused) {
   o.unix_socket = socket();
   o.log_file = dir_ / "server.log";
   ASSERT_TRUE(server_.start(o)) << server_.error();
+  // Served: the server handles SIGHUP from now on.
+  EXPECT_EQ(read_start("near"), pattern(0, 4096, 8));
   write_config("[export]\nname = top\nfile = " + top.string() +
                "\nformat = qcow2\nread-only = on\n");
   server_.signal(SIGHUP);
