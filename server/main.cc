@@ -44,8 +44,9 @@ bool detect_format(const std::string& path, const ImageDirs* confine,
   auto file = confine ? confine->open(path, FileOptions{}, ec)
                       : open_posix_file(path, FileOptions{}, ec);
   if (!file) {
-    if (confine) error = confine->explain(ec, fmt::format("image '{}'", path), path);
-    if (error.empty()) error = fmt::format("cannot open '{}': {}", path, ec.message());
+    std::string why;
+    if (confine) why = confine->explain(ec, fmt::format("image '{}'", path), path);
+    error = why.empty() ? fmt::format("cannot open '{}': {}", path, ec.message()) : why;
     return false;
   }
   std::byte magic[4] = {};
