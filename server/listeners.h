@@ -15,15 +15,15 @@ namespace layerd {
 struct ListeningSocket {
   int fd = -1;
   int family = 0;         // AF_INET, AF_INET6 or AF_UNIX
-  // Socket activation: its name in LISTEN_FDNAMES (systemd's
-  // FileDescriptorName=, by default the unit's name); "" if none was given.
-  std::string activation_name;
   std::string unix_path;  // removed at exit when layerd created it
   // The socket file layerd created: exit removes `unix_path` only while it
   // is still this file, not one a new server made at the same path after
   // this one was deleted (as scripts restarting a server do).
   dev_t unix_dev = 0;
   ino_t unix_ino = 0;
+  // Socket activation: its name in LISTEN_FDNAMES (systemd's
+  // FileDescriptorName=, by default the unit's name); "" if none was given.
+  std::string activation_name;
 };
 
 // Removes the socket file `l` created, if it is still there.
