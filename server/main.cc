@@ -463,6 +463,9 @@ int run(int argc, char** argv) {
   const ServerOptions& o = *parsed.options;
   g_verbose.store(o.log == LogLevel::Info);
   ::signal(SIGPIPE, SIG_IGN);
+  // SIGHUP re-reads --config once serving; until then (the config was
+  // just read) one must not kill layerd, as its default action would.
+  if (!o.config_file.empty()) ::signal(SIGHUP, SIG_IGN);
 
   if (o.list) return list_exports_of_server(o);
 
