@@ -5,6 +5,7 @@
 // message is dispatched at once, in the order received.
 #include "server/qmp_protocol.h"
 
+#include <cmath>
 #include <cstdio>
 #include <stdexcept>
 
@@ -228,6 +229,23 @@ json::object version_info() {
 }
 
 const char* const kBuiltins[] = {"qmp_capabilities", "query-version", "query-commands"};
+
+// A number too large for a double parses as infinity, which JSON cannot
+// write back (an "id" is echoed): such a message is refused as a whole.
+bool has_non_finite_number(const json::value& v) {
+  switch (v.kind()) {
+    case json::kind::double_: return !std::isfinite(v.get_double());
+    case json::kind::array:
+      for (const auto& e : v.get_array())
+        if (has_non_finite_number(e)) return true;
+      return false;
+    case json::kind::object:
+      for (const auto& kv : v.get_object())
+        if (has_non_finite_number(kv.value())) return true;
+      return false;
+    default: return false;
+  }
+}
 
 bool is_builtin(std::string_view name) {
   for (const char* b : kBuiltins)
@@ -485,6 +503,8 @@ void QmpCommands::add(std::string name, Handler handler) {
 
 std::string QmpCommands::dispatch(const json::value& msg, bool* negotiated) const {
   if (!msg.is_object()) return error_line(nullptr, "GenericError", "QMP input must be a JSON object");
+  if (has_non_finite_number(msg))
+    return error_line(nullptr, "GenericError", "JSON parse error, number out of range");
   const json::object& o = msg.get_object();
   const json::value* id = o.if_contains("id");
   const json::value* execute = nullptr;

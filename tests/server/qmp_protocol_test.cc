@@ -53,6 +53,23 @@ TEST(QmpSession, BadMessageThenGoodOnesInOneReadAreAllAnswered) {
   EXPECT_EQ(answers(stream, 1), expected);
 }
 
+// Found by the qmp fuzzer in the clean-clone CI run (tests/fuzz/
+// regressions/qmp/id-too-large-for-a-double): 1.5e315 parses as infinity,
+// and echoing that id wrote `"id": inf`, which is not JSON. Such numbers
+// anywhere in a message refuse it; its neighbours are answered as ever.
+TEST(QmpSession, NumbersTooLargeForADoubleRefuseTheMessageInsteadOfWritingInf) {
+  std::string stream(kCaps);
+  stream += "{\"execute\": \"echo\", \"id\": 1.5e315}\n";
+  stream += "{\"execute\": \"echo\", \"arguments\": {\"n\": [-1e400]}}\n";
+  stream += "{\"execute\": \"echo\", \"id\": 1e300, \"arguments\": {\"n\": 1}}\n";
+  const std::string refused =
+      "{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, number out of "
+      "range\"}}\r\n";
+  const std::vector<std::string> expected = {"{\"return\": {}}\r\n", refused, refused,
+                                             "{\"return\": {\"n\": 1}, \"id\": 1.0000000000000001e+300}\r\n"};
+  EXPECT_EQ(answers(stream), expected);
+}
+
 TEST(QmpSession, AnswersDoNotDependOnHowTheStreamIsCut) {
   std::string stream(kCaps);
   for (const char* m :
