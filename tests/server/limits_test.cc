@@ -8,6 +8,7 @@
 #include <libnbd.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -427,6 +428,13 @@ TEST_F(Limits, TheSocketFileAppearsOnlyOnceItListens) {
   EXPECT_EQ(rc, 0) << "connecting as soon as the file appeared: " << std::strerror(error);
   Nbd h = nbd_connect_to_unix(socket_path());
   EXPECT_TRUE(h) << server_.log();
+  h.reset();
+  // Stopping strace would leave layerd running on its own: stop layerd,
+  // and strace ends with it.
+  std::ifstream children("/proc/" + std::to_string(server_.pid()) + "/task/" +
+                         std::to_string(server_.pid()) + "/children");
+  for (pid_t child; children >> child;) ::kill(child, SIGTERM);
+  EXPECT_TRUE(wait_until([&] { return !server_.running(); }, 10s));
 }
 
 TEST_F(Limits, AStaleSocketFileIsReplacedWithTheRequestedMode) {
