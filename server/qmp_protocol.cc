@@ -426,6 +426,12 @@ class QmpSession::Splitter {
   void report(OnError& on_error, const boost::system::error_code& ec) {
     if (ec == json::error::too_deep) {
       report(on_error, "JSON nesting depth limit exceeded");
+    } else if (ec == json::error::expected_hex_digit ||
+               ec == json::error::illegal_leading_surrogate ||
+               ec == json::error::illegal_trailing_surrogate) {
+      // Boost.JSON's stream parser names a bad \u escape differently
+      // depending on where the reads cut it: one message for all of them.
+      report(on_error, "JSON parse error, invalid \\u escape");
     } else {
       std::string desc = "JSON parse error, " + ec.message();
       report(on_error, desc.c_str());

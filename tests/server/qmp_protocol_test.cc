@@ -70,6 +70,24 @@ TEST(QmpSession, NumbersTooLargeForADoubleRefuseTheMessageInsteadOfWritingInf) {
   EXPECT_EQ(answers(stream), expected);
 }
 
+// Found by the qmp fuzzer in the clean-clone CI run (tests/fuzz/
+// regressions/qmp/bad-u-escape-named-by-where-it-is-cut): Boost.JSON
+// called the same broken \u escape "expected hex digit" or "illegal
+// trailing surrogate" depending on where the reads cut it.
+TEST(QmpSession, ABadUEscapeGetsOneMessageHoweverTheStreamIsCut) {
+  const std::string refused =
+      "{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, invalid \\\\u "
+      "escape\"}}\r\n";
+  for (const char* bad : {"{\"a\": \"\\ud83d\\u00e9\"}\n", "{\"a\": \"\\ude00\"}\n",
+                          "{\"a\": \"\\ud83d\\uzzzz\"}\n", "{\"a\": \"\\u12\"}\n"}) {
+    std::string stream(kCaps);
+    stream += bad;
+    const std::vector<std::string> expected = {"{\"return\": {}}\r\n", refused};
+    for (size_t piece : {0, 1, 2, 3, 5, 7, 11, 13})
+      EXPECT_EQ(answers(stream, piece), expected) << bad << " in pieces of " << piece;
+  }
+}
+
 TEST(QmpSession, AnswersDoNotDependOnHowTheStreamIsCut) {
   std::string stream(kCaps);
   for (const char* m :
