@@ -1,14 +1,9 @@
 // The job state machine and its controls (see block_job.h).
 #include "overlay/block_job.h"
 
-#include <sys/resource.h>
-#include <unistd.h>
+#include <pthread.h>
 
 namespace layerd {
-
-namespace {
-constexpr int kJobNice = 10;
-}  // namespace
 
 const char* job_status_name(JobStatus s) {
   switch (s) {
@@ -78,10 +73,12 @@ void BlockJob::start(uint64_t speed) {
 }
 
 void BlockJob::thread_main() {
-  // Clients first: on a busy machine the copy takes the CPU time the
-  // serving threads leave (a nice value for this thread alone).
-  (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), kJobNice);
+  // Clients first: the job's thread has a nice value of its own, and
+  // copies in bulk in the background class (job_cpu.h).
+  cpu_.start();
+  (void)::pthread_setname_np(::pthread_self(), ("job:" + id_).substr(0, 15).c_str());
   std::string error = run();
+  cpu_.stop();
   std::unique_lock lock(mutex_);
   busy_ = false;
   paused_ = false;
@@ -163,7 +160,9 @@ bool BlockJob::checkpoint() {
   if (paused_ && !cancel_.load()) {
     busy_ = false;
     set_status(JobStatus::Paused);
+    const auto since = std::chrono::steady_clock::now();
     wake_.wait(lock, [&] { return !paused_ || cancel_.load(); });
+    cpu_.slept(std::chrono::steady_clock::now() - since);
     set_status(JobStatus::Running);
     busy_ = true;
   }
@@ -172,6 +171,7 @@ bool BlockJob::checkpoint() {
 
 void BlockJob::throttle(uint64_t bytes) {
   using namespace std::chrono;
+  cpu_.piece_done();
   std::unique_lock lock(mutex_);
   if (speed_ == 0) return;
   const auto now = steady_clock::now();
@@ -187,6 +187,7 @@ void BlockJob::throttle(uint64_t bytes) {
   wake_.wait_until(lock, due, [&] {
     return cancel_.load() || paused_ || speed_ != speed;
   });
+  cpu_.slept(steady_clock::now() - now);
   busy_ = true;
 }
 

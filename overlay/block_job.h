@@ -32,6 +32,8 @@
 #include <thread>
 #include <vector>
 
+#include "overlay/job_cpu.h"
+
 namespace layerd {
 
 enum class JobStatus {
@@ -122,7 +124,8 @@ class BlockJob {
   // undoes what it must and returns).
   bool checkpoint();
   // Accounts `bytes` of work against the speed limit and sleeps as long
-  // as the limit asks; a pause, a cancel or a speed change wakes it.
+  // as the limit asks; a pause, a cancel or a speed change wakes it. Call
+  // it after every piece: it also runs the bulk copy's starvation guard.
   void throttle(uint64_t bytes);
   void set_len(uint64_t len) { len_.store(len); }
   void add_len(uint64_t more) { len_.fetch_add(more); }
@@ -144,6 +147,19 @@ class BlockJob {
   // and the job ends as it ends (completed, or failed).
   void finishing() { finishing_.store(true); }
   bool force_cancelled() const { return force_.load(); }
+  // While one lives, the job's thread copies in bulk: in the background
+  // CPU class, which any client thread preempts (job_cpu.h). Clients must
+  // not wait for the job meanwhile (no range lock, no paused requests).
+  class BulkCopy {
+   public:
+    explicit BulkCopy(BlockJob& job) : job_(job) { job_.cpu_.set_bulk(true); }
+    ~BulkCopy() { job_.cpu_.set_bulk(false); }
+    BulkCopy(const BulkCopy&) = delete;
+    BulkCopy& operator=(const BulkCopy&) = delete;
+
+   private:
+    BlockJob& job_;
+  };
 
  private:
   void set_status(JobStatus s);  // with mutex_ held
@@ -170,6 +186,7 @@ class BlockJob {
   // Rate limit: the work done since `window_start_`.
   std::chrono::steady_clock::time_point window_start_;
   uint64_t window_bytes_ = 0;
+  JobCpu cpu_;  // the job thread's alone
   std::thread thread_;
 };
 

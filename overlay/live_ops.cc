@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <optional>
 #include <vector>
 
 #include <fmt/format.h>
@@ -258,6 +259,7 @@ class StreamJob final : public LiveJob {
     const uint64_t size = top.size();
     const uint64_t cs = top.cluster_size();
     set_len(size);
+    BulkCopy bulk(*this);
     for (uint64_t pos = 0; pos < size;) {
       if (!checkpoint()) return {};
       const uint64_t piece = std::min(this->piece(), size - pos);
@@ -359,6 +361,7 @@ class CommitJob final : public LiveJob {
   std::string copy_all(const Graph& g, size_t from) {
     const uint64_t size = g.nodes[from]->size;
     set_len(size);
+    BulkCopy bulk(*this);
     for (uint64_t pos = 0; pos < size;) {
       if (!checkpoint()) return {};
       const uint64_t piece = std::min(this->piece(), size - pos);
@@ -414,6 +417,8 @@ class CommitJob final : public LiveJob {
   // `locked`: under the mirror's range lock (sync mode).
   std::string copy_dirty(const Graph& g, Mirror& m, bool throttled, bool locked) {
     uint64_t cursor = 0, offset = 0, length = 0;
+    std::optional<BulkCopy> bulk;
+    if (throttled) bulk.emplace(*this);  // nobody waits for the copy
     while (m.take_dirty(cursor, piece(), &offset, &length)) {
       if (throttled && !checkpoint()) return {};
       const char* op = "read";

@@ -7,6 +7,13 @@
 // epoch() counts exclusive acquisitions: a holder that lets go of the lock
 // and takes it again can tell whether anyone else held it exclusively in
 // between (Image::flush syncs without the lock that way).
+//
+// A thread that may run in a low CPU class (a block job's bulk copy) sets
+// exclusive_hold_hook for itself: it is told before it waits for an
+// exclusive hold and after it lets go of one, so that it can run in the
+// normal class meanwhile. Readers then never wait for a holder that cannot
+// get a CPU. The hook is the calling thread's alone (thread_local) and
+// must not take this lock.
 #pragma once
 
 #include <pthread.h>
@@ -15,6 +22,16 @@
 #include <cstdint>
 
 namespace layerd::qcow2 {
+
+class ExclusiveHoldHook {
+ public:
+  virtual void before_exclusive() = 0;
+  virtual void after_exclusive() = 0;
+
+ protected:
+  ~ExclusiveHoldHook() = default;
+};
+inline thread_local ExclusiveHoldHook* exclusive_hold_hook = nullptr;
 
 class WriterPreferringMutex {
  public:
@@ -31,17 +48,25 @@ class WriterPreferringMutex {
   WriterPreferringMutex& operator=(const WriterPreferringMutex&) = delete;
 
   void lock() {
+    if (exclusive_hold_hook) exclusive_hold_hook->before_exclusive();
     pthread_rwlock_wrlock(&rw_);
     epoch_.fetch_add(1, std::memory_order_relaxed);
   }
   bool try_lock() {
-    if (pthread_rwlock_trywrlock(&rw_) != 0) return false;
+    if (exclusive_hold_hook) exclusive_hold_hook->before_exclusive();
+    if (pthread_rwlock_trywrlock(&rw_) != 0) {
+      if (exclusive_hold_hook) exclusive_hold_hook->after_exclusive();
+      return false;
+    }
     epoch_.fetch_add(1, std::memory_order_relaxed);
     return true;
   }
   // Exclusive acquisitions so far; read it with the lock held.
   uint64_t epoch() const { return epoch_.load(std::memory_order_relaxed); }
-  void unlock() { pthread_rwlock_unlock(&rw_); }
+  void unlock() {
+    pthread_rwlock_unlock(&rw_);
+    if (exclusive_hold_hook) exclusive_hold_hook->after_exclusive();
+  }
   void lock_shared() { pthread_rwlock_rdlock(&rw_); }
   bool try_lock_shared() { return pthread_rwlock_tryrdlock(&rw_) == 0; }
   void unlock_shared() { pthread_rwlock_unlock(&rw_); }

@@ -21,12 +21,14 @@
 //
 // LAYERD_FAULT_ROUNDS sets the rounds per crash test (default 3; the cancel
 // tests do one fewer).
+#include <sched.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cstdlib>
+#include <fstream>
 #include <functional>
 #include <optional>
 #include <random>
@@ -1040,6 +1042,53 @@ TEST_F(LiveJobSpeed, CommitTakesDataOverSpeedSeconds) {
         return json::object{{"device", "disk"}, {"top", path("mid.qcow2")}, {"speed", 2 * MiB}};
       },
       4.0);
+}
+
+
+// The scheduling policy (SCHED_*) of each thread of `pid` whose name
+// starts with `prefix` (/proc/PID/task/TID/stat, field 41).
+std::vector<int> thread_policies(pid_t pid, const std::string& prefix) {
+  std::vector<int> out;
+  std::error_code ec;
+  for (const auto& t : fs::directory_iterator("/proc/" + std::to_string(pid) + "/task", ec)) {
+    std::ifstream comm(t.path() / "comm");
+    std::string name;
+    std::getline(comm, name);
+    if (name.rfind(prefix, 0) != 0) continue;
+    std::ifstream stat(t.path() / "stat");
+    std::string line;
+    std::getline(stat, line);
+    std::istringstream fields(line.substr(line.rfind(')') + 2));  // from field 3 on
+    std::string f;
+    for (int i = 3; i <= 41 && fields >> f; ++i)
+      if (i == 41) out.push_back(std::stoi(f));
+  }
+  return out;
+}
+
+// The bulk copy gives way to clients: the job's thread ("job:ID") copies in
+// the background class (SCHED_IDLE, overlay/job_cpu.h) and goes with the job.
+TEST_F(LiveJobSpeed, TheBulkCopyRunsInTheBackgroundCpuClass) {
+  begin_round(0);
+  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", path("base.qcow2"), "8M"});
+  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+              path("mid.qcow2")});
+  run_expect({"qemu-io", "-c", "write -P 0x22 0 8M", path("mid.qcow2")});
+  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
+              path("top.qcow2")});
+  ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+  execute("block-commit", {{"device", "disk"}, {"job-id", "bulk"}, {"top", path("mid.qcow2")},
+                           {"speed", 2 * MiB}});
+  std::vector<int> policies;
+  wait_until([&] {
+    policies = thread_policies(server_->pid(), "job:bulk");
+    return !policies.empty() && policies[0] == SCHED_IDLE;
+  }, 3s);
+  EXPECT_EQ(policies, std::vector<int>{SCHED_IDLE});
+  json::object done = wait_event("BLOCK_JOB_COMPLETED");
+  EXPECT_FALSE(done.contains("error")) << json::serialize(done);
+  wait_until([&] { return thread_policies(server_->pid(), "job:").empty(); }, 3s);
+  EXPECT_EQ(thread_policies(server_->pid(), "job:"), std::vector<int>{});
 }
 
 }  // namespace

@@ -1,0 +1,130 @@
+// The block job thread's CPU class (see job_cpu.h).
+#include "overlay/job_cpu.h"
+
+#include <sched.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <mutex>
+#include <optional>
+#include <thread>
+
+namespace layerd {
+
+namespace {
+
+uint64_t thread_cpu_ns() {
+  timespec ts{};
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000u + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+bool set_policy(int policy) {
+  sched_param p{};
+  return ::sched_setscheduler(0, policy, &p) == 0;  // 0: the calling thread
+}
+
+// Whether a thread may leave SCHED_IDLE for the normal class at kJobNice
+// again: unprivileged, only when RLIMIT_NICE allows that nice value
+// (systemd's LimitNICE=+10), and a seccomp filter may forbid both. Tried
+// on a thread of its own, so that no job thread is left stuck in the
+// background class; again only when the user or the limit changed.
+bool background_class_usable() {
+  struct Probe {
+    uid_t euid;
+    rlim_t nice_limit;
+    bool usable;
+  };
+  static std::mutex mutex;
+  static std::optional<Probe> last;
+  rlimit nice_limit{};
+  (void)::getrlimit(RLIMIT_NICE, &nice_limit);
+  const uid_t euid = ::geteuid();
+  std::lock_guard lock(mutex);
+  if (last && last->euid == euid && last->nice_limit == nice_limit.rlim_cur) return last->usable;
+  bool usable = false;
+  std::thread probe([&] {
+    (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), JobCpu::kJobNice);
+    usable = set_policy(SCHED_IDLE) && set_policy(SCHED_OTHER);
+  });
+  probe.join();
+  if (!usable)
+    std::fprintf(stderr,
+                 "layerd: block jobs run at nice %d, not in the background class "
+                 "(SCHED_IDLE): leaving it again needs RLIMIT_NICE of at least %d "
+                 "(systemd: LimitNICE=+%d) or CAP_SYS_NICE\n",
+                 JobCpu::kJobNice, 20 - JobCpu::kJobNice, JobCpu::kJobNice);
+  last = Probe{euid, nice_limit.rlim_cur, usable};
+  return usable;
+}
+
+}  // namespace
+
+JobCpu::JobCpu(std::function<Clock::time_point()> now, CpuTime cpu_time)
+    : now_(now ? std::move(now) : [] { return Clock::now(); }),
+      cpu_time_(cpu_time ? std::move(cpu_time) : thread_cpu_ns) {}
+
+void JobCpu::start() {
+  (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), kJobNice);
+  usable_ = background_class_usable();
+  qcow2::exclusive_hold_hook = this;
+}
+
+void JobCpu::stop() {
+  qcow2::exclusive_hold_hook = nullptr;
+  bulk_ = false;
+  apply();
+}
+
+void JobCpu::set_bulk(bool bulk) {
+  bulk_ = bulk;
+  boosted_ = false;
+  apply();
+  new_window();
+}
+
+void JobCpu::before_exclusive() {
+  if (exclusive_holds_++ == 0) apply();
+}
+
+void JobCpu::after_exclusive() {
+  if (--exclusive_holds_ == 0) apply();
+}
+
+void JobCpu::piece_done() {
+  if (!bulk_) return;
+  const Clock::time_point now = now_();
+  const Clock::duration elapsed = now - window_start_;
+  if (elapsed < kWindow) return;
+  if (boosted_) {
+    boosted_ = false;  // a window in the normal class is over
+    apply();
+  } else {
+    const Clock::duration wanted = elapsed - std::min(slept_, elapsed);
+    const uint64_t cpu = cpu_time_() - window_cpu_;
+    const auto wanted_ns = static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(wanted).count());
+    if (wanted_ns >= kWindow / std::chrono::nanoseconds(1) / 2 &&
+        static_cast<double>(cpu) < kStarvedShare * static_cast<double>(wanted_ns)) {
+      boosted_ = true;
+      apply();
+    }
+  }
+  new_window();
+}
+
+void JobCpu::apply() {
+  const bool on = usable_ && bulk_ && !boosted_ && exclusive_holds_ == 0;
+  if (on == background_) return;
+  if (set_policy(on ? SCHED_IDLE : SCHED_OTHER)) background_ = on;
+}
+
+void JobCpu::new_window() {
+  window_start_ = now_();
+  window_cpu_ = cpu_time_();
+  slept_ = {};
+}
+
+}  // namespace layerd

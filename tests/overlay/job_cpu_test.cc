@@ -1,0 +1,219 @@
+// The block job thread's CPU class (overlay/job_cpu.h): the bulk copy in
+// SCHED_IDLE, the normal class (at the job's nice value) around exclusive
+// image locks and outside the bulk copy, and the starvation guard, driven
+// by a fake clock and a fake CPU time. Each case runs on a thread of its
+// own, since the class is a thread's.
+#include "overlay/job_cpu.h"
+
+#include <gtest/gtest.h>
+#include <sched.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <future>
+#include <mutex>
+#include <shared_mutex>
+#include <thread>
+
+#include "qcow2/rwlock.h"
+
+namespace layerd {
+namespace {
+
+using namespace std::chrono_literals;
+
+int policy() { return ::sched_getscheduler(0); }
+
+// Runs `body` on a new thread (a job thread of its own).
+template <typename F>
+void on_thread(F body) {
+  std::thread t(body);
+  t.join();
+}
+
+// Whether this process may use the background class at all (root, or
+// RLIMIT_NICE allowing the job's nice value).
+bool background_usable() {
+  bool usable = false;
+  on_thread([&] {
+    JobCpu cpu;
+    cpu.start();
+    cpu.set_bulk(true);
+    usable = cpu.background();
+    cpu.stop();
+  });
+  return usable;
+}
+#define SKIP_WITHOUT_BACKGROUND_CLASS() \
+  if (!background_usable()) GTEST_SKIP() << "RLIMIT_NICE does not allow nice " << JobCpu::kJobNice
+
+// A clock and a CPU time the test moves.
+struct FakeTime {
+  JobCpu::Clock::time_point now{};
+  uint64_t cpu_ns = 0;
+  JobCpu make() {
+    return JobCpu([this] { return now; }, [this] { return cpu_ns; });
+  }
+  void pass(std::chrono::milliseconds wall, std::chrono::milliseconds cpu) {
+    now += wall;
+    cpu_ns += static_cast<uint64_t>(std::chrono::nanoseconds(cpu).count());
+  }
+};
+
+TEST(JobCpu, TheBulkCopyRunsInTheBackgroundClassAndTheRestAtTheJobsNiceValue) {
+  SKIP_WITHOUT_BACKGROUND_CLASS();
+  on_thread([] {
+    JobCpu cpu;
+    cpu.start();
+    EXPECT_EQ(policy(), SCHED_OTHER);
+    EXPECT_EQ(::getpriority(PRIO_PROCESS, static_cast<id_t>(::gettid())), JobCpu::kJobNice);
+    cpu.set_bulk(true);
+    EXPECT_EQ(policy(), SCHED_IDLE);
+    EXPECT_TRUE(cpu.background());
+    cpu.set_bulk(false);
+    EXPECT_EQ(policy(), SCHED_OTHER);
+    EXPECT_EQ(::getpriority(PRIO_PROCESS, static_cast<id_t>(::gettid())), JobCpu::kJobNice);
+    cpu.set_bulk(true);
+    cpu.stop();
+    EXPECT_EQ(policy(), SCHED_OTHER);
+  });
+}
+
+// Readers of an image must never wait for a lock holder that cannot get a
+// CPU: waiting for and holding the exclusive lock is in the normal class.
+TEST(JobCpu, AnExclusiveImageLockIsWaitedForAndHeldInTheNormalClass) {
+  SKIP_WITHOUT_BACKGROUND_CLASS();
+  qcow2::WriterPreferringMutex mu;
+  on_thread([&] {
+    JobCpu cpu;
+    cpu.start();
+    cpu.set_bulk(true);
+    {
+      std::unique_lock lk(mu);
+      EXPECT_EQ(policy(), SCHED_OTHER);
+    }
+    EXPECT_EQ(policy(), SCHED_IDLE);
+    {
+      std::shared_lock lk(mu);  // shared holds block no reader
+      EXPECT_EQ(policy(), SCHED_IDLE);
+    }
+    // A failed try_lock leaves the thread where it was.
+    std::promise<void> held, release;
+    std::thread other([&] {
+      std::shared_lock lk(mu);
+      held.set_value();
+      release.get_future().wait();
+    });
+    held.get_future().wait();
+    EXPECT_FALSE(mu.try_lock());
+    EXPECT_EQ(policy(), SCHED_IDLE);
+    release.set_value();
+    other.join();
+    cpu.stop();
+  });
+  // Threads without a hook are left alone.
+  std::unique_lock lk(mu);
+  EXPECT_EQ(qcow2::exclusive_hold_hook, nullptr);
+}
+
+TEST(JobCpu, AStarvedBulkCopyGetsOneWindowInTheNormalClass) {
+  SKIP_WITHOUT_BACKGROUND_CLASS();
+  on_thread([] {
+    FakeTime t;
+    JobCpu cpu = t.make();
+    cpu.start();
+    cpu.set_bulk(true);
+    t.pass(300ms, 1ms);  // wanted to run for 300 ms, ran for 1
+    cpu.piece_done();
+    EXPECT_EQ(policy(), SCHED_OTHER);
+    t.pass(300ms, 200ms);
+    cpu.piece_done();
+    EXPECT_EQ(policy(), SCHED_IDLE);
+    cpu.stop();
+  });
+}
+
+TEST(JobCpu, ABulkCopyThatGetsItsShareStaysInTheBackground) {
+  SKIP_WITHOUT_BACKGROUND_CLASS();
+  on_thread([] {
+    FakeTime t;
+    JobCpu cpu = t.make();
+    cpu.start();
+    cpu.set_bulk(true);
+    t.pass(100ms, 1ms);  // a window is not over yet
+    cpu.piece_done();
+    EXPECT_EQ(policy(), SCHED_IDLE);
+    t.pass(200ms, 60ms);
+    cpu.piece_done();
+    EXPECT_EQ(policy(), SCHED_IDLE);
+    cpu.stop();
+  });
+}
+
+TEST(JobCpu, TimeSleptForTheRateLimitIsNotStarvation) {
+  SKIP_WITHOUT_BACKGROUND_CLASS();
+  on_thread([] {
+    FakeTime t;
+    JobCpu cpu = t.make();
+    cpu.start();
+    cpu.set_bulk(true);
+    t.pass(300ms, 1ms);
+    cpu.slept(295ms);
+    cpu.piece_done();
+    EXPECT_EQ(policy(), SCHED_IDLE);
+    // Mostly asleep, but starved while awake: still too little to judge.
+    t.pass(300ms, 0ms);
+    cpu.slept(200ms);
+    cpu.piece_done();
+    EXPECT_EQ(policy(), SCHED_IDLE);
+    cpu.stop();
+  });
+}
+
+// Runs a job thread's start and bulk copy in a child process that drops
+// root for nobody with RLIMIT_NICE at `nice_limit`. 0: the background
+// class was entered and left again; 1: it was not entered; 2: stuck in it;
+// 4: the limit cannot be raised here (no CAP_SYS_RESOURCE).
+int bulk_copy_as_nobody(rlim_t nice_limit) {
+  pid_t child = ::fork();
+  if (child < 0) return -1;
+  if (child == 0) {
+    rlimit limit{nice_limit, nice_limit};
+    if (::setrlimit(RLIMIT_NICE, &limit) != 0) ::_exit(4);
+    if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(3);
+    int code = 0;
+    std::thread t([&] {
+      JobCpu cpu;
+      cpu.start();
+      cpu.set_bulk(true);
+      const bool entered = cpu.background() && policy() == SCHED_IDLE;
+      cpu.set_bulk(false);
+      code = !entered ? 1 : policy() == SCHED_OTHER ? 0 : 2;
+      cpu.stop();
+    });
+    t.join();
+    ::_exit(code);
+  }
+  int status = 0;
+  if (::waitpid(child, &status, 0) != child || !WIFEXITED(status)) return -1;
+  return WEXITSTATUS(status);
+}
+
+// Unprivileged, a thread may leave SCHED_IDLE again only if RLIMIT_NICE
+// allows the job's nice value (systemd: LimitNICE=+10); without it the
+// background class is never entered.
+TEST(JobCpu, UnprivilegedWithoutRlimitNiceTheBackgroundClassIsNotEntered) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to become another user";
+  EXPECT_EQ(bulk_copy_as_nobody(0), 1);
+}
+
+TEST(JobCpu, UnprivilegedWithRlimitNiceTheBackgroundClassIsEnteredAndLeft) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to become another user";
+  const int with_limit = bulk_copy_as_nobody(20 - JobCpu::kJobNice);
+  if (with_limit == 4) GTEST_SKIP() << "RLIMIT_NICE cannot be raised here";
+  EXPECT_EQ(with_limit, 0);
+}
+
+}  // namespace
+}  // namespace layerd
