@@ -98,19 +98,15 @@ void JobCpu::piece_done() {
   const Clock::time_point now = now_();
   const Clock::duration elapsed = now - window_start_;
   if (elapsed < kWindow) return;
-  if (boosted_) {
-    boosted_ = false;  // a window in the normal class is over
+  const auto wanted_ns = static_cast<double>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(elapsed - std::min(slept_, elapsed))
+          .count());
+  const auto window_ns = static_cast<double>(std::chrono::nanoseconds(kWindow).count());
+  if (wanted_ns >= window_ns / 2) {  // else mostly asleep: nothing to judge
+    const double share = static_cast<double>(cpu_time_() - window_cpu_) / wanted_ns;
+    if (!boosted_ && share < kStarvedShare) boosted_ = true;
+    else if (boosted_ && share >= kFreeShare) boosted_ = false;
     apply();
-  } else {
-    const Clock::duration wanted = elapsed - std::min(slept_, elapsed);
-    const uint64_t cpu = cpu_time_() - window_cpu_;
-    const auto wanted_ns = static_cast<uint64_t>(
-        std::chrono::duration_cast<std::chrono::nanoseconds>(wanted).count());
-    if (wanted_ns >= kWindow / std::chrono::nanoseconds(1) / 2 &&
-        static_cast<double>(cpu) < kStarvedShare * static_cast<double>(wanted_ns)) {
-      boosted_ = true;
-      apply();
-    }
   }
   new_window();
 }

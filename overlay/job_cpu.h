@@ -12,11 +12,13 @@
 // wait for it: qcow2/rwlock.h's exclusive_hold_hook).
 //
 // SCHED_IDLE can starve on a machine whose CPUs are all busy with other
-// work (a build, other guests). The starvation guard watches the share of
-// CPU the copy got while it wanted to run (time it slept for its rate
-// limit or a pause does not count): a window of kWindow with less than
-// kStarvedShare puts it back in the normal class for the next window. A
-// starved job so moves at about half its nice-value share, never stops.
+// work (a build, other guests): it then runs a few milliseconds a second.
+// The starvation guard watches the share of CPU the copy gets while it
+// wants to run (time it sleeps for its rate limit or a pause does not
+// count), per window of kWindow: under kStarvedShare puts the copy in the
+// normal class, where it stays until a window shows the CPU free again
+// (kFreeShare or more), so a busy machine costs a job one slow window per
+// busy spell, not its progress.
 //
 // Thread safety: one object per job thread; every call comes from that
 // thread and changes only that thread's scheduling.
@@ -39,6 +41,7 @@ class JobCpu final : private qcow2::ExclusiveHoldHook {
   static constexpr int kJobNice = 10;
   static constexpr std::chrono::milliseconds kWindow{250};
   static constexpr double kStarvedShare = 0.10;
+  static constexpr double kFreeShare = 0.50;
 
   // `now` and `cpu_time` are for tests; the defaults are the steady clock
   // and CLOCK_THREAD_CPUTIME_ID.
@@ -77,7 +80,7 @@ class JobCpu final : private qcow2::ExclusiveHoldHook {
   bool usable_ = false;  // the background class can be left again
   bool bulk_ = false;
   bool background_ = false;
-  bool boosted_ = false;  // the guard put a bulk copy in the normal class
+  bool boosted_ = false;  // the guard keeps a starved bulk copy in the normal class
   int exclusive_holds_ = 0;  // waited for or held image locks
   Clock::time_point window_start_;
   uint64_t window_cpu_ = 0;

@@ -117,7 +117,7 @@ TEST(JobCpu, AnExclusiveImageLockIsWaitedForAndHeldInTheNormalClass) {
   EXPECT_EQ(qcow2::exclusive_hold_hook, nullptr);
 }
 
-TEST(JobCpu, AStarvedBulkCopyGetsOneWindowInTheNormalClass) {
+TEST(JobCpu, AStarvedBulkCopyRunsInTheNormalClassUntilTheCpuIsFreeAgain) {
   SKIP_WITHOUT_BACKGROUND_CLASS();
   on_thread([] {
     FakeTime t;
@@ -127,7 +127,14 @@ TEST(JobCpu, AStarvedBulkCopyGetsOneWindowInTheNormalClass) {
     t.pass(300ms, 1ms);  // wanted to run for 300 ms, ran for 1
     cpu.piece_done();
     EXPECT_EQ(policy(), SCHED_OTHER);
-    t.pass(300ms, 200ms);
+    t.pass(300ms, 60ms);  // the machine is still busy
+    cpu.piece_done();
+    EXPECT_EQ(policy(), SCHED_OTHER);
+    t.pass(300ms, 10ms);
+    cpu.slept(290ms);  // asleep for the rate limit: nothing to judge
+    cpu.piece_done();
+    EXPECT_EQ(policy(), SCHED_OTHER);
+    t.pass(300ms, 200ms);  // free again
     cpu.piece_done();
     EXPECT_EQ(policy(), SCHED_IDLE);
     cpu.stop();
