@@ -31,6 +31,10 @@ constexpr uint64_t kCopyPiece = 2 << 20;
 // so that the disk writes while the job copies and the final flush finds
 // little left (instead of the whole copy, all still in the page cache).
 constexpr uint64_t kWritebackStep = 16 << 20;
+// A depth-first commit drops what it copied from the image it empties
+// after every batch of this much (a flush of the base each): what a kill
+// makes the next run copy again.
+constexpr uint64_t kDepthFirstBatch = 64 << 20;
 constexpr uint64_t kMirrorGranularity = 64 << 10;
 // Active commit turns to sync mode once this little is left to copy: the
 // rest is copied while client requests wait (a bounded pause).
@@ -85,14 +89,17 @@ std::string refuse_shared(const LiveTarget& t, const Graph& g, size_t from,
 
 // Replaces `current` by a graph of `nodes` (same filters, no mirror),
 // provided the export still serves `expected`.
+// `*made` (if given) is the new graph.
 std::error_code switch_graph(GraphLayer& layer, const Graph* expected,
                              std::vector<std::shared_ptr<BlockNode>> nodes,
-                             const std::function<std::error_code()>& at_switch = {}) {
+                             const std::function<std::error_code()>& at_switch = {},
+                             std::shared_ptr<const Graph>* made = nullptr) {
   return layer.change([&](const Graph& current, std::shared_ptr<const Graph>* next) {
     if (&current != expected) return std::make_error_code(std::errc::device_or_resource_busy);
     if (at_switch)
       if (auto ec = at_switch()) return ec;
     *next = Graph::make(std::move(nodes), current.copy_on_read);
+    if (made) *made = *next;
     return std::error_code{};
   });
 }
@@ -326,12 +333,13 @@ class CommitJob final : public LiveJob {
  public:
   CommitJob(const LiveTarget& t, std::string id, std::shared_ptr<const Graph> g,
             size_t top, size_t base, std::string backing, bool empty,
-            uint64_t speed, JobObserver* o)
+            bool depth_first, uint64_t speed, JobObserver* o)
       : LiveJob(t, std::move(id), "commit", std::move(g), speed, o),
         top_(top),
         base_(base),
         backing_(std::move(backing)),
-        empty_(empty) {}
+        empty_(empty),
+        depth_first_(depth_first) {}
 
  protected:
   bool completable() const override { return top_ == 0; }
@@ -343,7 +351,7 @@ class CommitJob final : public LiveJob {
       restore_base();
       return error;
     }
-    error = top_ == 0 ? run_active() : run_intermediate();
+    error = top_ == 0 ? run_active() : depth_first_ ? run_depth_first() : run_intermediate();
     restore_base();
     return error;
   }
@@ -381,18 +389,21 @@ class CommitJob final : public LiveJob {
     const Graph& g = *graph_;
     std::string error = copy_all(g, top_);
     if (!error.empty() || cancelled()) return error;
-    // The base holds it all: durable first, then the image above `top`
-    // names the base, then the graph drops what was committed.
-    if (auto ec = g.nodes[base_]->image ? g.nodes[base_]->image->flush()
-                                        : g.nodes[base_]->raw->flush())
-      return io_failure("write", ec, "flushing the base");
+    if (auto ec = flush_base(g)) return io_failure("write", ec, "flushing the base");
     finishing();
-    const size_t above = top_ - 1;
+    return rebase_and_drop(g, top_ - 1, backing_);
+  }
+
+  // The base holds all that the nodes between `above` and the base held,
+  // durably: `above` names the base (in one header write; `backing`, or
+  // the name the chain used), then the graph drops those nodes.
+  std::string rebase_and_drop(const Graph& g, size_t above, const std::string& backing) {
+    std::string error;
     const std::shared_ptr<BlockNode> above_node = g.nodes[above];
     const bool reopen_above = !above_node->writable;
     if (reopen_above && !target_.registry->set_writable(above_node, true, &error))
       return error;
-    const std::string name = backing_.empty() ? backing_name(g, above, base_) : backing_;
+    const std::string name = backing.empty() ? backing_name(g, above, base_) : backing;
     qcow2::Status st = above_node->image->change_backing_file(
         name, format_name(g.nodes[base_]->format));
     if (reopen_above) {
@@ -404,11 +415,111 @@ class CommitJob final : public LiveJob {
       return fmt::format("rewriting the backing file of '{}': {}", above_node->path, st.message());
     }
     std::vector<std::shared_ptr<BlockNode>> nodes(g.nodes.begin(),
-                                                  g.nodes.begin() + static_cast<ptrdiff_t>(top_));
+                                                  g.nodes.begin() + static_cast<ptrdiff_t>(above) + 1);
     nodes.insert(nodes.end(), g.nodes.begin() + static_cast<ptrdiff_t>(base_), g.nodes.end());
-    if (auto ec = switch_graph(*target_.layer, &g, std::move(nodes)))
+    std::shared_ptr<const Graph> next;
+    if (auto ec = switch_graph(*target_.layer, &g, std::move(nodes), {}, &next))
       return fmt::format("switching the export's graph: {}", ec.message());
+    base_ = above + 1;
+    graph_ = std::move(next);
     return {};
+  }
+
+  // --- Depth-first commit (seed 002) ------------------------------------------
+  //
+  // The image right above the base goes first: what it alone holds (no
+  // image above it in the commit shadows it) is copied into the base and,
+  // once the base has it durably, dropped from the image (unallocated: it
+  // reads from the base now, the same data). Then the image above it names
+  // the base and the graph drops the emptied image; then the next one up.
+  // Every step keeps what every read returns, and a job killed or
+  // cancelled at any point leaves a valid chain in which what was copied
+  // is no longer allocated above the base: running the commit again copies
+  // only what is left (and the last batch that was not yet dropped, at
+  // most kDepthFirstBatch). Each image of the commit is writable while it
+  // is emptied. Progress (offset/len) counts the bytes to copy, so a run
+  // again shows what is left.
+
+  std::string run_depth_first() {
+    const uint64_t size = graph_->nodes[top_]->size;
+    uint64_t left = 0;  // progress: the bytes to copy
+    for (size_t d = top_; d < base_; ++d) {
+      for (uint64_t pos = 0; pos < size;) {
+        Extent e;
+        if (auto ec = allocation_between(*graph_, top_, d + 1, pos, size - pos, &e))
+          return io_failure("read", ec, "reading the chain");
+        if (e.depth == d + 1) left += e.length;
+        pos += e.length;
+      }
+    }
+    set_len(left);
+    while (base_ - 1 >= top_) {
+      const size_t d = base_ - 1;
+      std::string error;
+      const std::shared_ptr<BlockNode> node = graph_->nodes[d];
+      if (!node->writable && !target_.registry->set_writable(node, true, &error)) return error;
+      error = empty_into_base(*graph_, d, size);
+      if (error.empty() && !cancelled())
+        if (auto ec = flush_base(*graph_)) error = io_failure("write", ec, "flushing the base");
+      if (!error.empty() || cancelled()) {
+        std::string ignored;
+        (void)target_.registry->set_writable(node, false, &ignored);
+        return error;
+      }
+      if (d == top_) finishing();
+      error = rebase_and_drop(*graph_, d - 1, d == top_ ? backing_ : std::string());
+      std::string ignored;
+      (void)target_.registry->set_writable(node, false, &ignored);
+      if (!error.empty()) return error;
+    }
+    return {};
+  }
+
+  // Copies what node `d` (right above the base) holds and no node of the
+  // commit above it shadows into the base, and unallocates it in `d` once
+  // the base has it durably, batch by batch.
+  std::string empty_into_base(const Graph& g, size_t d, uint64_t size) {
+    qcow2::Image& image = *g.nodes[d]->image;
+    const uint64_t held = g.nodes[d]->size;  // past it, `d` reads zeros
+    std::vector<std::pair<uint64_t, uint64_t>> copied_ranges;
+    uint64_t batch = 0;
+    auto drop_copied = [&]() -> std::string {
+      if (copied_ranges.empty()) return {};
+      if (auto ec = flush_base(g)) return io_failure("write", ec, "flushing the base");
+      auto below = [&](uint64_t off, std::span<std::byte> b) { return read_graph(g, base_, off, b); };
+      for (auto [off, len] : copied_ranges)
+        if (auto ec = image.discard(off, len, qcow2::DiscardMode::Unallocate, below))
+          return io_failure("write", ec, fmt::format("emptying '{}'", g.nodes[d]->path));
+      copied_ranges.clear();
+      batch = 0;
+      return {};
+    };
+    BulkCopy bulk(*this);
+    for (uint64_t pos = 0; pos < size;) {
+      if (!checkpoint()) return drop_copied();
+      const uint64_t piece = std::min(this->piece(), size - pos);
+      uint64_t copied = 0;
+      for (uint64_t at = pos; at < pos + piece;) {
+        Extent e;
+        if (auto ec = allocation_between(g, top_, d + 1, at, pos + piece - at, &e))
+          return io_failure("read", ec, "reading the chain");
+        if (e.depth == d + 1) {
+          const char* op = "read";
+          if (auto ec = copy_down(g, d, base_, at, e.length, buf_, &op, &copied))
+            return io_failure(op, ec, fmt::format("committing into '{}'", g.nodes[base_]->path));
+          if (at < held) copied_ranges.emplace_back(at, std::min(e.length, held - at));
+          add_offset(e.length);
+        }
+        at += e.length;
+      }
+      pos += piece;
+      wrote_into(*g.nodes[base_], copied);
+      batch += copied;
+      if (batch >= kDepthFirstBatch)
+        if (std::string error = drop_copied(); !error.empty()) return error;
+      throttle(copied);
+    }
+    return drop_copied();
   }
 
   // --- Active commit ---------------------------------------------------------
@@ -593,9 +704,11 @@ class CommitJob final : public LiveJob {
     return {};
   }
 
-  const size_t top_, base_;
+  const size_t top_;
+  size_t base_;  // moves up as a depth-first commit drops images
   const std::string backing_;
   const bool empty_;
+  const bool depth_first_;
   bool pivoted_ = false;
 };
 
@@ -826,6 +939,10 @@ std::unique_ptr<BlockJob> start_commit(const LiveTarget& t, const CommitRequest&
     *error = "'empty' needs an active commit (no 'top', or the active image)";
     return nullptr;
   }
+  if (r.depth_first && top == 0) {
+    *error = "'depth-first' needs an intermediate commit (a 'top' below the active image)";
+    return nullptr;
+  }
   if (!g->nodes[base]->snapshot_id.empty()) {
     *error = fmt::format("'{}' is an internal snapshot, which cannot be written",
                          g->nodes[base]->path);
@@ -850,7 +967,8 @@ std::unique_ptr<BlockJob> start_commit(const LiveTarget& t, const CommitRequest&
   // (its lock) refuses the command itself, as in QEMU.
   if (!t.registry->set_writable(g->nodes[base], true, error)) return nullptr;
   auto job = std::make_unique<CommitJob>(t, job_id_for(r.job_id, t), g, top, base,
-                                         r.backing_file, r.empty, r.speed, observer);
+                                         r.backing_file, r.empty, r.depth_first, r.speed,
+                                         observer);
   job->set_files(files_of(*g, top, base));
   job->start(r.speed);
   return job;

@@ -77,6 +77,10 @@ struct CommitRequest {
   // layerd's addition: an active commit that, on completion, empties the
   // active image instead of pivoting to the base.
   bool empty = false;
+  // layerd's addition: an intermediate commit that empties the committed
+  // images one by one, bottom first (seed 002's depth-first order), so
+  // that a run again after a kill or cancel copies only what is left.
+  bool depth_first = false;
 };
 
 // Validates the request and starts the job (running when returned).

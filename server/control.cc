@@ -297,7 +297,7 @@ json::value Control::snapshot_sync(const json::object& args) {
 json::value Control::block_commit(const json::object& args) {
   qmp_only_arguments(args, {"job-id", "device", "base-node", "base", "top-node", "top",
                             "backing-file", "speed", "on-error", "filter-node-name",
-                            "auto-finalize", "auto-dismiss", "empty"});
+                            "auto-finalize", "auto-dismiss", "empty", "depth-first"});
   const std::string device = qmp_required_string(args, "device");
   refuse_unsupported_job_options(args);
   CommitRequest r;
@@ -307,6 +307,7 @@ json::value Control::block_commit(const json::object& args) {
   r.backing_file = qmp_optional_string(args, "backing-file");
   r.speed = speed_argument(args);
   r.empty = qmp_optional_bool(args, "empty", false);
+  r.depth_first = qmp_optional_bool(args, "depth-first", false);
   LiveTarget t;
   live_target(device, &t);
   refuse_job_id_in_use(r.job_id.empty() ? device : r.job_id);

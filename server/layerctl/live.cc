@@ -48,8 +48,9 @@ constexpr const char* kLiveHelp =
     "QMP socket:\n"
     "  snapshot [--wait] [--format=qcow2] [--node-name=NAME] [--output=OFMT]\n"
     "           DEVICE NEW_FILE            blockdev-snapshot-sync\n"
-    "  commit   [--top=FILE | --active] [--base=FILE] [--empty] [--speed=N]\n"
-    "           [--job-id=ID] [--wait] [--output=OFMT] DEVICE   block-commit\n"
+    "  commit   [--top=FILE | --active] [--base=FILE] [--empty | --depth-first]\n"
+    "           [--speed=N] [--job-id=ID] [--wait] [--output=OFMT] DEVICE\n"
+    "                                      block-commit\n"
     "  stream   [--base=FILE] [--speed=N] [--job-id=ID] [--wait]\n"
     "           [--output=OFMT] DEVICE                          block-stream\n"
     "  jobs     [--output=OFMT]            query-block-jobs\n"
@@ -67,6 +68,9 @@ constexpr const char* kLiveHelp =
     "--job-id is given. --wait follows the job until it ends, showing its\n"
     "progress; an active commit (--active) is completed (pivoted) once it is\n"
     "ready. --empty (layerd only) empties the top after the commit.\n"
+    "--depth-first (layerd only, with --top) empties the committed images one\n"
+    "by one as their data reaches the base, so that running the same commit\n"
+    "again after a kill or a cancel copies only what is left.\n"
     "\n"
     "Exit codes: 0 done (a job that completed), 1 a job that failed, 2 a job\n"
     "that was cancelled, 3 a command the server refused or a lost QMP\n"
@@ -87,6 +91,7 @@ enum Opt : unsigned {
   kSpeed = 1u << 9,
   kJobId = 1u << 10,
   kForce = 1u << 11,
+  kDepthFirst = 1u << 12,
 };
 
 struct LiveArgs {
@@ -97,6 +102,7 @@ struct LiveArgs {
   std::optional<std::string> node_name, top, base, job_id;
   bool active = false;
   bool empty = false;
+  bool depth_first = false;
   std::optional<uint64_t> speed;
   bool force = false;
   std::vector<std::string> positional;
@@ -124,6 +130,7 @@ std::optional<LiveArgs> parse_live_args(int argc, char** argv, unsigned allowed,
       {"base", required_argument, nullptr, 'b'},
       {"active", no_argument, nullptr, 'a'},
       {"empty", no_argument, nullptr, 'e'},
+      {"depth-first", no_argument, nullptr, 'D'},
       {"speed", required_argument, nullptr, 's'},
       {"job-id", required_argument, nullptr, 'j'},
       {"force", no_argument, nullptr, 'F'},
@@ -148,6 +155,7 @@ std::optional<LiveArgs> parse_live_args(int argc, char** argv, unsigned allowed,
       case 'b': need(kBase); a.base = optarg; break;
       case 'a': need(kActive); a.active = true; break;
       case 'e': need(kEmpty); a.empty = true; break;
+      case 'D': need(kDepthFirst); a.depth_first = true; break;
       case 's': need(kSpeed); a.speed = parse_speed(optarg); break;
       case 'j': need(kJobId); a.job_id = optarg; break;
       case 'F': need(kForce); a.force = true; break;
@@ -461,6 +469,7 @@ int live_commit(QmpClient& qmp, const LiveArgs& a) {
   if (a.base) args["base"] = *a.base;
   if (a.speed) args["speed"] = *a.speed;
   if (a.empty) args["empty"] = true;
+  if (a.depth_first) args["depth-first"] = true;
   qmp.execute("block-commit", args);
   // A commit whose top is the active image goes READY (also when --top
   // names it): --wait completes it then.
@@ -693,7 +702,7 @@ int cmd_live(const std::string& qmp_path, int argc, char** argv) {
   if (!is_live_command(cmd)) usage_error(fmt::format("Command not found: {}", cmd));
   unsigned allowed = kQmp | kOutput;
   if (cmd == "snapshot") allowed |= kWait | kFormat | kNodeName;
-  if (cmd == "commit") allowed |= kTop | kBase | kActive | kEmpty | kSpeed | kJobId | kWait;
+  if (cmd == "commit") allowed |= kTop | kBase | kActive | kEmpty | kDepthFirst | kSpeed | kJobId | kWait;
   if (cmd == "stream") allowed |= kBase | kSpeed | kJobId | kWait;
   if (cmd == "cancel") allowed |= kForce | kWait;
   auto args = parse_live_args(argc, argv, allowed, qmp_path);

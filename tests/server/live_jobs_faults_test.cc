@@ -202,6 +202,7 @@ size_t lock_count(const std::string& file) {
 
 enum class Job {
   IntermediateCommit,
+  DepthFirstCommit,
   ActiveCommitCopying,
   ActiveCommitReady,
   ActiveCommitPivot,
@@ -213,6 +214,7 @@ enum class Job {
 const char* job_name(Job j) {
   switch (j) {
     case Job::IntermediateCommit: return "intermediate commit";
+    case Job::DepthFirstCommit: return "depth-first commit";
     case Job::ActiveCommitCopying: return "active commit, copying";
     case Job::ActiveCommitReady: return "active commit, ready";
     case Job::ActiveCommitPivot: return "active commit, pivoting";
@@ -408,8 +410,10 @@ class LiveJobFaults : public ::testing::Test {
     json::object args{{"device", "disk"}};
     switch (job) {
       case Job::IntermediateCommit:
+      case Job::DepthFirstCommit:
         args["top"] = path("mid.qcow2");
         args["base"] = path("base.qcow2");
+        if (job == Job::DepthFirstCommit) args["depth-first"] = true;
         execute("block-commit", args);
         break;
       case Job::Stream:
@@ -449,10 +453,14 @@ class LiveJobFaults : public ::testing::Test {
     try {
       switch (job) {
         case Job::IntermediateCommit:
-          execute("block-commit", {{"device", "disk"}, {"top", path("mid.qcow2")},
-                                   {"base", path("base.qcow2")}, {"speed", kSpeed}});
+        case Job::DepthFirstCommit: {
+          json::object args{{"device", "disk"}, {"top", path("mid.qcow2")},
+                            {"base", path("base.qcow2")}, {"speed", kSpeed}};
+          if (job == Job::DepthFirstCommit) args["depth-first"] = true;
+          execute("block-commit", args);
           killer = kill_after(uniform(0, 1000));
           break;
+        }
         case Job::Stream:
           execute("block-stream", {{"device", "disk"}, {"speed", kSpeed}});
           killer = kill_after(uniform(0, 800));  // the client's writes leave less to copy
@@ -581,6 +589,7 @@ void LiveJobFaults::crash_rounds(Job job) {
     bool rerun = false;
     switch (job) {
       case Job::IntermediateCommit:
+      case Job::DepthFirstCommit:
         rerun = before_rerun.size() == 3;
         break;
       case Job::Stream:
@@ -624,6 +633,9 @@ void LiveJobFaults::crash_rounds(Job job) {
 
 TEST_F(LiveJobFaults, KillDuringIntermediateCommitKeepsTheChainAndTheData) {
   crash_rounds(Job::IntermediateCommit);
+}
+TEST_F(LiveJobFaults, KillDuringDepthFirstCommitKeepsTheChainAndTheData) {
+  crash_rounds(Job::DepthFirstCommit);
 }
 TEST_F(LiveJobFaults, KillDuringActiveCommitCopyKeepsTheChainAndTheData) {
   crash_rounds(Job::ActiveCommitCopying);
@@ -827,10 +839,14 @@ class LiveJobCancel : public LiveJobFaults {
       int64_t max_ms = 0;
       switch (job) {
         case Job::IntermediateCommit:
-          execute("block-commit", {{"device", "disk"}, {"top", path("mid.qcow2")},
-                                   {"base", path("base.qcow2")}, {"speed", kSpeed}});
+        case Job::DepthFirstCommit: {
+          json::object args{{"device", "disk"}, {"top", path("mid.qcow2")},
+                            {"base", path("base.qcow2")}, {"speed", kSpeed}};
+          if (job == Job::DepthFirstCommit) args["depth-first"] = true;
+          execute("block-commit", args);
           max_ms = 800;
           break;
+        }
         case Job::Stream:
           execute("block-stream", {{"device", "disk"}, {"speed", kSpeed}});
           max_ms = 1000;
@@ -883,6 +899,9 @@ class LiveJobCancel : public LiveJobFaults {
 
 TEST_F(LiveJobCancel, CancelledIntermediateCommitKeepsTheChainAndRunsAgain) {
   cancel_rounds(Job::IntermediateCommit);
+}
+TEST_F(LiveJobCancel, CancelledDepthFirstCommitKeepsTheChainAndRunsAgain) {
+  cancel_rounds(Job::DepthFirstCommit);
 }
 TEST_F(LiveJobCancel, CancelledActiveCommitKeepsTheChainAndRunsAgain) {
   cancel_rounds(Job::ActiveCommitCopying);

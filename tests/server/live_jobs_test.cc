@@ -613,6 +613,8 @@ TEST_F(LiveJobs, RefusesWhatCannotBeDone) {
   EXPECT_NE(refused("block-commit", {{"device", "disk"}, {"top", path("base.qcow2")},
                                      {"base", path("mid.qcow2")}}), "");
   EXPECT_NE(refused("block-job-cancel", {{"device", "nojob"}}), "");
+  EXPECT_NE(refused("block-commit", {{"device", "disk"}, {"depth-first", true}})
+                .find("'depth-first' needs an intermediate commit"), std::string::npos);
   // One job per chain.
   execute("block-stream", {{"device", "disk"}, {"speed", 1 << 20}});
   EXPECT_NE(refused("block-commit", {{"device", "disk"}, {"top", path("mid.qcow2")}})
@@ -785,6 +787,121 @@ TEST_F(LiveJobs, PauseResumeAndSpeedShowInQueryBlockJobs) {
   json::object done = wait_event("BLOCK_JOB_COMPLETED");
   EXPECT_FALSE(done.contains("error"));
   EXPECT_EQ(done["speed"].to_number<uint64_t>(), 0u);
+}
+
+
+// --- Depth-first commit (seed 002) --------------------------------------------
+
+class DepthFirstCommit : public LiveJobs {
+ protected:
+  // base (0x11 over 0..4M) <- a (0x22 at 1M..3M, zeros at 3.5M..4M)
+  // <- b (0x33 at 2M..3.5M) <- top (0x44 at 3M..3.25M), 8 MiB each: the
+  // allocation cases of seed 002. What a holds alone (1M..2M, the zeros)
+  // and all that b holds are copied: 3 MiB.
+  static constexpr uint64_t kToCopy = 3 << 20;
+  void make_chain4() {
+    run_expect({"qemu-img", "create", "-q", "-f", "qcow2", path("base.qcow2"), "8M"});
+    run_expect({"qemu-io", "-c", "write -P 0x11 0 4M", path("base.qcow2")});
+    run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                path("a.qcow2")});
+    run_expect({"qemu-io", "-c", "write -P 0x22 1M 2M", "-c", "write -z 3584k 512k",
+                path("a.qcow2")});
+    run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2",
+                path("b.qcow2")});
+    run_expect({"qemu-io", "-c", "write -P 0x33 2M 1536k", path("b.qcow2")});
+    run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2",
+                path("top.qcow2")});
+    run_expect({"qemu-io", "-c", "write -P 0x44 3M 256k", path("top.qcow2")});
+  }
+  json::object commit_args(uint64_t speed) {
+    json::object args{{"device", "disk"}, {"top", path("b.qcow2")},
+                      {"base", path("base.qcow2")}, {"depth-first", true}};
+    if (speed) args["speed"] = speed;
+    return args;
+  }
+  // The [start, end) ranges `file` itself allocates (qemu-img map).
+  std::vector<std::pair<uint64_t, uint64_t>> own_ranges(const std::string& file) {
+    RunResult r = run_expect({"qemu-img", "map", "-U", "--output=json", file});
+    std::vector<std::pair<uint64_t, uint64_t>> out;
+    const json::value map = json::parse(r.out);
+    for (const auto& v : map.as_array()) {
+      const json::object& e = v.as_object();
+      if (e.at("depth").to_number<int>() != 0) continue;
+      const auto start = e.at("start").to_number<uint64_t>();
+      const auto end = start + e.at("length").to_number<uint64_t>();
+      if (!out.empty() && out.back().second == start) out.back().second = end;
+      else out.emplace_back(start, end);
+    }
+    return out;
+  }
+  uint64_t backing_depth() {
+    json::value blocks = execute("query-block");
+    return blocks.as_array()[0].as_object()["inserted"].as_object()["backing_file_depth"]
+        .to_number<uint64_t>();
+  }
+};
+
+TEST_F(DepthFirstCommit, EmptiesTheCommittedImagesBottomFirstWhileClientsWrite) {
+  make_chain4();
+  ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+  Nbd h = connect();
+  VerifiedClient client(h.get(), 7);
+  client.start();
+  client.wait_ops(100);
+  execute("block-commit", commit_args(2 << 20));
+  json::object done = expect_completed();
+  EXPECT_EQ(done["len"].to_number<uint64_t>(), kToCopy);
+  EXPECT_EQ(done["offset"].to_number<uint64_t>(), kToCopy);
+  const auto model = finish_client(client, 200);
+  EXPECT_EQ(backing_depth(), 1u);
+  stop_server(&h);
+  EXPECT_EQ(backing_of(path("top.qcow2")), "base.qcow2");
+  EXPECT_EQ(qemu_view(path("top.qcow2")), model);
+  for (const char* f : {"top.qcow2", "base.qcow2", "a.qcow2", "b.qcow2"}) expect_clean(path(f));
+  // What was copied is gone from the images above the base; a keeps only
+  // what b shadowed (never copied from a).
+  using Ranges = std::vector<std::pair<uint64_t, uint64_t>>;
+  EXPECT_EQ(own_ranges(path("b.qcow2")), Ranges{});
+  EXPECT_EQ(own_ranges(path("a.qcow2")), (Ranges{{2 << 20, 3 << 20}}));
+  auto base = qemu_view(path("base.qcow2"));
+  EXPECT_EQ(base[(1 << 20) + 5], 0x22);
+  EXPECT_EQ(base[(2 << 20) + 5], 0x33);
+  EXPECT_EQ(base[(3 << 20) + 5], 0x33);
+  EXPECT_EQ(base[(3584 << 10) + 5], 0);
+  EXPECT_EQ(base[5], 0x11);
+}
+
+// A cancel keeps what was copied (and dropped from the images above); the
+// same commit again copies only the rest, each byte once over both runs.
+TEST_F(DepthFirstCommit, ACancelledRunKeepsItsProgressAndTheNextCopiesOnlyTheRest) {
+  make_chain4();
+  ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+  Nbd h = connect();
+  VerifiedClient client(h.get(), 8);
+  client.start();
+  client.wait_ops(100);
+  execute("block-commit", commit_args(1 << 20));
+  ASSERT_TRUE(wait_until([&] {
+    json::value jobs = execute("query-block-jobs");
+    return !jobs.as_array().empty() &&
+           jobs.as_array()[0].as_object()["offset"].to_number<uint64_t>() >= (1 << 20);
+  }, 20s));
+  execute("block-job-cancel", {{"device", "disk"}});
+  json::object cancelled = wait_event("BLOCK_JOB_CANCELLED");
+  const uint64_t first = cancelled["offset"].to_number<uint64_t>();
+  EXPECT_EQ(cancelled["len"].to_number<uint64_t>(), kToCopy);
+  EXPECT_GE(first, 1u << 20);
+  EXPECT_LT(first, kToCopy);
+  client.wait_ops(100);
+  EXPECT_EQ(client.failure(), "");
+  execute("block-commit", commit_args(0));
+  json::object done = expect_completed();
+  EXPECT_EQ(done["len"].to_number<uint64_t>(), kToCopy - first);
+  const auto model = finish_client(client, 200);
+  EXPECT_EQ(backing_depth(), 1u);
+  stop_server(&h);
+  EXPECT_EQ(qemu_view(path("top.qcow2")), model);
+  for (const char* f : {"top.qcow2", "base.qcow2"}) expect_clean(path(f));
 }
 
 }  // namespace

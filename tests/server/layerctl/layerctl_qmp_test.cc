@@ -571,6 +571,21 @@ TEST_F(LayerctlLayerdTest, CommitOfAnIntermediateImageWithWaitExits0) {
   EXPECT_EQ(str(image_info(path("top.qcow2"))["backing-filename"]), path("base.qcow2"));
 }
 
+// --depth-first: the committed image is emptied into the base as it goes.
+TEST_F(LayerctlLayerdTest, DepthFirstCommitWithWaitEmptiesTheCommittedImage) {
+  ASSERT_FALSE(own_extents(path("mid.qcow2")).empty());
+  RunResult r = live({"commit", "--top=" + path("mid.qcow2"), "--base=" + path("base.qcow2"),
+                      "--depth-first", "--wait", "exp0"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_NE(r.out.find("job exp0: completed"), std::string::npos) << r.out;
+  RunResult i = live({"info", "exp0"});
+  EXPECT_EQ(info_files(i.out), (std::vector<std::string>{path("top.qcow2"), path("base.qcow2")}))
+      << i.out;
+  expect_guest_data_unchanged(path("top.qcow2"));
+  // Top shadows nothing of mid: all mid held went to the base.
+  EXPECT_TRUE(own_extents(path("mid.qcow2")).empty());
+}
+
 TEST_F(LayerctlLayerdTest, ActiveCommitWithWaitCompletesWhenReadyAndPivots) {
   RunResult r = live({"commit", "--active", "--wait", "exp0"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
