@@ -160,9 +160,9 @@ bool BlockJob::checkpoint() {
   if (paused_ && !cancel_.load()) {
     busy_ = false;
     set_status(JobStatus::Paused);
-    const auto since = std::chrono::steady_clock::now();
+    cpu_.begin_sleep();
     wake_.wait(lock, [&] { return !paused_ || cancel_.load(); });
-    cpu_.slept(std::chrono::steady_clock::now() - since);
+    cpu_.end_sleep();
     set_status(JobStatus::Running);
     busy_ = true;
   }
@@ -184,10 +184,11 @@ void BlockJob::throttle(uint64_t bytes) {
   }
   const uint64_t speed = speed_;
   busy_ = false;
+  cpu_.begin_sleep();
   wake_.wait_until(lock, due, [&] {
     return cancel_.load() || paused_ || speed_ != speed;
   });
-  cpu_.slept(steady_clock::now() - now);
+  cpu_.end_sleep();
   busy_ = true;
 }
 

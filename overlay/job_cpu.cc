@@ -1,6 +1,7 @@
 // The block job thread's CPU class (see job_cpu.h).
 #include "overlay/job_cpu.h"
 
+#include <pthread.h>
 #include <sched.h>
 #include <sys/resource.h>
 #include <time.h>
@@ -15,9 +16,9 @@ namespace layerd {
 
 namespace {
 
-uint64_t thread_cpu_ns() {
+uint64_t cpu_ns(clockid_t clock) {
   timespec ts{};
-  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  ::clock_gettime(clock, &ts);
   return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000u + static_cast<uint64_t>(ts.tv_nsec);
 }
 
@@ -62,41 +63,98 @@ bool background_class_usable() {
 
 }  // namespace
 
-JobCpu::JobCpu(std::function<Clock::time_point()> now, CpuTime cpu_time)
+JobCpu::JobCpu(std::function<Clock::time_point()> now, CpuTime cpu_time, bool watchdog)
     : now_(now ? std::move(now) : [] { return Clock::now(); }),
-      cpu_time_(cpu_time ? std::move(cpu_time) : thread_cpu_ns) {}
+      cpu_time_(std::move(cpu_time)),
+      with_watchdog_(watchdog) {}
+
+JobCpu::~JobCpu() {
+  if (watchdog_.joinable()) {  // stop() was not called: end the watchdog anyway
+    {
+      std::lock_guard lock(mutex_);
+      stopping_ = true;
+    }
+    stop_cv_.notify_all();
+    watchdog_.join();
+  }
+}
 
 void JobCpu::start() {
-  (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), kJobNice);
+  tid_ = ::gettid();
+  (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(tid_), kJobNice);
+  if (!cpu_time_) {
+    clockid_t clock{};
+    if (::pthread_getcpuclockid(::pthread_self(), &clock) != 0) clock = CLOCK_THREAD_CPUTIME_ID;
+    cpu_time_ = [clock] { return cpu_ns(clock); };
+  }
   usable_ = background_class_usable();
   qcow2::exclusive_hold_hook = this;
+  if (usable_ && with_watchdog_) watchdog_ = std::thread([this] { watch(); });
 }
 
 void JobCpu::stop() {
   qcow2::exclusive_hold_hook = nullptr;
-  bulk_ = false;
-  apply();
+  {
+    std::lock_guard lock(mutex_);
+    stopping_ = true;
+    bulk_ = false;
+    apply_locked();
+  }
+  stop_cv_.notify_all();
+  if (watchdog_.joinable()) watchdog_.join();
 }
 
 void JobCpu::set_bulk(bool bulk) {
+  std::lock_guard lock(mutex_);
   bulk_ = bulk;
   boosted_ = false;
-  apply();
-  new_window();
+  apply_locked();
+  new_window_locked();
+}
+
+void JobCpu::begin_sleep() {
+  std::lock_guard lock(mutex_);
+  asleep_ = true;
+  asleep_since_ = now_();
+}
+
+void JobCpu::end_sleep() {
+  std::lock_guard lock(mutex_);
+  asleep_ = false;
+  slept_ += now_() - std::max(asleep_since_, window_start_);
+}
+
+bool JobCpu::background() const {
+  std::lock_guard lock(mutex_);
+  return background_;
 }
 
 void JobCpu::before_exclusive() {
-  if (exclusive_holds_++ == 0) apply();
+  std::lock_guard lock(mutex_);
+  if (exclusive_holds_++ == 0) apply_locked();
 }
 
 void JobCpu::after_exclusive() {
-  if (--exclusive_holds_ == 0) apply();
+  std::lock_guard lock(mutex_);
+  if (--exclusive_holds_ == 0) apply_locked();
 }
 
 void JobCpu::piece_done() {
+  std::lock_guard lock(mutex_);
+  judge_locked(true);
+}
+
+void JobCpu::watch() {
+  std::unique_lock lock(mutex_);
+  while (!stopping_) {
+    stop_cv_.wait_for(lock, kWindow / 2);
+    if (!stopping_ && !boosted_ && !asleep_) judge_locked(false);
+  }
+}
+
+void JobCpu::judge_locked(bool may_free) {
   if (!bulk_) return;
-  const Clock::time_point now = now_();
-  const Clock::duration elapsed = now - window_start_;
+  const Clock::duration elapsed = now_() - window_start_;
   if (elapsed < kWindow) return;
   const auto wanted_ns = static_cast<double>(
       std::chrono::duration_cast<std::chrono::nanoseconds>(elapsed - std::min(slept_, elapsed))
@@ -105,19 +163,20 @@ void JobCpu::piece_done() {
   if (wanted_ns >= window_ns / 2) {  // else mostly asleep: nothing to judge
     const double share = static_cast<double>(cpu_time_() - window_cpu_) / wanted_ns;
     if (!boosted_ && share < kStarvedShare) boosted_ = true;
-    else if (boosted_ && share >= kFreeShare) boosted_ = false;
-    apply();
+    else if (boosted_ && may_free && share >= kFreeShare) boosted_ = false;
+    apply_locked();
   }
-  new_window();
+  new_window_locked();
 }
 
-void JobCpu::apply() {
+void JobCpu::apply_locked() {
   const bool on = usable_ && bulk_ && !boosted_ && exclusive_holds_ == 0;
   if (on == background_) return;
-  if (set_policy(on ? SCHED_IDLE : SCHED_OTHER)) background_ = on;
+  sched_param p{};
+  if (::sched_setscheduler(tid_, on ? SCHED_IDLE : SCHED_OTHER, &p) == 0) background_ = on;
 }
 
-void JobCpu::new_window() {
+void JobCpu::new_window_locked() {
   window_start_ = now_();
   window_cpu_ = cpu_time_();
   slept_ = {};

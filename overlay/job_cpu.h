@@ -17,16 +17,25 @@
 // wants to run (time it sleeps for its rate limit or a pause does not
 // count), per window of kWindow: under kStarvedShare puts the copy in the
 // normal class, where it stays until a window shows the CPU free again
-// (kFreeShare or more), so a busy machine costs a job one slow window per
-// busy spell, not its progress.
+// (kFreeShare or more), so a busy machine costs a job one window per busy
+// spell, not its progress. A starved thread cannot look at its own clock,
+// so a watchdog thread does that part (and a copy blocked on the disk
+// counts as starved: harmless, it uses no CPU either way).
 //
-// Thread safety: one object per job thread; every call comes from that
-// thread and changes only that thread's scheduling.
+// Thread safety: one object per job thread. start(), stop(), set_bulk(),
+// piece_done() and the sleep calls come from the job's thread; the watchdog
+// thread shares the state under mutex_ (taken by the exclusive-lock hook
+// too, never while an image lock is held or awaited).
 #pragma once
 
+#include <sys/types.h>
+
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <mutex>
+#include <thread>
 
 #include "qcow2/rwlock.h"
 
@@ -35,17 +44,20 @@ namespace layerd {
 class JobCpu final : private qcow2::ExclusiveHoldHook {
  public:
   using Clock = std::chrono::steady_clock;
-  // Nanoseconds of CPU time the calling thread has used.
+  // Nanoseconds of CPU time the job's thread has used (callable from any
+  // thread).
   using CpuTime = std::function<uint64_t()>;
 
   static constexpr int kJobNice = 10;
-  static constexpr std::chrono::milliseconds kWindow{250};
+  static constexpr std::chrono::milliseconds kWindow{100};
   static constexpr double kStarvedShare = 0.10;
   static constexpr double kFreeShare = 0.50;
 
-  // `now` and `cpu_time` are for tests; the defaults are the steady clock
-  // and CLOCK_THREAD_CPUTIME_ID.
-  explicit JobCpu(std::function<Clock::time_point()> now = {}, CpuTime cpu_time = {});
+  // `now`, `cpu_time` and `watchdog` are for tests; the defaults are the
+  // steady clock, the job thread's CPU clock and a watchdog thread.
+  explicit JobCpu(std::function<Clock::time_point()> now = {}, CpuTime cpu_time = {},
+                  bool watchdog = true);
+  ~JobCpu();  // after stop()
 
   JobCpu(const JobCpu&) = delete;
   JobCpu& operator=(const JobCpu&) = delete;
@@ -56,27 +68,38 @@ class JobCpu final : private qcow2::ExclusiveHoldHook {
   // found once per user and limit); if not, it is never entered, and
   // stderr says so.
   void start();
-  // On the job's thread, last: removes the hook.
+  // On the job's thread, last: removes the hook, ends the watchdog.
   void stop();
   // Enters (true) or leaves (false) the bulk copy.
   void set_bulk(bool bulk);
   // After each piece of the bulk copy: the starvation guard.
   void piece_done();
-  // The thread slept (rate limit, pause) for `d`: not time it wanted to run.
-  void slept(Clock::duration d) { slept_ += d; }
+  // Around a sleep (rate limit, pause): not time the thread wants to run.
+  void begin_sleep();
+  void end_sleep();
 
   // Whether the thread is in the background class now.
-  bool background() const { return background_; }
+  bool background() const;
 
  private:
   void before_exclusive() override;
   void after_exclusive() override;
-  // Puts the thread in the class it should be in now.
-  void apply();
-  void new_window();
+  void watch();
+  // With mutex_ held: judges the window if it is over (`may_free`: also
+  // lets a boosted copy go back; the watchdog only boosts).
+  void judge_locked(bool may_free);
+  // With mutex_ held: puts the job's thread in the class it should be in.
+  void apply_locked();
+  void new_window_locked();
 
   std::function<Clock::time_point()> now_;
   CpuTime cpu_time_;
+  const bool with_watchdog_;
+  pid_t tid_ = 0;  // the job's thread
+  mutable std::mutex mutex_;
+  std::condition_variable stop_cv_;
+  bool stopping_ = false;
+  std::thread watchdog_;
   bool usable_ = false;  // the background class can be left again
   bool bulk_ = false;
   bool background_ = false;
@@ -85,6 +108,8 @@ class JobCpu final : private qcow2::ExclusiveHoldHook {
   Clock::time_point window_start_;
   uint64_t window_cpu_ = 0;
   Clock::duration slept_{};
+  bool asleep_ = false;
+  Clock::time_point asleep_since_;
 };
 
 }  // namespace layerd

@@ -53,7 +53,7 @@ struct FakeTime {
   JobCpu::Clock::time_point now{};
   uint64_t cpu_ns = 0;
   JobCpu make() {
-    return JobCpu([this] { return now; }, [this] { return cpu_ns; });
+    return JobCpu([this] { return now; }, [this] { return cpu_ns; }, /*watchdog=*/false);
   }
   void pass(std::chrono::milliseconds wall, std::chrono::milliseconds cpu) {
     now += wall;
@@ -130,8 +130,10 @@ TEST(JobCpu, AStarvedBulkCopyRunsInTheNormalClassUntilTheCpuIsFreeAgain) {
     t.pass(300ms, 60ms);  // the machine is still busy
     cpu.piece_done();
     EXPECT_EQ(policy(), SCHED_OTHER);
-    t.pass(300ms, 10ms);
-    cpu.slept(290ms);  // asleep for the rate limit: nothing to judge
+    cpu.begin_sleep();  // asleep for the rate limit: nothing to judge
+    t.pass(290ms, 0ms);
+    cpu.end_sleep();
+    t.pass(10ms, 10ms);
     cpu.piece_done();
     EXPECT_EQ(policy(), SCHED_OTHER);
     t.pass(300ms, 200ms);  // free again
@@ -148,7 +150,7 @@ TEST(JobCpu, ABulkCopyThatGetsItsShareStaysInTheBackground) {
     JobCpu cpu = t.make();
     cpu.start();
     cpu.set_bulk(true);
-    t.pass(100ms, 1ms);  // a window is not over yet
+    t.pass(50ms, 1ms);  // a window is not over yet
     cpu.piece_done();
     EXPECT_EQ(policy(), SCHED_IDLE);
     t.pass(200ms, 60ms);
@@ -165,13 +167,17 @@ TEST(JobCpu, TimeSleptForTheRateLimitIsNotStarvation) {
     JobCpu cpu = t.make();
     cpu.start();
     cpu.set_bulk(true);
-    t.pass(300ms, 1ms);
-    cpu.slept(295ms);
+    cpu.begin_sleep();
+    t.pass(295ms, 0ms);
+    cpu.end_sleep();
+    t.pass(5ms, 1ms);
     cpu.piece_done();
     EXPECT_EQ(policy(), SCHED_IDLE);
     // Mostly asleep, but starved while awake: still too little to judge.
-    t.pass(300ms, 0ms);
-    cpu.slept(200ms);
+    cpu.begin_sleep();
+    t.pass(260ms, 0ms);
+    cpu.end_sleep();
+    t.pass(40ms, 0ms);
     cpu.piece_done();
     EXPECT_EQ(policy(), SCHED_IDLE);
     cpu.stop();
@@ -205,6 +211,31 @@ int bulk_copy_as_nobody(rlim_t nice_limit) {
   int status = 0;
   if (::waitpid(child, &status, 0) != child || !WIFEXITED(status)) return -1;
   return WEXITSTATUS(status);
+}
+
+// A starved thread never gets to look at its clock: the watchdog moves it
+// to the normal class from outside. (Here the thread blocks without
+// saying it sleeps, which the watchdog cannot tell from starvation.)
+TEST(JobCpu, TheWatchdogMovesAStarvedThreadThatCannotRunToTheNormalClass) {
+  SKIP_WITHOUT_BACKGROUND_CLASS();
+  std::promise<pid_t> tid;
+  std::promise<void> done;
+  std::thread job([&] {
+    JobCpu cpu;
+    cpu.start();
+    cpu.set_bulk(true);
+    tid.set_value(::gettid());
+    done.get_future().wait();
+    cpu.stop();
+  });
+  const pid_t t = tid.get_future().get();
+  EXPECT_EQ(::sched_getscheduler(t), SCHED_IDLE);
+  const auto deadline = std::chrono::steady_clock::now() + 3s;
+  while (::sched_getscheduler(t) == SCHED_IDLE && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(10ms);
+  EXPECT_EQ(::sched_getscheduler(t), SCHED_OTHER);
+  done.set_value();
+  job.join();
 }
 
 // Unprivileged, a thread may leave SCHED_IDLE again only if RLIMIT_NICE
