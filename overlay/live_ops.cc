@@ -166,27 +166,33 @@ std::error_code copy_down(const Graph& g, size_t from, size_t to,
 }
 
 // Makes the base hold at least `size` bytes (a commit of larger images
-// into it). What it gains reads as zeros, as it did through the chain.
+// into it). What it gains reads as zeros, as it did through the chain, at
+// every moment: a raw file grows by truncation, a qcow2 image over a
+// longer backing file with its new area zero in the same step.
 std::error_code grow_base(const Graph& g, size_t base, uint64_t size,
                           GraphLayer& layer, std::string* error) {
   BlockNode& node = *g.nodes[base];
   const uint64_t old = node.size;
   if (old >= size) return {};
+  auto failed = [&](std::error_code ec, const std::string& why) {
+    *error = fmt::format("cannot grow '{}' to {} bytes (the size of what is committed "
+                         "into it): {}", node.path, size, why);
+    return ec;
+  };
   if (!node.image) {
-    *error = fmt::format("'{}' is smaller than the images committed into it; "
-                         "growing a raw base is not supported", node.path);
-    return std::make_error_code(std::errc::not_supported);
-  }
-  qcow2::Status st = node.image->grow(size);
-  if (!st.ok()) {
-    *error = fmt::format("cannot grow '{}': {}", node.path, st.message());
-    return st.code();
-  }
-  if (base + 1 < g.nodes.size()) {  // not what a longer backing image holds
-    if (auto ec = node.image->write_zeroes(old, size - old, true, qcow2::zero_below())) {
-      *error = fmt::format("cannot grow '{}': {}", node.path, ec.message());
-      return ec;
-    }
+    if (node.raw->size() != old)
+      return failed(std::make_error_code(std::errc::not_supported),
+                    "it is served as a part of its file");
+    if (auto ec = node.raw->truncate(size)) return failed(ec, ec.message());
+    if (auto ec = node.raw->flush()) return failed(ec, ec.message());
+  } else {
+    const bool longer_below = base + 1 < g.nodes.size() && g.nodes[base + 1]->size > old;
+    auto below = [&](uint64_t off, std::span<std::byte> b) {
+      return read_graph(g, base + 1, off, b);
+    };
+    qcow2::Status st = longer_below ? node.image->grow_reading_zeros(size, below)
+                                    : node.image->grow(size);
+    if (!st.ok()) return failed(st.code(), st.message());
   }
   // The node's size is read by the graph walk: change it with requests
   // paused (the ranges it gains are shadowed by the committed images).

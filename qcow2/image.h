@@ -350,6 +350,16 @@ class Image {
   // the directory); NotSupported with an external data file. The caller
   // sees to it that no request is in flight (size() changes).
   Status grow(uint64_t new_size);
+  // Grows like grow(), but the gained area reads as zeros whatever lies
+  // below (QEMU's zero-filling resize over a longer backing file), and the
+  // disk grows with its zeros in one crash-safe step: a kill at any moment
+  // leaves the old disk or the grown one reading zeros past the old end,
+  // never the backing file's data there (see resize.cc for the steps).
+  // `below` is what the image reads through (for the last cluster, when the
+  // old size ends inside one: it is rewritten allocated first). Needs zero
+  // clusters: NotSupported on a v2 image. Refuses what grow() refuses; the
+  // caller sees to it that no request is in flight.
+  Status grow_reading_zeros(uint64_t new_size, BelowReader below);
 
   // Drops every cluster of the image (QEMU's bdrv_make_empty): afterwards
   // every guest offset reads from below, and the file shrinks to its

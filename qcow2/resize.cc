@@ -90,6 +90,20 @@ std::error_code switch_tables(Image::Impl& I, const EmptyLayout& L) {
   return I.file->flush();
 }
 
+// After a failed write of a step whose outcome on disk is unknown: the file
+// is consistent either way, but which state it is in is not known, so
+// nothing more may be written. The corrupt flag is set in memory only (so
+// writes fail with EIO and close() leaves the dirty bit for the next open
+// to repair).
+Status lost_track(Image::Impl& I, std::error_code ec, const std::string& what) {
+  {
+    std::lock_guard rl(I.reason_mu);
+    if (!I.corrupt) I.corrupt_reason = what + " failed";
+  }
+  I.corrupt = true;
+  return Status::IoError(ec, what);
+}
+
 }  // namespace
 
 // Crash safety, step by step (every step is synced before the next; a
@@ -164,16 +178,7 @@ Status Image::make_empty() {
     I.rebuild_meta_ranges();
   };
   auto fail = [&](std::error_code ec, const char* what) {
-    // The file is consistent in every state, but which one we are in is
-    // unknown after a failed write: nothing more may be written.
-    // The corrupt flag is set in memory only (so writes fail with EIO and
-    // close() leaves the dirty bit for the next open to repair).
-    {
-      std::lock_guard rl(I.reason_mu);
-      if (!I.corrupt) I.corrupt_reason = std::string("make_empty: ") + what + " failed";
-    }
-    I.corrupt = true;
-    return Status::IoError(ec, what);
+    return lost_track(I, ec, std::string("make_empty: ") + what);
   };
   {
     auto raw = encode_empty(I, tail);
@@ -203,15 +208,10 @@ Status Image::make_empty() {
   return Status::Ok();
 }
 
-// The L1 table grows like QEMU's qcow2_grow_l1_table: a new table in new
-// clusters (counted and synced first), then one header write of the size,
-// L1 size and L1 offset (bytes 24-48, in the first sector: the disk grows
-// and gets its table in one step), then the old table's clusters are
-// freed. A crash before the header write leaks the new table, after it the
-// old one (the image is dirty meanwhile, so the next read-write open
-// repairs the leak).
-Status Image::grow(uint64_t new_size) {
-  Impl& I = *impl_;
+namespace {
+
+// Why the image cannot grow to `new_size` now, or Ok. mu held.
+Status grow_refusal(const Image::Impl& I, uint64_t new_size) {
   if (I.is_view || I.ro) return Status::Invalid("growing needs a writable image");
   if (new_size < I.h.virtual_size)
     return Status::Invalid("shrinking is not supported (size " +
@@ -219,18 +219,84 @@ Status Image::grow(uint64_t new_size) {
                            std::to_string(new_size) + ")");
   if (I.external)
     return Status::NotSupported("growing an image with an external data file");
-  std::unique_lock lk(I.mu);
-  I.inflight_cv.wait(lk, [&] { return I.inflight.empty(); });
   if (I.corrupt) return Status::IoError(eio(), "image is corrupt");
   if (!I.snaps.empty())
     return Status::Invalid("can't resize an image which has snapshots");
   if (!I.bitmaps.empty())
     return Status::Invalid("can't resize an image with persistent dirty bitmaps");
-  if (new_size == I.h.virtual_size) return Status::Ok();
   const uint64_t need = fmt::div_round_up(fmt::div_round_up(new_size, I.cs), I.l2_size);
   if (new_size > (1ull << 62) || need > fmt::kMaxL1Bytes / 8)
     return Status::Invalid("virtual size " + std::to_string(new_size) +
                            " too large for the L1 table limit");
+  return Status::Ok();
+}
+
+// The L1 entries the grown disk of `new_size` needs.
+uint64_t l1_entries_for(const Image::Impl& I, uint64_t new_size) {
+  return fmt::div_round_up(fmt::div_round_up(new_size, I.cs), I.l2_size);
+}
+
+// Writes `words` (host order) to new clusters, counted in memory (durable
+// with the next flush_locked); `*host` is where. The clusters are added to
+// `*taken` (to be given back if the growth fails later).
+std::error_code write_new_table(Image::Impl& I, const std::vector<uint64_t>& words,
+                                uint64_t* host, std::vector<uint64_t>* taken) {
+  const uint64_t clusters = std::max<uint64_t>(1, fmt::div_round_up(words.size() * 8, I.cs));
+  if (auto ec = I.alloc_clusters(clusters, host)) return ec;
+  for (uint64_t c = 0; c < clusters; ++c) taken->push_back(*host + c * I.cs);
+  std::vector<std::byte> raw(clusters * I.cs);
+  for (size_t i = 0; i < words.size(); ++i) fmt::store64(&raw[i * 8], words[i]);
+  return I.file->pwrite(raw, *host);
+}
+
+// The one step that grows the disk: size, L1 size and L1 offset (bytes
+// 24-48, in the first sector) in one synced header write.
+std::error_code switch_size_and_l1(Image::Impl& I, uint64_t size, uint64_t l1_size,
+                                   uint64_t l1_offset) {
+  std::byte f[24];
+  std::lock_guard hl(I.hdr_mu);
+  if (auto ec = I.file->pread(f, fmt::kOffSize)) return ec;
+  fmt::store64(f, size);
+  fmt::store32(f + 12, static_cast<uint32_t>(l1_size));
+  fmt::store64(f + 16, l1_offset);
+  if (auto ec = I.file->pwrite(f, fmt::kOffSize)) return ec;
+  return I.file->flush();
+}
+
+// After switch_size_and_l1 to a new L1 table: the caches follow, the old
+// table's clusters are freed.
+std::error_code use_new_l1(Image::Impl& I, uint64_t size, std::vector<uint64_t> l1,
+                           uint64_t l1_offset) {
+  const uint64_t old_off = I.h.l1_table_offset;
+  const uint64_t old_clusters =
+      std::max<uint64_t>(1, fmt::div_round_up(uint64_t(I.h.l1_size) * 8, I.cs));
+  I.h.virtual_size = size;
+  I.h.l1_size = static_cast<uint32_t>(l1.size());
+  I.h.l1_table_offset = l1_offset;
+  I.l1 = std::move(l1);
+  I.l2.resize(I.l1.size());
+  I.rebuild_meta_ranges();
+  if (old_off == 0) return {};
+  for (uint64_t c = 0; c < old_clusters; ++c)
+    if (auto ec = I.free_cluster_now(old_off + c * I.cs)) return ec;
+  return {};
+}
+
+}  // namespace
+
+// The L1 table grows like QEMU's qcow2_grow_l1_table: a new table in new
+// clusters (counted and synced first), then one header write of the size,
+// L1 size and L1 offset (the disk grows and gets its table in one step),
+// then the old table's clusters are freed. A crash before the header
+// write leaks the new table, after it the old one (the image is dirty
+// meanwhile, so the next read-write open repairs the leak).
+Status Image::grow(uint64_t new_size) {
+  Impl& I = *impl_;
+  std::unique_lock lk(I.mu);
+  I.inflight_cv.wait(lk, [&] { return I.inflight.empty(); });
+  if (Status st = grow_refusal(I, new_size); !st.ok()) return st;
+  if (new_size == I.h.virtual_size) return Status::Ok();
+  const uint64_t need = l1_entries_for(I, new_size);
   if (auto ec = I.begin_write()) return Status::IoError(ec, "setting the dirty bit");
   if (need <= I.h.l1_size) {
     std::lock_guard hl(I.hdr_mu);
@@ -242,39 +308,138 @@ Status Image::grow(uint64_t new_size) {
   }
   // Everything the old L1 points at is on disk before it is copied.
   if (auto ec = I.flush_locked(true)) return Status::IoError(ec, "flush");
-  const uint64_t old_off = I.h.l1_table_offset;
-  const uint64_t old_clusters = fmt::div_round_up(uint64_t(I.h.l1_size) * 8, I.cs);
-  const uint64_t new_clusters = fmt::div_round_up(need * 8, I.cs);
+  std::vector<uint64_t> l1 = I.l1;
+  l1.resize(need, 0);
   uint64_t host;
-  if (auto ec = I.alloc_clusters(new_clusters, &host))
-    return Status::IoError(ec, "allocating the L1 table");
-  std::vector<std::byte> raw(new_clusters * I.cs);
-  for (uint64_t i = 0; i < I.l1.size(); ++i) fmt::store64(&raw[i * 8], I.l1[i]);
-  if (auto ec = I.file->pwrite(raw, host))
+  std::vector<uint64_t> taken;
+  if (auto ec = write_new_table(I, l1, &host, &taken)) {
+    for (uint64_t c : taken) (void)I.free_cluster_now(c);
     return Status::IoError(ec, "writing the L1 table");
+  }
   // Counts the new clusters durably (and syncs the table).
   if (auto ec = I.flush_locked(true)) return Status::IoError(ec, "flush");
-  {
-    std::byte f[24];
-    std::lock_guard hl(I.hdr_mu);
-    if (auto ec = I.file->pread(f, fmt::kOffSize))
-      return Status::IoError(ec, "reading the header");
-    fmt::store64(f, new_size);
-    fmt::store32(f + 12, static_cast<uint32_t>(need));
-    fmt::store64(f + 16, host);
-    if (auto ec = I.file->pwrite(f, fmt::kOffSize))
-      return Status::IoError(ec, "writing the header");
-    if (auto ec = I.file->flush()) return Status::IoError(ec, "flush");
+  if (auto ec = switch_size_and_l1(I, new_size, need, host))
+    return lost_track(I, ec, "grow: writing the header");
+  if (auto ec = use_new_l1(I, new_size, std::move(l1), host))
+    return Status::IoError(ec, "freeing the old L1 table");
+  return Status::Ok();
+}
+
+// Growing with the gained area reading as zeros, in one crash-safe step
+// (every step synced before the next; the image is dirty throughout, so a
+// kill leaves the old disk, or the grown one, plus leaks that the next
+// read-write open repairs):
+//  1. When the old size ends inside a cluster, that cluster is rewritten
+//     with what it reads (content unchanged; it is allocated here now),
+//     and its host bytes past the old end are zeroed: beyond the disk,
+//     nothing reads them yet.
+//  2. New L2 tables map every gained cluster as a zero cluster: copies of
+//     the tables that already map part of the disk (the old end's), fresh
+//     ones for the rest. A new L1 table points at them and at every other
+//     old table. All in new clusters, counted durably: nothing the image
+//     uses has changed.
+//  3. One header write of size, L1 size and L1 offset: the disk is grown
+//     and its gained area zero, at once.
+//  4. The old L1 table and the replaced L2 tables are freed.
+// The same steps as grow() with the L1 table moving, plus the tables.
+Status Image::grow_reading_zeros(uint64_t new_size, BelowReader below) {
+  Impl& I = *impl_;
+  const uint64_t old = size();
+  if (new_size > old && !has_zero_clusters())
+    return Status::NotSupported(
+        "growing with the new area zeroed needs zero clusters, which a version 2 "
+        "image does not have (upgrade it: qemu-img amend -o compat=v3)");
+  const uint64_t last_start = old / I.cs * I.cs;
+  if (new_size > old && old > last_start) {  // step 1, before taking mu
+    std::vector<std::byte> last(old - last_start);
+    if (auto ec = read(last_start, last, below))
+      return Status::IoError(ec, "reading the last cluster");
+    if (auto ec = write(last_start, last, below))
+      return Status::IoError(ec, "rewriting the last cluster");
   }
-  I.h.virtual_size = new_size;
-  I.h.l1_size = static_cast<uint32_t>(need);
-  I.h.l1_table_offset = host;
-  I.l1.resize(need, 0);
-  I.l2.resize(need);
-  I.rebuild_meta_ranges();
-  for (uint64_t c = 0; c < old_clusters; ++c)
-    if (auto ec = I.free_cluster_now(old_off + c * I.cs))
-      return Status::IoError(ec, "freeing the old L1 table");
+  std::unique_lock lk(I.mu);
+  I.inflight_cv.wait(lk, [&] { return I.inflight.empty(); });
+  if (Status st = grow_refusal(I, new_size); !st.ok()) return st;
+  if (I.h.virtual_size != old)
+    return Status::Invalid("the image changed size while growing");
+  if (new_size == old) return Status::Ok();
+  if (auto ec = I.begin_write()) return Status::IoError(ec, "setting the dirty bit");
+  if (auto ec = I.flush_locked(true)) return Status::IoError(ec, "flush");
+
+  const uint64_t gained0 = fmt::div_round_up(old, I.cs);  // first gained cluster
+  const uint64_t gained1 = fmt::div_round_up(new_size, I.cs);
+  const bool partial = old > last_start;
+  std::vector<uint64_t> l1 = I.l1;
+  l1.resize(std::max<uint64_t>(l1.size(), l1_entries_for(I, new_size)), 0);
+  std::vector<uint64_t> replaced;   // old tables the new L1 no longer uses
+  std::vector<uint64_t> taken;      // new tables' clusters, given back on failure
+  auto fail = [&](std::error_code ec, const char* what) {
+    for (uint64_t host : taken) (void)I.free_cluster_now(host);
+    return Status::IoError(ec, what);
+  };
+  const uint64_t first_table = (partial ? gained0 - 1 : gained0) >> I.l2_bits;
+  const uint64_t last_table = (gained1 - 1) >> I.l2_bits;
+  for (uint64_t t = first_table; t <= last_table; ++t) {
+    std::vector<uint64_t> words(I.cs / 8, 0);
+    L2Table* old_table = nullptr;
+    if (t < I.l1.size()) {
+      if (auto ec = I.load_l2(t, &old_table)) return fail(ec, "reading an L2 table");
+      if (old_table) words = old_table->words;
+    }
+    bool changed = false;
+    const uint64_t c0 = t << I.l2_bits;
+    if (partial && gained0 - 1 >= c0 && gained0 - 1 < c0 + I.l2_size) {
+      const uint64_t k = (gained0 - 1 - c0) * I.words;
+      uint64_t host;
+      const CType type = I.classify(words[k], I.words == 2 ? words[k + 1] : 0, 0, &host);
+      if (words[k] & fmt::kOflagCompressed || !(words[k] & fmt::kOflagCopied) || host == 0 ||
+          (I.words == 1 && type != CType::Data))
+        return fail(eio(), "the rewritten last cluster is not a plain data cluster");
+      const uint64_t tail = old - last_start;
+      std::vector<std::byte> zeros(I.cs - tail);
+      if (auto ec = I.check_data_write(host + tail, zeros.size())) return fail(ec, "zeroing");
+      if (auto ec = I.file->pwrite(zeros, host + tail))
+        return fail(ec, "zeroing the last cluster's tail");
+      if (I.words == 2) {  // every subcluster: data (zeros past the old end)
+        changed = words[k + 1] != 0xffffffffull;
+        words[k + 1] = 0xffffffffull;
+      }
+    }
+    for (uint64_t c = std::max(c0, gained0); c < std::min(c0 + I.l2_size, gained1); ++c) {
+      const uint64_t k = (c - c0) * I.words;
+      const uint64_t bm = I.words == 2 ? words[k + 1] : 0;
+      const bool unset = words[k] == 0 && bm == 0;
+      if (!unset && !(I.words == 1 && words[k] == fmt::kOflagZero) &&
+          !(I.words == 2 && words[k] == 0 && bm == 0xffffffff00000000ull)) {
+        for (uint64_t host : taken) (void)I.free_cluster_now(host);
+        return Status::Invalid("guest cluster " + hex(c * I.cs) +
+                               ", beyond the end of the disk, is mapped to data");
+      }
+      changed |= unset;
+      if (I.words == 2) words[k] = 0, words[k + 1] = 0xffffffff00000000ull;
+      else words[k] = fmt::kOflagZero;
+    }
+    if (!changed) continue;
+    uint64_t host;
+    if (auto ec = write_new_table(I, words, &host, &taken))
+      return fail(ec, "writing an L2 table");
+    if (old_table) replaced.push_back(old_table->offset);
+    l1[t] = host | fmt::kOflagCopied;
+  }
+  uint64_t l1_host;
+  if (auto ec = write_new_table(I, l1, &l1_host, &taken))
+    return fail(ec, "writing the L1 table");
+  if (auto ec = I.flush_locked(true)) return fail(ec, "flush");
+  if (auto ec = switch_size_and_l1(I, new_size, l1.size(), l1_host))
+    return lost_track(I, ec, "grow: writing the header");
+  // The cached tables that were copied now live where the copies are.
+  for (uint64_t t = first_table; t <= last_table && t < I.l2.size(); ++t)
+    if (I.l2[t] && (l1[t] & fmt::kL1OffsetMask) != I.l2[t]->offset) I.l2[t].reset();
+  std::erase_if(I.l2_resident, [&](uint64_t t) { return !I.l2[t]; });
+  if (auto ec = use_new_l1(I, new_size, std::move(l1), l1_host))
+    return Status::IoError(ec, "freeing the old L1 table");
+  for (uint64_t host : replaced)
+    if (auto ec = I.free_cluster_now(host)) return Status::IoError(ec, "freeing an L2 table");
   return Status::Ok();
 }
 

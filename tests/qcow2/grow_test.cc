@@ -3,6 +3,8 @@
 #include "tests/qcow2/faulty_file.h"
 #include "test_util.h"
 
+#include <fstream>
+
 namespace layerd::qcow2::test {
 namespace {
 
@@ -152,6 +154,155 @@ TEST(GrowCrash, AKillAtAnyWriteLeavesOldOrGrown) {
     if (done) break;
     ASSERT_LT(n, 100);
   }
+}
+
+// --- grow_reading_zeros ----------------------------------------------------
+
+// What a longer backing file reads: never zero, so zeros in the gained
+// area can only come from the image itself.
+std::byte backing_byte(uint64_t offset) { return std::byte(0x80 | (offset / 512 % 127)); }
+BelowReader pattern_below() {
+  return [](uint64_t offset, std::span<std::byte> buf) {
+    for (size_t i = 0; i < buf.size(); ++i) buf[i] = backing_byte(offset + i);
+    return std::error_code{};
+  };
+}
+
+// An image of `old_size` bytes, of `cluster_size` clusters, whose first
+// half is its own data (0x5a) and whose second half reads from below.
+struct ZeroGrowCase {
+  uint64_t old_size;
+  uint32_t cluster_size;
+  bool extended_l2;
+};
+
+class GrowReadingZeros : public ::testing::TestWithParam<ZeroGrowCase> {
+ protected:
+  static constexpr uint64_t kNewSize = 8 << 20;
+  std::shared_ptr<File> make_image() {
+    const ZeroGrowCase& c = GetParam();
+    CreateOptions co;
+    co.size = c.old_size;
+    co.cluster_size = c.cluster_size;
+    co.extended_l2 = c.extended_l2;
+    auto mem = std::shared_ptr<File>(make_memory_file());
+    EXPECT_TRUE(Image::create(*mem, co).ok());
+    std::unique_ptr<Image> img;
+    EXPECT_TRUE(Image::open(mem, {}, &img).ok());
+    std::vector<std::byte> own(c.old_size / 2, std::byte{0x5a});
+    EXPECT_FALSE(img->write(0, own, pattern_below()));
+    EXPECT_FALSE(img->close());
+    return mem;
+  }
+  // What the image reads through the pattern below: its data, the
+  // backing file up to the old end, zeros after it.
+  void expect_content(Image& img, uint64_t size) {
+    const uint64_t old = GetParam().old_size;
+    ASSERT_EQ(img.size(), size);
+    std::vector<std::byte> got(size);
+    ASSERT_FALSE(img.read(0, got, pattern_below()));
+    for (uint64_t i = 0; i < size; ++i) {
+      const std::byte want = i < old / 2 ? std::byte{0x5a} : i < old ? backing_byte(i) : std::byte{0};
+      ASSERT_EQ(got[i], want) << "at byte " << i << " of " << size << " (old size " << old << ")";
+    }
+  }
+};
+
+TEST_P(GrowReadingZeros, TheGainedAreaReadsZerosNotTheLongerBackingFile) {
+  auto mem = make_image();
+  {
+    std::unique_ptr<Image> img;
+    ASSERT_TRUE(Image::open(mem, {}, &img).ok());
+    Status st = img->grow_reading_zeros(kNewSize, pattern_below());
+    ASSERT_TRUE(st.ok()) << st.message();
+    expect_content(*img, kNewSize);
+    // Writes go on anywhere on the grown disk.
+    std::vector<std::byte> w(4096, std::byte{7});
+    ASSERT_FALSE(img->write(kNewSize - 4096, w, pattern_below()));
+    ASSERT_FALSE(img->write(GetParam().old_size - 100, std::span(w.data(), 200), pattern_below()));
+    CheckReport rep;
+    ASSERT_TRUE(img->check(Repair::None, &rep).ok());
+    EXPECT_TRUE(rep.clean()) << (rep.messages.empty() ? "" : rep.messages[0]);
+    ASSERT_FALSE(img->close());
+  }
+  // QEMU, over a longer backing file, sees the same zeros.
+  TempDir dir;
+  const std::string back = dir / "back.raw", img = dir / "img.qcow2";
+  {
+    std::vector<std::byte> b(kNewSize);
+    ASSERT_FALSE(pattern_below()(0, b));
+    std::ofstream(back, std::ios::binary).write(reinterpret_cast<const char*>(b.data()),
+                                                static_cast<std::streamsize>(b.size()));
+    std::vector<std::byte> raw(mem->size());
+    ASSERT_FALSE(mem->pread(raw, 0));
+    std::ofstream(img, std::ios::binary).write(reinterpret_cast<const char*>(raw.data()),
+                                               static_cast<std::streamsize>(raw.size()));
+  }
+  run("qemu-img rebase -u -F raw -b back.raw " + q(img));
+  qemu_check_clean(img);
+  const uint64_t old = GetParam().old_size;
+  run("qemu-io -c 'read -P 0 " + std::to_string(old + 200) + " " +
+      std::to_string(kNewSize - 4096 - old - 200) + "' -c 'read -P 7 " +
+      std::to_string(kNewSize - 4096) + " 4096' " + q(img));
+}
+
+// A kill at any write leaves the old disk or the grown one, and the grown
+// one never shows the backing file past the old end.
+TEST_P(GrowReadingZeros, AKillAtAnyWriteLeavesTheOldDiskOrTheGrownOneWithZeros) {
+  auto mem = make_image();
+  std::vector<std::byte> pristine(mem->size());
+  ASSERT_FALSE(mem->pread(pristine, 0));
+  for (int n = 0;; ++n) {
+    auto copy = std::shared_ptr<File>(make_memory_file());
+    ASSERT_FALSE(copy->pwrite(pristine, 0));
+    auto faulty = std::make_shared<FaultyFile>(copy);
+    bool done;
+    {
+      std::unique_ptr<Image> img;
+      ASSERT_TRUE(Image::open(faulty, {}, &img).ok());
+      faulty->fail_pwrite_after(n, true);
+      done = img->grow_reading_zeros(kNewSize, pattern_below()).ok();
+    }
+    std::unique_ptr<Image> img;
+    Status st = Image::open(copy, {}, &img);  // repairs a dirty image
+    ASSERT_TRUE(st.ok()) << n << ": " << st.message();
+    const uint64_t size = img->size();
+    ASSERT_TRUE(size == GetParam().old_size || size == kNewSize) << n << ": " << size;
+    if (done) {
+      EXPECT_EQ(size, kNewSize) << n;
+    }
+    ASSERT_NO_FATAL_FAILURE(expect_content(*img, size)) << "after a kill at write " << n;
+    CheckReport rep;
+    ASSERT_TRUE(img->check(Repair::None, &rep).ok());
+    EXPECT_TRUE(rep.clean()) << n << ": " << (rep.messages.empty() ? "" : rep.messages[0]);
+    if (done) break;
+    ASSERT_LT(n, 2000);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Layouts, GrowReadingZeros,
+    ::testing::Values(ZeroGrowCase{1 << 20, 65536, false},          // within one L2 table
+                      ZeroGrowCase{(1 << 20) + 1536, 4096, false},  // ends inside a cluster
+                      ZeroGrowCase{96 << 10, 512, false},           // the L1 table grows
+                      ZeroGrowCase{(1 << 20) + 2560, 65536, true}), // inside a subcluster
+    [](const auto& param_info) {
+      return "Size" + std::to_string(param_info.param.old_size) + "Cluster" +
+             std::to_string(param_info.param.cluster_size) + (param_info.param.extended_l2 ? "Extended" : "");
+    });
+
+TEST(GrowReadingZerosRefusal, AVersion2ImageHasNoZeroClusters) {
+  CreateOptions co;
+  co.size = 1 << 20;
+  co.version = 2;
+  auto mem = std::shared_ptr<File>(make_memory_file());
+  ASSERT_TRUE(Image::create(*mem, co).ok());
+  std::unique_ptr<Image> img;
+  ASSERT_TRUE(Image::open(mem, {}, &img).ok());
+  Status st = img->grow_reading_zeros(2 << 20, pattern_below());
+  EXPECT_EQ(st.code(), std::errc::not_supported);
+  EXPECT_NE(st.message().find("compat=v3"), std::string::npos) << st.message();
+  EXPECT_EQ(img->size(), 1u << 20);
 }
 
 }  // namespace

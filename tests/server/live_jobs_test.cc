@@ -449,6 +449,73 @@ TEST_F(LiveJobs, CommitGrowsASmallerBaseAndReopensItReadOnlyAfter) {
   EXPECT_EQ(qemu_view(path("top.qcow2")), model);
 }
 
+// A raw base grows by truncation (its new area reads zeros, as the chain
+// read past its end), and the commit into it works as into qcow2.
+TEST_F(LiveJobs, CommitIntoARawBaseGrowsItAndShortensTheChain) {
+  run_expect({"qemu-img", "create", "-q", "-f", "raw", path("base.raw"), "4M"});
+  run_expect({"qemu-io", "-f", "raw", "-c", "write -P 0x11 0 4M", path("base.raw")});
+  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw",
+              path("mid.qcow2"), "8M"});
+  run_expect({"qemu-io", "-c", "write -P 0x22 3M 2M", "-c", "write -z 1M 64k", path("mid.qcow2")});
+  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
+              path("top.qcow2"), "8M"});
+  ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+  Nbd h = connect();
+  VerifiedClient client(h.get(), 10);
+  client.start();
+  client.wait_ops(100);
+  execute("block-commit", {{"device", "disk"}, {"top", path("mid.qcow2")}, {"speed", 4 << 20}});
+  expect_completed();
+  const auto model = finish_client(client, 200);
+  stop_server(&h);
+  EXPECT_EQ(fs::file_size(path("base.raw")), kDisk);
+  EXPECT_EQ(backing_of(path("top.qcow2")), "base.raw");
+  expect_clean(path("top.qcow2"));
+  EXPECT_EQ(qemu_view(path("top.qcow2")), model);
+  auto base = read_file_range(path("base.raw"), 0, kDisk);
+  EXPECT_EQ(base[0], 0x11);
+  EXPECT_EQ(base[(1 << 20) + 100], 0);  // mid's zero write
+  EXPECT_EQ(base[(4 << 20) + 100], 0x22);
+  EXPECT_EQ(base[(6 << 20) + 100], 0);  // past the old end: zeros, as before
+}
+
+// A base smaller than its own backing file grows with its new area zero,
+// so that the backing file's data there never shows through (what the
+// chain read past the base's end was zeros).
+TEST_F(LiveJobs, CommitIntoABaseOverALongerBackingFileKeepsZerosPastItsOldEnd) {
+  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", path("back.qcow2"), "8M"});
+  run_expect({"qemu-io", "-c", "write -P 0x44 0 8M", path("back.qcow2")});
+  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "back.qcow2", "-F", "qcow2",
+              path("base.qcow2"), "4M"});
+  run_expect({"qemu-io", "-c", "write -P 0x11 0 1M", path("base.qcow2")});
+  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+              path("mid.qcow2"), "8M"});
+  run_expect({"qemu-io", "-c", "write -P 0x22 3M 2M", path("mid.qcow2")});
+  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
+              path("top.qcow2"), "8M"});
+  const auto before = qemu_view(path("top.qcow2"));
+  ASSERT_EQ(before[(6 << 20) + 100], 0);
+  ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+  Nbd h = connect();
+  VerifiedClient client(h.get(), 11);
+  client.start();
+  client.wait_ops(100);
+  execute("block-commit", {{"device", "disk"}, {"top", path("mid.qcow2")},
+                           {"base", path("base.qcow2")}, {"speed", 4 << 20}});
+  expect_completed();
+  const auto model = finish_client(client, 200);
+  stop_server(&h);
+  for (const char* f : {"top.qcow2", "base.qcow2", "back.qcow2"}) expect_clean(path(f));
+  EXPECT_EQ(backing_of(path("top.qcow2")), "base.qcow2");
+  EXPECT_EQ(qemu_view(path("top.qcow2")), model);
+  auto base = qemu_view(path("base.qcow2"));  // through back.qcow2
+  EXPECT_EQ(base[100], 0x11);
+  EXPECT_EQ(base[(2 << 20) + 100], 0x44);
+  EXPECT_EQ(base[(4 << 20) + 100], 0x22);
+  EXPECT_EQ(base[(6 << 20) + 100], 0);
+  EXPECT_EQ(base[kDisk - 1], 0);
+}
+
 TEST_F(LiveJobs, StreamTurnsZeroDataIntoZeroClusters) {
   make_chain();
   run_expect({"qemu-io", "-c", "write -P 0 5M 1M", path("mid.qcow2")});  // zeros as data
