@@ -195,6 +195,10 @@ std::shared_ptr<BlockNode> ImageRegistry::share(Entry& entry,
                                                 std::string* error) {
   std::shared_ptr<BlockNode> node = entry.node.lock();
   if (!node) return nullptr;
+  if (reopening_.count(node.get())) {
+    *error = fmt::format("'{}' is being reopened by a block job; try again", path);
+    return nullptr;
+  }
   if (o.writable && (!node->writable || entry.backing)) {
     *error = entry.backing
                  ? fmt::format("'{}' is the backing image of '{}', so layerd "
@@ -365,44 +369,62 @@ bool reopen_files(BlockNode& node, OpenMode mode, Access access, std::string* er
 
 }  // namespace
 
+// The image's own reopen (a repair scan, a write-back with its syncs) runs
+// without the registry's mutex, so that exports opening other files, or
+// sharing this one, do not wait for it. Meanwhile the node counts as
+// writable (nothing may take it as a backing image) and a second
+// set_writable of it is refused.
 bool ImageRegistry::set_writable(const std::shared_ptr<BlockNode>& node,
                                  bool writable, std::string* error) {
+  {
+    std::lock_guard lock(mutex_);
+    if (node->writable == writable) return true;
+    if (!node->snapshot_id.empty()) {
+      *error = fmt::format("'{}' is an internal snapshot, which cannot be written",
+                           node->path);
+      return false;
+    }
+    if (!reopening_.insert(node.get()).second) {
+      *error = fmt::format("'{}' is being reopened already", node->path);
+      return false;
+    }
+    if (writable) {
+      if (!reopen_files(*node, OpenMode::ReadWrite, Access::Write, error)) {
+        reopening_.erase(node.get());
+        return false;
+      }
+      node->writable = true;
+    }
+  }
+  qcow2::Status st = qcow2::Status::Ok();
+  if (node->image && writable) {
+    st = node->image->reopen_read_write();
+    // In use from now on: the dirty bit's sync is not left to a write.
+    if (st.ok()) {
+      if (auto ec = node->image->begin_writes()) {
+        (void)node->image->reopen_read_only();
+        st = qcow2::Status::IoError(ec, "setting the dirty bit");
+      }
+    }
+  } else if (node->image) {
+    st = node->image->reopen_read_only();
+  }
   std::lock_guard lock(mutex_);
-  if (node->writable == writable) return true;
-  if (!node->snapshot_id.empty()) {
-    *error = fmt::format("'{}' is an internal snapshot, which cannot be written",
-                         node->path);
+  reopening_.erase(node.get());
+  if (!st.ok()) {
+    if (writable) {
+      std::string ignored;
+      (void)reopen_files(*node, OpenMode::ReadOnly, Access::Read, &ignored);
+      node->writable = false;
+    }
+    *error = fmt::format("cannot make '{}' {}: {}", node->path,
+                         writable ? "writable" : "read-only", st.message());
     return false;
   }
-  if (writable) {
-    if (!reopen_files(*node, OpenMode::ReadWrite, Access::Write, error)) return false;
-    if (node->image) {
-      qcow2::Status st = node->image->reopen_read_write();
-      // In use from now on: the dirty bit's sync is not left to a write.
-      if (st.ok()) {
-        if (auto ec = node->image->begin_writes()) {
-          (void)node->image->reopen_read_only();
-          st = qcow2::Status::IoError(ec, "setting the dirty bit");
-        }
-      }
-      if (!st.ok()) {
-        std::string ignored;
-        (void)reopen_files(*node, OpenMode::ReadOnly, Access::Read, &ignored);
-        *error = fmt::format("cannot make '{}' writable: {}", node->path, st.message());
-        return false;
-      }
-    }
-  } else {
-    if (node->image) {
-      qcow2::Status st = node->image->reopen_read_only();
-      if (!st.ok()) {
-        *error = fmt::format("cannot make '{}' read-only: {}", node->path, st.message());
-        return false;
-      }
-    }
+  if (!writable) {
     if (!reopen_files(*node, OpenMode::ReadOnly, Access::Read, error)) return false;
+    node->writable = false;
   }
-  node->writable = writable;
   return true;
 }
 

@@ -28,6 +28,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <tuple>
 
@@ -63,7 +64,7 @@ struct BlockNode {
   // Virtual size. Changes only while the graphs using the node are paused
   // (a commit grows its base), but is read by queries at any time.
   std::atomic<uint64_t> size{0};
-  bool writable = false;  // changes only under the registry's mutex
+  std::atomic<bool> writable{false};  // changes only under the registry's mutex
   std::string snapshot_id;  // set for an internal snapshot view
   std::shared_ptr<const BlockNode> snapshot_of;  // the view's active image
   std::shared_ptr<qcow2::Image> image;  // qcow2
@@ -133,7 +134,9 @@ class ImageRegistry {
   // it (no close and reopen). Going read-only writes everything back first
   // (Image::reopen_read_only). false with `error` when it cannot (another
   // process holds the file, the file cannot be written, bitmaps in the
-  // way); the node is then as it was.
+  // way); the node is then as it was. The image's own reopen runs without
+  // the registry's lock (other calls go on meanwhile); a second call for
+  // the same node meanwhile fails.
   bool set_writable(const std::shared_ptr<BlockNode>& node, bool writable,
                     std::string* error);
   // Records that `node` is now the backing image of `named_by` (after a
@@ -158,6 +161,7 @@ class ImageRegistry {
 
   mutable std::mutex mutex_;
   std::map<Key, Entry> entries_;
+  std::set<const BlockNode*> reopening_;  // in set_writable, between the locks
 };
 
 }  // namespace layerd

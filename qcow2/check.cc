@@ -3,6 +3,11 @@
 // tables of the active image and of every snapshot, refcount structures,
 // the snapshot table, bitmaps), compare with the stored refcounts and check
 // the COPIED flags of the active tables.
+//
+// A check is a scan (scan_metadata: reads the file, changes nothing, so it
+// may run under mu held shared while reads go on, when nothing writes
+// metadata meanwhile) and the repair it planned (apply_repair, under mu
+// held exclusively).
 #include <algorithm>
 #include <map>
 
@@ -10,19 +15,48 @@
 
 namespace layerd::qcow2 {
 
-Status Image::Impl::check_locked(Repair repair, CheckReport* rep) {
-  if (repair != Repair::None && !ro) {
-    // A repair changes refcounts and flags: dirty first, like any write.
-    if (auto ec = mark_dirty()) return Status::IoError(ec, "setting the dirty bit");
+namespace {
+
+// The refcounts the file stores, read block by block from the file, not
+// through the refcount cache, so that a scan under a shared lock leaves
+// the caches alone. The caller sees to it that the cache holds nothing
+// newer (it flushed, or the image is read-only).
+class StoredRefcounts {
+ public:
+  explicit StoredRefcounts(const Image::Impl& I) : I_(I) { block_.raw.resize(I.cs); }
+  std::error_code get(uint64_t cluster, uint64_t* rc) {
+    const uint64_t idx = cluster / I_.rb_entries;
+    const uint64_t off = idx < I_.reftable.size() ? I_.reftable[idx] & fmt::kRefTableOffsetMask : 0;
+    if (!off) return (*rc = 0), std::error_code{};
+    if (idx != loaded_) {
+      loaded_ = UINT64_MAX;
+      if (auto ec = I_.file->pread(block_.raw, off)) return ec;
+      loaded_ = idx;
+    }
+    *rc = I_.rb_get(block_, cluster % I_.rb_entries);
+    return {};
   }
-  if (!ro) {
-    if (auto ec = flush_locked(true)) return Status::IoError(ec, "flush");
-  }
+
+ private:
+  const Image::Impl& I_;
+  RefBlock block_;
+  uint64_t loaded_ = UINT64_MAX;
+};
+
+}  // namespace
+
+// The walk: the expected refcount of every host cluster from all metadata,
+// compared with the stored ones; then the COPIED flags of the active
+// tables against the refcounts as they will be after the repair.
+Status Image::Impl::scan_metadata(Repair repair, RepairPlan* plan) {
+  CheckReport* rep = &plan->report;
+  plan->repair = repair;
   const uint64_t fsize = file->size();
   uint64_t nclusters = std::max(fmt::div_round_up(fsize, cs), end_cluster);
   if (nclusters > (1ull << 31))
     return Status::NotSupported("image too large to check");
-  std::vector<uint32_t> expected(nclusters, 0);
+  std::vector<uint32_t>& expected = plan->expected;
+  expected.assign(nclusters, 0);
   // `times`: how many references one walk stands for (a snapshot L2 table
   // shared by many L1 entries is walked once); counts stay per reference.
   auto problem = [&](uint64_t* counter, std::string msg, uint64_t times = 1) {
@@ -139,109 +173,160 @@ Status Image::Impl::check_locked(Repair repair, CheckReport* rep) {
   // walk repairs leaks (raising a refcount that is too low is safe either
   // way), as QEMU's check, which stops at the first such error.
   const bool walk_complete = rep->check_errors == 0;
-  uint64_t fixed_corr = 0;
-  reserved = &expected;
-  auto fix = [&](uint64_t c, uint64_t want) -> bool {
-    return !set_refcount(c, want);
-  };
+  const bool fix_leaks = repair != Repair::None && walk_complete;
+  StoredRefcounts stored(*this);
+  // The refcount of every cluster as it will be after the repair (capped:
+  // the COPIED flags only ask whether it is one).
+  std::vector<uint32_t> after(nclusters, 0);
   uint64_t last_used = 0;
   for (uint64_t c = 0; c < nclusters; ++c) {
     uint64_t actual;
-    if (get_refcount(c, &actual)) {
+    if (stored.get(c, &actual)) {
       ++rep->check_errors;
       continue;
     }
     uint64_t want = expected[c];
+    after[c] = uint32_t(std::min<uint64_t>(UINT32_MAX, actual));
     if (want) last_used = c + 1;
     if (actual == want) continue;
     if (actual < want) {
       problem(&rep->corruptions, "ERROR cluster " + std::to_string(c) +
                                      " refcount=" + std::to_string(actual) +
                                      " reference=" + std::to_string(want));
-      if (repair == Repair::All && fix(c, want)) ++fixed_corr;
+      if (repair == Repair::All) {
+        plan->refcounts.push_back({c, want});
+        after[c] = uint32_t(want);
+        ++rep->corruptions_fixed;
+      }
     } else {
       problem(&rep->leaks, "Leaked cluster " + std::to_string(c) +
                                " refcount=" + std::to_string(actual) +
                                " reference=" + std::to_string(want));
-      if (repair != Repair::None && walk_complete && fix(c, want)) ++rep->leaks_fixed;
-    }
-  }
-  // Refcounts counted beyond the end of the file are leaks too.
-  for (uint64_t idx = nclusters / rb_entries; idx < reftable.size(); ++idx) {
-    RefBlock* b;
-    if (load_refblock(idx, &b) || !b) continue;
-    for (uint64_t k = 0; k < rb_entries; ++k) {
-      uint64_t c = idx * rb_entries + k;
-      if (c < nclusters) continue;
-      uint64_t v = rb_get(*b, k);
-      if (!v) continue;
-      problem(&rep->leaks, "Leaked cluster " + std::to_string(c) + " refcount=" +
-                               std::to_string(v) + " reference=0");
-      if (repair != Repair::None && walk_complete) {
-        rb_set(*b, k, 0);
-        b->dirty = true;
+      if (fix_leaks) {
+        plan->refcounts.push_back({c, want});
+        after[c] = uint32_t(want);
         ++rep->leaks_fixed;
       }
     }
   }
+  // Refcounts counted beyond the end of the file are leaks too.
+  for (uint64_t idx = nclusters / rb_entries; idx < reftable.size(); ++idx) {
+    if (!(reftable[idx] & fmt::kRefTableOffsetMask)) continue;
+    for (uint64_t k = 0; k < rb_entries; ++k) {
+      uint64_t c = idx * rb_entries + k, v;
+      if (c < nclusters) continue;
+      if (stored.get(c, &v)) {
+        ++rep->check_errors;
+        break;
+      }
+      if (!v) continue;
+      problem(&rep->leaks, "Leaked cluster " + std::to_string(c) + " refcount=" +
+                               std::to_string(v) + " reference=0");
+      if (fix_leaks) {
+        plan->refcounts.push_back({c, 0});
+        ++rep->leaks_fixed;
+      }
+    }
+  }
+  auto refcount_after = [&](uint64_t host, uint64_t* rc) {
+    const uint64_t c = host >> cb;
+    if (c < nclusters) return (*rc = after[c]), true;
+    return !stored.get(c, rc);
+  };
 
   // COPIED flags of the active tables.
   for (auto [i, off] : active_l2) {
     uint64_t rc;
-    if (get_refcount(off >> cb, &rc)) continue;
+    if (!refcount_after(off, &rc)) continue;
     bool want = rc == 1, have = l1[i] & fmt::kOflagCopied;
     if (want != have) {
       problem(&rep->corruptions, "ERROR OFLAG_COPIED L2 cluster: l1_index=" +
                                      std::to_string(i) + " refcount=" +
                                      std::to_string(rc));
       if (repair == Repair::All) {
-        l1[i] = want ? (l1[i] | fmt::kOflagCopied) : (l1[i] & ~fmt::kOflagCopied);
-        l1_dirty = true;
-        ++fixed_corr;
+        plan->l1_entries.push_back(
+            {i, want ? (l1[i] | fmt::kOflagCopied) : (l1[i] & ~fmt::kOflagCopied)});
+        ++rep->corruptions_fixed;
       }
     }
-    L2Table* t;
-    if (load_l2(i, &t) || !t) continue;
+    if (file->pread(raw, off)) continue;  // counted by the walk
     for (uint64_t k = 0; k < l2_size; ++k) {
-      uint64_t e0 = t->words[k * words];
+      uint64_t e0 = fmt::load64(&raw[k * words * 8]);
       if (e0 & fmt::kOflagCompressed) continue;
       uint64_t host = e0 & fmt::kL2OffsetMask;
       if (!host || external || host % cs) continue;
-      if (get_refcount(host >> cb, &rc)) continue;
+      if (!refcount_after(host, &rc)) continue;
       bool w = rc == 1, hv = e0 & fmt::kOflagCopied;
       if (w == hv) continue;
       problem(&rep->corruptions, "ERROR OFLAG_COPIED data cluster: l2_entry=" +
                                      hex(e0) + " refcount=" + std::to_string(rc));
       if (repair == Repair::All) {
-        t->words[k * words] = w ? (e0 | fmt::kOflagCopied) : (e0 & ~fmt::kOflagCopied);
-        t->dirty = true;
-        ++fixed_corr;
+        plan->l2_entries.push_back(
+            {i, k, w ? (e0 | fmt::kOflagCopied) : (e0 & ~fmt::kOflagCopied)});
+        ++rep->corruptions_fixed;
       }
     }
   }
-  reserved = nullptr;
-  rep->corruptions_fixed = fixed_corr;
   rep->total_clusters = fmt::div_round_up(h.virtual_size, cs);
   rep->image_end_offset = last_used * cs;
-  if (repair != Repair::None) {
-    if (auto ec = flush_locked(true)) return Status::IoError(ec, "flush");
-    if (corrupt && rep->corruptions == rep->corruptions_fixed &&
-        rep->check_errors == 0) {
-      // Writable from now on: the bitmaps must see the writes. (Before the
-      // flag goes: Image::write reads `recording` once it sees it clear.)
-      if (auto ec = start_recording_bitmaps())
-        return Status::IoError(ec, "marking the dirty bitmaps in use");
-      corrupt = false;
-      (void)set_incompat_bit(fmt::kIncompatCorrupt, false);
-    }
-    // Refcounts are consistent now (leaks do not matter): a dirty bit set
-    // by someone else may be cleared at close(), as `qemu-img check -r`
-    // clears it. Not before: writes may follow while the image is open.
-    if (dirty_bit && rep->corruptions == rep->corruptions_fixed &&
-        rep->check_errors == 0)
-      dirty_set_by_us = true;
-  }
   return Status::Ok();
+}
+
+// The repair the scan planned, under mu held exclusively, on metadata that
+// has not changed since the scan.
+Status Image::Impl::apply_repair(const RepairPlan& plan) {
+  const CheckReport& rep = plan.report;
+  if (plan.repair == Repair::None) return Status::Ok();
+  if (!ro) {
+    // A repair changes refcounts and flags: dirty first, like any write.
+    if (auto ec = mark_dirty()) return Status::IoError(ec, "setting the dirty bit");
+  }
+  // A refcount block created on the way goes on a cluster nothing uses.
+  reserved = &plan.expected;
+  std::error_code failed;
+  for (auto [c, rc] : plan.refcounts)
+    if ((failed = set_refcount(c, rc))) break;
+  for (auto [i, entry] : plan.l1_entries) {
+    if (failed) break;
+    l1[i] = entry;
+    l1_dirty = true;
+  }
+  for (const RepairPlan::L2Entry& e : plan.l2_entries) {
+    if (failed) break;
+    L2Table* t;
+    if ((failed = load_l2(e.table, &t))) break;
+    if (!t) continue;
+    t->words[e.index * words] = e.entry;
+    t->dirty = true;
+  }
+  reserved = nullptr;
+  if (failed) return Status::IoError(failed, "repairing");
+  if (auto ec = flush_locked(true)) return Status::IoError(ec, "flush");
+  if (corrupt && rep.corruptions == rep.corruptions_fixed && rep.check_errors == 0) {
+    // Writable from now on: the bitmaps must see the writes. (Before the
+    // flag goes: Image::write reads `recording` once it sees it clear.)
+    if (auto ec = start_recording_bitmaps())
+      return Status::IoError(ec, "marking the dirty bitmaps in use");
+    corrupt = false;
+    (void)set_incompat_bit(fmt::kIncompatCorrupt, false);
+  }
+  // Refcounts are consistent now (leaks do not matter): a dirty bit set
+  // by someone else may be cleared at close(), as `qemu-img check -r`
+  // clears it. Not before: writes may follow while the image is open.
+  if (dirty_bit && rep.corruptions == rep.corruptions_fixed && rep.check_errors == 0)
+    dirty_set_by_us = true;
+  return Status::Ok();
+}
+
+Status Image::Impl::check_locked(Repair repair, CheckReport* rep) {
+  if (!ro) {
+    if (auto ec = flush_locked(true)) return Status::IoError(ec, "flush");
+  }
+  RepairPlan plan;
+  Status st = scan_metadata(repair, &plan);
+  if (st.ok()) st = apply_repair(plan);
+  *rep = std::move(plan.report);
+  return st;
 }
 
 }  // namespace layerd::qcow2

@@ -49,7 +49,7 @@ std::error_code Image::close() {
 // reopen_read_write: drop unknown autoclear bits, repair a dirty image,
 // start recording the dirty bitmaps. mu is held exclusively (or the Image
 // is not shared yet), the image is writable and not corrupt.
-Status Image::Impl::finish_writable_open() {
+Status Image::Impl::finish_writable_open(RepairPlan* scanned) {
   if (h.version >= 3) {
     uint64_t keep = h.autoclear_features &
                     (fmt::kAutoclearDataFileRaw |
@@ -71,11 +71,17 @@ Status Image::Impl::finish_writable_open() {
   // flags to match the refcounts are always safe, it is used whoever set
   // the bit (QEMU repairs a dirty image it opens read-write the same way).
   // A v2 image cannot record dirtiness, so every read-write open scans it.
-  if (opts.repair_dirty_on_open &&
-      (dirty_bit || h.version == 2)) {
+  if (repairs_on_writable_open()) {
     const bool v2 = h.version == 2;
     CheckReport rep;
-    Status st = check_locked(Repair::All, &rep);
+    Status st = Status::Ok();
+    if (scanned) {
+      st = scanned->scanned;
+      if (st.ok()) st = apply_repair(*scanned);
+      rep = std::move(scanned->report);
+    } else {
+      st = check_locked(Repair::All, &rep);
+    }
     // v2: the scan is a precaution; an image too large to scan opens as
     // it did before.
     if (!st.ok() && !(v2 && st.code() == std::errc::not_supported))
@@ -140,11 +146,31 @@ Status Image::open(std::shared_ptr<File> file, const OpenOptions& options,
   return Status::Ok();
 }
 
+// The repair scan of a dirty (or v2) image reads every table: it runs
+// under mu held shared, so that reads of the image (a commit's base, read
+// by clients through the chain) go on meanwhile; nothing can change the
+// metadata while the image is read-only. Only the repair it planned (a
+// few refcounts and flags, nothing at all for a clean scan) waits for mu
+// held exclusively.
 Status Image::reopen_read_write() {
   Impl& I = *impl_;
   if (I.is_view) return Status::Invalid("a snapshot view cannot be made writable");
+  std::optional<RepairPlan> plan;
+  uint64_t scanned_in = 0;  // the read-only stretch the scan saw
+  {
+    std::shared_lock lk(I.mu);
+    if (!I.ro) return Status::Ok();
+    if (I.repairs_on_writable_open() && !I.corrupt && !I.closed) {
+      plan.emplace();
+      plan->scanned = I.scan_metadata(Repair::All, &*plan);
+      scanned_in = I.writable_opens;
+    }
+  }
   std::unique_lock lk(I.mu);
   if (!I.ro) return Status::Ok();
+  // Writable and read-only again meanwhile (another caller): the metadata
+  // may have changed since the scan, which is scanned again then.
+  if (plan && scanned_in != I.writable_opens) plan.reset();
   if (I.closed) return Status::Invalid("image is closed");
   if (!I.file->writable() || (I.external && !I.data_file->writable()))
     return Status::Invalid(
@@ -158,8 +184,9 @@ Status Image::reopen_read_write() {
   // Writes that pass the early ro check now wait for mu; the steps below
   // need ro clear (they write), and run before any of those writes.
   I.ro = false;
+  ++I.writable_opens;
   I.write_started = false;
-  if (Status st = I.finish_writable_open(); !st.ok()) {
+  if (Status st = I.finish_writable_open(plan ? &*plan : nullptr); !st.ok()) {
     // Read-only again; what was done is crash-safe on its own (a dirty bit
     // left set is repaired by the next read-write open).
     I.ro = true;

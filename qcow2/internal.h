@@ -97,6 +97,20 @@ enum class CType { Unalloc, Zero, Data, Compressed };
 SnapshotInfo decode_snapshot(const std::vector<std::byte>& raw,
                              uint64_t default_size);
 
+// What a check found, and the repair it plans (check.cc).
+struct RepairPlan {
+  Status scanned = Status::Ok();  // what the scan returned
+  Repair repair = Repair::None;
+  CheckReport report;
+  std::vector<uint32_t> expected;  // per host cluster: references found
+  std::vector<std::pair<uint64_t, uint64_t>> refcounts;   // (cluster, refcount)
+  std::vector<std::pair<uint64_t, uint64_t>> l1_entries;  // (index, entry)
+  struct L2Entry {
+    uint64_t table, index, entry;  // l1 index, entry index, new first word
+  };
+  std::vector<L2Entry> l2_entries;
+};
+
 struct Image::Impl {
   // --- Set up at open -----------------------------------------------------
   std::shared_ptr<File> file;
@@ -120,6 +134,7 @@ struct Image::Impl {
   // reopen calls, under mu held exclusively; read without it by the
   // public calls' early checks.
   std::atomic<bool> ro{false};
+  uint64_t writable_opens = 0;  // reopen_read_write()s so far (under mu)
   bool external = false;  // external data file
   std::atomic<bool> corrupt{false};
   std::atomic<bool> dirty_bit{false};
@@ -222,7 +237,13 @@ struct Image::Impl {
   // --- image.cc ------------------------------------------------------------
   // The steps of a read-write open beyond a read-only one (autoclear bits,
   // dirty repair, bitmaps in use); mu held exclusively, ro clear.
-  Status finish_writable_open();
+  // `scanned`: the repair scan, made already (reopen_read_write scans
+  // while reads go on); else it scans here.
+  Status finish_writable_open(RepairPlan* scanned = nullptr);
+  // A read-write open repairs (or, v2, scans) the image first.
+  bool repairs_on_writable_open() const {
+    return opts.repair_dirty_on_open && (dirty_bit || h.version == 2);
+  }
 
   // --- header.cc -----------------------------------------------------------
   Status parse_header();
@@ -397,7 +418,17 @@ struct Image::Impl {
   Status drop_snapshot(size_t index);
 
   // --- check.cc -----------------------------------------------------------
+  // Flushes (when writable), scans and repairs; mu held exclusively.
   Status check_locked(Repair repair, CheckReport* report);
+  // The scan alone: fills `plan` (report and planned fixes for `repair`).
+  // Reads the file only (not through the caches) and changes nothing in
+  // memory: with mu held shared it may run while reads go on, provided
+  // nothing changes the metadata meanwhile (the image is read-only, or
+  // mu is held exclusively) and the caches hold nothing unflushed.
+  Status scan_metadata(Repair repair, RepairPlan* plan);
+  // Applies what scan_metadata planned; mu held exclusively, the metadata
+  // unchanged since the scan.
+  Status apply_repair(const RepairPlan& plan);
 };
 
 }  // namespace layerd::qcow2

@@ -12,10 +12,13 @@
 
 #include <sys/wait.h>
 
+#include <condition_variable>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <iostream>
+#include <mutex>
 
 #include "tests/qcow2/faulty_file.h"
 #include "test_util.h"
@@ -456,6 +459,96 @@ TEST(V2, LeaksAreRepairedByOneReadWriteOpen) {
   qemu_check_clean(path);
   expect_same(our_content(path), before);
   EXPECT_EQ(version_of(path), 2u);
+}
+
+// Forwards to a file; once armed, a pread at `offset` blocks until
+// release().
+class HeldReadFile final : public File {
+ public:
+  explicit HeldReadFile(std::shared_ptr<File> inner) : inner_(std::move(inner)) {}
+  void hold_at(uint64_t offset) {
+    std::lock_guard l(m_);
+    held_ = true;
+    offset_ = offset;
+  }
+  void release() {
+    std::lock_guard l(m_);
+    held_ = false;
+    cv_.notify_all();
+  }
+  bool wait_blocked() {
+    std::unique_lock l(m_);
+    return cv_.wait_for(l, std::chrono::seconds(10), [&] { return blocked_; });
+  }
+
+  std::error_code pread(std::span<std::byte> b, uint64_t o) override {
+    {
+      std::unique_lock l(m_);
+      if (held_ && o == offset_) {
+        blocked_ = true;
+        cv_.notify_all();
+        cv_.wait(l, [&] { return !held_; });
+      }
+    }
+    return inner_->pread(b, o);
+  }
+  std::error_code pwrite(std::span<const std::byte> d, uint64_t o) override {
+    return inner_->pwrite(d, o);
+  }
+  std::error_code flush() override { return inner_->flush(); }
+  std::error_code truncate(uint64_t s) override { return inner_->truncate(s); }
+  std::error_code punch_hole(uint64_t o, uint64_t l) override { return inner_->punch_hole(o, l); }
+  std::error_code write_zeroes(uint64_t o, uint64_t l) override { return inner_->write_zeroes(o, l); }
+  uint64_t size() const override { return inner_->size(); }
+  uint64_t extent_at(uint64_t o, uint64_t l, bool* d) const override {
+    return inner_->extent_at(o, l, d);
+  }
+  bool writable() const override { return inner_->writable(); }
+
+ private:
+  std::shared_ptr<File> inner_;
+  std::mutex m_;
+  std::condition_variable cv_;
+  bool held_ = false, blocked_ = false;
+  uint64_t offset_ = 0;
+};
+
+// The repair scan of reopen_read_write reads every table; reads of the
+// image (a commit's base, read through the chain by clients) go on while
+// it waits for the disk, and the repair that follows is complete.
+TEST(ReopenReadWrite, TheRepairScanOfADirtyImageLetsReadsGoOn) {
+  TempDir d;
+  const std::string path = make_dirty_leaky(d);
+  const uint64_t block = peek(path, peek(path, 48, 8), 8);  // a refcount block
+  auto held = std::make_shared<HeldReadFile>(open_file(path, true));
+  OpenOptions o;
+  o.read_only = true;
+  std::unique_ptr<Image> img;
+  ASSERT_TRUE(Image::open(held, o, &img).ok());
+  std::vector<std::byte> buf(4096);
+  ASSERT_FALSE(img->read(0, buf, zero_below()));  // its L2 table is cached now
+  held->hold_at(block);
+  auto reopen = std::async(std::launch::async, [&] { return img->reopen_read_write(); });
+  ASSERT_TRUE(held->wait_blocked()) << "the scan did not read the refcount block";
+  auto read = std::async(std::launch::async, [&] {
+    std::vector<std::byte> b(4096);
+    std::error_code ec = img->read(8192, b, zero_below());
+    return !ec && b[0] == std::byte{7};
+  });
+  const bool read_went_on = read.wait_for(std::chrono::seconds(5)) == std::future_status::ready;
+  held->release();
+  EXPECT_TRUE(read_went_on) << "a read waited for the repair scan";
+  EXPECT_TRUE(read.get());
+  Status st = reopen.get();
+  ASSERT_TRUE(st.ok()) << st.message();
+  EXPECT_FALSE(img->read_only());
+  EXPECT_FALSE(img->dirty());
+  std::memset(buf.data(), 9, buf.size());
+  ASSERT_FALSE(img->write(2 << 20, buf, zero_below()));
+  ASSERT_FALSE(img->close());
+  qemu_check_clean(path);
+  EXPECT_EQ(incompat(path) & kDirty, 0u);
+  run("qemu-io -c 'read -P 7 0 1M' -c 'read -P 9 2M 4k' '" + path + "'");
 }
 
 }  // namespace
