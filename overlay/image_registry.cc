@@ -195,10 +195,6 @@ std::shared_ptr<BlockNode> ImageRegistry::share(Entry& entry,
                                                 std::string* error) {
   std::shared_ptr<BlockNode> node = entry.node.lock();
   if (!node) return nullptr;
-  if (reopening_.count(node.get())) {
-    *error = fmt::format("'{}' is being reopened by a block job; try again", path);
-    return nullptr;
-  }
   if (o.writable && (!node->writable || entry.backing)) {
     *error = entry.backing
                  ? fmt::format("'{}' is the backing image of '{}', so layerd "
@@ -232,7 +228,15 @@ std::shared_ptr<BlockNode> ImageRegistry::open(const std::string& path,
     return nullptr;
   }
   Key key{st.st_dev, st.st_ino, ""};
-  std::lock_guard lock(mutex_);
+  std::unique_lock lock(mutex_);
+  // A node that set_writable is reopening is shared once it is done (its
+  // access is known then).
+  reopened_.wait(lock, [&] {
+    auto it = entries_.find(key);
+    if (it == entries_.end()) return true;
+    std::shared_ptr<BlockNode> node = it->second.node.lock();
+    return !node || !reopening_.count(node.get());
+  });
   Entry& entry = entries_[key];
   error->clear();
   std::shared_ptr<BlockNode> node = share(entry, path, o, error);
@@ -373,28 +377,26 @@ bool reopen_files(BlockNode& node, OpenMode mode, Access access, std::string* er
 // without the registry's mutex, so that exports opening other files, or
 // sharing this one, do not wait for it. Meanwhile the node counts as
 // writable (nothing may take it as a backing image) and a second
-// set_writable of it is refused.
+// set_writable of it is refused, and open() of its file waits.
 bool ImageRegistry::set_writable(const std::shared_ptr<BlockNode>& node,
                                  bool writable, std::string* error) {
   {
     std::lock_guard lock(mutex_);
+    if (reopening_.count(node.get())) {
+      *error = fmt::format("'{}' is being reopened already", node->path);
+      return false;
+    }
     if (node->writable == writable) return true;
     if (!node->snapshot_id.empty()) {
       *error = fmt::format("'{}' is an internal snapshot, which cannot be written",
                            node->path);
       return false;
     }
-    if (!reopening_.insert(node.get()).second) {
-      *error = fmt::format("'{}' is being reopened already", node->path);
-      return false;
-    }
     if (writable) {
-      if (!reopen_files(*node, OpenMode::ReadWrite, Access::Write, error)) {
-        reopening_.erase(node.get());
-        return false;
-      }
+      if (!reopen_files(*node, OpenMode::ReadWrite, Access::Write, error)) return false;
       node->writable = true;
     }
+    reopening_.insert(node.get());
   }
   qcow2::Status st = qcow2::Status::Ok();
   if (node->image && writable) {
@@ -411,6 +413,7 @@ bool ImageRegistry::set_writable(const std::shared_ptr<BlockNode>& node,
   }
   std::lock_guard lock(mutex_);
   reopening_.erase(node.get());
+  reopened_.notify_all();
   if (!st.ok()) {
     if (writable) {
       std::string ignored;

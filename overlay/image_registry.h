@@ -24,6 +24,7 @@
 #include <sys/types.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -135,8 +136,8 @@ class ImageRegistry {
   // (Image::reopen_read_only). false with `error` when it cannot (another
   // process holds the file, the file cannot be written, bitmaps in the
   // way); the node is then as it was. The image's own reopen runs without
-  // the registry's lock (other calls go on meanwhile); a second call for
-  // the same node meanwhile fails.
+  // the registry's lock (other calls go on meanwhile; an open() of the same
+  // file waits for it); a second call for the same node meanwhile fails.
   bool set_writable(const std::shared_ptr<BlockNode>& node, bool writable,
                     std::string* error);
   // Records that `node` is now the backing image of `named_by` (after a
@@ -162,6 +163,7 @@ class ImageRegistry {
   mutable std::mutex mutex_;
   std::map<Key, Entry> entries_;
   std::set<const BlockNode*> reopening_;  // in set_writable, between the locks
+  std::condition_variable reopened_;      // a node left reopening_
 };
 
 }  // namespace layerd

@@ -4,10 +4,11 @@
 // the snapshot table, bitmaps), compare with the stored refcounts and check
 // the COPIED flags of the active tables.
 //
-// A check is a scan (scan_metadata: reads the file, changes nothing, so it
-// may run under mu held shared while reads go on, when nothing writes
-// metadata meanwhile) and the repair it planned (apply_repair, under mu
-// held exclusively).
+// A check is a scan (scan_metadata: reads the file and the in-memory
+// tables that only writes change, touches no cache, so it may run beside
+// reads, without mu, while nothing can change the metadata: see
+// Image::reopen_read_write) and the repair it planned (apply_repair, under
+// mu held exclusively).
 #include <algorithm>
 #include <map>
 
@@ -24,10 +25,15 @@ namespace {
 class StoredRefcounts {
  public:
   explicit StoredRefcounts(const Image::Impl& I) : I_(I) { block_.raw.resize(I.cs); }
+  // EIO for a table entry that load_refblock would refuse (the check
+  // counts it as a check error; nothing is marked).
   std::error_code get(uint64_t cluster, uint64_t* rc) {
     const uint64_t idx = cluster / I_.rb_entries;
-    const uint64_t off = idx < I_.reftable.size() ? I_.reftable[idx] & fmt::kRefTableOffsetMask : 0;
+    const uint64_t e = idx < I_.reftable.size() ? I_.reftable[idx] : 0;
+    const uint64_t off = e & fmt::kRefTableOffsetMask;
     if (!off) return (*rc = 0), std::error_code{};
+    if (e & fmt::kRefTableReservedMask || off % I_.cs || off + I_.cs > I_.file->size())
+      return eio();
     if (idx != loaded_) {
       loaded_ = UINT64_MAX;
       if (auto ec = I_.file->pread(block_.raw, off)) return ec;
@@ -176,8 +182,10 @@ Status Image::Impl::scan_metadata(Repair repair, RepairPlan* plan) {
   const bool fix_leaks = repair != Repair::None && walk_complete;
   StoredRefcounts stored(*this);
   // The refcount of every cluster as it will be after the repair (capped:
-  // the COPIED flags only ask whether it is one).
-  std::vector<uint32_t> after(nclusters, 0);
+  // the COPIED flags only ask whether it is one), kUnknown where it could
+  // not be read.
+  constexpr uint32_t kUnknown = UINT32_MAX;
+  std::vector<uint32_t> after(nclusters, kUnknown);
   uint64_t last_used = 0;
   for (uint64_t c = 0; c < nclusters; ++c) {
     uint64_t actual;
@@ -186,7 +194,7 @@ Status Image::Impl::scan_metadata(Repair repair, RepairPlan* plan) {
       continue;
     }
     uint64_t want = expected[c];
-    after[c] = uint32_t(std::min<uint64_t>(UINT32_MAX, actual));
+    after[c] = uint32_t(std::min<uint64_t>(kUnknown - 1, actual));
     if (want) last_used = c + 1;
     if (actual == want) continue;
     if (actual < want) {
@@ -194,8 +202,8 @@ Status Image::Impl::scan_metadata(Repair repair, RepairPlan* plan) {
                                      " refcount=" + std::to_string(actual) +
                                      " reference=" + std::to_string(want));
       if (repair == Repair::All) {
-        plan->refcounts.push_back({c, want});
-        after[c] = uint32_t(want);
+        plan->refcounts.push_back({c, want, false});
+        after[c] = uint32_t(std::min<uint64_t>(kUnknown - 1, want));
         ++rep->corruptions_fixed;
       }
     } else {
@@ -203,7 +211,7 @@ Status Image::Impl::scan_metadata(Repair repair, RepairPlan* plan) {
                                " refcount=" + std::to_string(actual) +
                                " reference=" + std::to_string(want));
       if (fix_leaks) {
-        plan->refcounts.push_back({c, want});
+        plan->refcounts.push_back({c, want, true});
         after[c] = uint32_t(want);
         ++rep->leaks_fixed;
       }
@@ -215,23 +223,23 @@ Status Image::Impl::scan_metadata(Repair repair, RepairPlan* plan) {
     for (uint64_t k = 0; k < rb_entries; ++k) {
       uint64_t c = idx * rb_entries + k, v;
       if (c < nclusters) continue;
-      if (stored.get(c, &v)) {
-        ++rep->check_errors;
-        break;
-      }
+      if (stored.get(c, &v)) break;  // an unusable block: nothing to count
       if (!v) continue;
       problem(&rep->leaks, "Leaked cluster " + std::to_string(c) + " refcount=" +
                                std::to_string(v) + " reference=0");
       if (fix_leaks) {
-        plan->refcounts.push_back({c, 0});
+        plan->refcounts.push_back({c, 0, true});
         ++rep->leaks_fixed;
       }
     }
   }
+  // Past the file (a corruption the walk reported) or unreadable: unknown,
+  // and its flags are left alone.
   auto refcount_after = [&](uint64_t host, uint64_t* rc) {
     const uint64_t c = host >> cb;
-    if (c < nclusters) return (*rc = after[c]), true;
-    return !stored.get(c, rc);
+    if (c >= nclusters || after[c] == kUnknown) return false;
+    *rc = after[c];
+    return true;
   };
 
   // COPIED flags of the active tables.
@@ -273,9 +281,11 @@ Status Image::Impl::scan_metadata(Repair repair, RepairPlan* plan) {
 }
 
 // The repair the scan planned, under mu held exclusively, on metadata that
-// has not changed since the scan.
-Status Image::Impl::apply_repair(const RepairPlan& plan) {
-  const CheckReport& rep = plan.report;
+// has not changed since the scan. A fix that fails (a refcount wider than
+// the image's refcount width, an unreadable table) is skipped and not
+// counted as fixed, as before the check was split.
+Status Image::Impl::apply_repair(RepairPlan& plan) {
+  CheckReport& rep = plan.report;
   if (plan.repair == Repair::None) return Status::Ok();
   if (!ro) {
     // A repair changes refcounts and flags: dirty first, like any write.
@@ -283,24 +293,24 @@ Status Image::Impl::apply_repair(const RepairPlan& plan) {
   }
   // A refcount block created on the way goes on a cluster nothing uses.
   reserved = &plan.expected;
-  std::error_code failed;
-  for (auto [c, rc] : plan.refcounts)
-    if ((failed = set_refcount(c, rc))) break;
+  for (const RepairPlan::Refcount& f : plan.refcounts) {
+    if (!set_refcount(f.cluster, f.refcount)) continue;
+    --(f.leak ? rep.leaks_fixed : rep.corruptions_fixed);
+  }
   for (auto [i, entry] : plan.l1_entries) {
-    if (failed) break;
     l1[i] = entry;
     l1_dirty = true;
   }
   for (const RepairPlan::L2Entry& e : plan.l2_entries) {
-    if (failed) break;
     L2Table* t;
-    if ((failed = load_l2(e.table, &t))) break;
-    if (!t) continue;
+    if (load_l2(e.table, &t) || !t) {
+      --rep.corruptions_fixed;
+      continue;
+    }
     t->words[e.index * words] = e.entry;
     t->dirty = true;
   }
   reserved = nullptr;
-  if (failed) return Status::IoError(failed, "repairing");
   if (auto ec = flush_locked(true)) return Status::IoError(ec, "flush");
   if (corrupt && rep.corruptions == rep.corruptions_fixed && rep.check_errors == 0) {
     // Writable from now on: the bitmaps must see the writes. (Before the

@@ -147,30 +147,35 @@ Status Image::open(std::shared_ptr<File> file, const OpenOptions& options,
 }
 
 // The repair scan of a dirty (or v2) image reads every table: it runs
-// under mu held shared, so that reads of the image (a commit's base, read
-// by clients through the chain) go on meanwhile; nothing can change the
-// metadata while the image is read-only. Only the repair it planned (a
-// few refcounts and flags, nothing at all for a clean scan) waits for mu
-// held exclusively.
+// without mu, so that reads of the image (a commit's base, read by clients
+// through the chain) go on meanwhile, cached or not. That is safe because
+// nothing can change the metadata of a read-only image while reopen_mu
+// keeps a write-back away, provided the caches hold nothing unflushed
+// (else the scan runs under mu held exclusively, after a flush, as a
+// read-write open's does). Only the repair it planned (a few refcounts and
+// flags, nothing for a clean scan) waits for mu held exclusively.
 Status Image::reopen_read_write() {
   Impl& I = *impl_;
   if (I.is_view) return Status::Invalid("a snapshot view cannot be made writable");
-  std::optional<RepairPlan> plan;
-  uint64_t scanned_in = 0;  // the read-only stretch the scan saw
+  std::lock_guard one(I.reopen_mu);
+  bool scan_unlocked;
   {
     std::shared_lock lk(I.mu);
     if (!I.ro) return Status::Ok();
-    if (I.repairs_on_writable_open() && !I.corrupt && !I.closed) {
-      plan.emplace();
-      plan->scanned = I.scan_metadata(Repair::All, &*plan);
-      scanned_in = I.writable_opens;
-    }
+    scan_unlocked = I.repairs_on_writable_open() && !I.corrupt && !I.closed &&
+                    !I.metadata_unflushed();
+  }
+  if (scan_unlocked) {
+    std::lock_guard w(I.writeback_mu);
+    scan_unlocked = !I.writeback_error;
+  }
+  std::optional<RepairPlan> plan;
+  if (scan_unlocked) {
+    plan.emplace();
+    plan->scanned = I.scan_metadata(Repair::All, &*plan);
   }
   std::unique_lock lk(I.mu);
   if (!I.ro) return Status::Ok();
-  // Writable and read-only again meanwhile (another caller): the metadata
-  // may have changed since the scan, which is scanned again then.
-  if (plan && scanned_in != I.writable_opens) plan.reset();
   if (I.closed) return Status::Invalid("image is closed");
   if (!I.file->writable() || (I.external && !I.data_file->writable()))
     return Status::Invalid(
@@ -184,7 +189,6 @@ Status Image::reopen_read_write() {
   // Writes that pass the early ro check now wait for mu; the steps below
   // need ro clear (they write), and run before any of those writes.
   I.ro = false;
-  ++I.writable_opens;
   I.write_started = false;
   if (Status st = I.finish_writable_open(plan ? &*plan : nullptr); !st.ok()) {
     // Read-only again; what was done is crash-safe on its own (a dirty bit
@@ -195,6 +199,16 @@ Status Image::reopen_read_write() {
   return Status::Ok();
 }
 
+bool Image::Impl::metadata_unflushed() const {
+  if (l1_dirty || !pending_free.empty() || !reftable_pending.empty() || copied_flags_stale)
+    return true;
+  for (uint64_t i : l2_resident)
+    if (l2[i]->dirty) return true;
+  for (uint64_t i : rb_resident)
+    if (refblocks[i]->dirty) return true;
+  return false;
+}
+
 // close() without closing, arranged so that reads of the image are held up
 // as little as possible (a live snapshot reopens the old top while clients
 // read through it): writers are refused first, then the data is synced with
@@ -202,6 +216,7 @@ Status Image::reopen_read_write() {
 Status Image::reopen_read_only() {
   Impl& I = *impl_;
   if (I.is_view) return Status::Ok();
+  std::lock_guard reopening(I.reopen_mu);
   std::lock_guard one(I.writeback_mu);
   Status st = I.write_back_read_only();
   I.writeback_error = st.ok() ? std::error_code{} : st.code();

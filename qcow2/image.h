@@ -341,7 +341,9 @@ class Image {
   // the L1 table grows when needed (a new one in new clusters, then the
   // size and the table switch in one header write, then the old table is
   // freed), else only the size is rewritten. The new area is unallocated
-  // here, so it reads from below. QEMU (since 5.1) zeroes it instead when
+  // here, so it reads from below, except the rest of a last cluster the
+  // old size ended in, if allocated: its host bytes are zeroed first (a
+  // disk shrunk by qemu-img resize --shrink may have left data there). QEMU (since 5.1) zeroes it instead when
   // the backing file is longer than the old size, so that no backing data
   // shows through; only the caller knows the sizes below, so it does that
   // itself (write_zeroes of [old size, new_size)) where it matters.

@@ -103,7 +103,11 @@ struct RepairPlan {
   Repair repair = Repair::None;
   CheckReport report;
   std::vector<uint32_t> expected;  // per host cluster: references found
-  std::vector<std::pair<uint64_t, uint64_t>> refcounts;   // (cluster, refcount)
+  struct Refcount {
+    uint64_t cluster, refcount;
+    bool leak;  // else a corruption (a refcount too low)
+  };
+  std::vector<Refcount> refcounts;
   std::vector<std::pair<uint64_t, uint64_t>> l1_entries;  // (index, entry)
   struct L2Entry {
     uint64_t table, index, entry;  // l1 index, entry index, new first word
@@ -134,7 +138,6 @@ struct Image::Impl {
   // reopen calls, under mu held exclusively; read without it by the
   // public calls' early checks.
   std::atomic<bool> ro{false};
-  uint64_t writable_opens = 0;  // reopen_read_write()s so far (under mu)
   bool external = false;  // external data file
   std::atomic<bool> corrupt{false};
   std::atomic<bool> dirty_bit{false};
@@ -177,6 +180,10 @@ struct Image::Impl {
   bool dirty_set_by_us = false;
   bool closed = false;
   std::mutex hdr_mu;  // serializes header field rewrites
+  // Serializes reopen_read_write() and reopen_read_only(), so that the
+  // metadata of a read-only image stays as it is while the first scans it
+  // (a flush does not take it). Taken before writeback_mu.
+  std::mutex reopen_mu;
   // Held by reopen_read_only() throughout (write_back() under a shared mu);
   // a flush of the image meanwhile waits for it. Taken before mu.
   std::mutex writeback_mu;
@@ -240,6 +247,9 @@ struct Image::Impl {
   // `scanned`: the repair scan, made already (reopen_read_write scans
   // while reads go on); else it scans here.
   Status finish_writable_open(RepairPlan* scanned = nullptr);
+  // Metadata changed in the caches and not written to the file (a failed
+  // write-back leaves some); mu held.
+  bool metadata_unflushed() const;
   // A read-write open repairs (or, v2, scans) the image first.
   bool repairs_on_writable_open() const {
     return opts.repair_dirty_on_open && (dirty_bit || h.version == 2);
@@ -421,14 +431,16 @@ struct Image::Impl {
   // Flushes (when writable), scans and repairs; mu held exclusively.
   Status check_locked(Repair repair, CheckReport* report);
   // The scan alone: fills `plan` (report and planned fixes for `repair`).
-  // Reads the file only (not through the caches) and changes nothing in
-  // memory: with mu held shared it may run while reads go on, provided
-  // nothing changes the metadata meanwhile (the image is read-only, or
-  // mu is held exclusively) and the caches hold nothing unflushed.
+  // Reads the file (not through the caches) and the tables in memory that
+  // only writes change (L1, refcount table, snapshots): it may run without
+  // mu, beside reads, provided nothing changes the metadata meanwhile (a
+  // read-only image, reopen_mu held so that no write-back runs) and the
+  // caches hold nothing unflushed (metadata_unflushed()); else with mu held
+  // exclusively, after a flush.
   Status scan_metadata(Repair repair, RepairPlan* plan);
   // Applies what scan_metadata planned; mu held exclusively, the metadata
   // unchanged since the scan.
-  Status apply_repair(const RepairPlan& plan);
+  Status apply_repair(RepairPlan& plan);
 };
 
 }  // namespace layerd::qcow2

@@ -263,6 +263,28 @@ std::error_code switch_size_and_l1(Image::Impl& I, uint64_t size, uint64_t l1_si
   return I.file->flush();
 }
 
+// When the disk ends inside a cluster with a host cluster of its own,
+// zeroes that cluster's host bytes past the end: nothing reads them while
+// the disk is this size, and once it grows they must read as zeros, not as
+// what a larger disk left there (qemu-img resize --shrink keeps the
+// cluster). `*host` is the host cluster (0: none, nothing to do: the
+// tail reads from below, or the cluster is compressed, its tail part of
+// the stream). mu held exclusively.
+std::error_code zero_past_the_end(Image::Impl& I, uint64_t* host) {
+  *host = 0;
+  const uint64_t size = I.h.virtual_size, tail = size % I.cs;
+  if (tail == 0) return {};
+  const uint64_t gc = size / I.cs;
+  L2Table* t;
+  if (auto ec = I.load_l2(gc >> I.l2_bits, &t); ec || !t) return ec;
+  const uint64_t e0 = t->words[(gc & (I.l2_size - 1)) * I.words];
+  if (e0 & fmt::kOflagCompressed || !(e0 & fmt::kL2OffsetMask)) return {};
+  *host = e0 & fmt::kL2OffsetMask;
+  std::vector<std::byte> zeros(I.cs - tail);
+  if (auto ec = I.check_data_write(*host + tail, zeros.size())) return ec;
+  return I.file->pwrite(zeros, *host + tail);
+}
+
 // After switch_size_and_l1 to a new L1 table: the caches follow, the old
 // table's clusters are freed.
 std::error_code use_new_l1(Image::Impl& I, uint64_t size, std::vector<uint64_t> l1,
@@ -298,6 +320,9 @@ Status Image::grow(uint64_t new_size) {
   if (new_size == I.h.virtual_size) return Status::Ok();
   const uint64_t need = l1_entries_for(I, new_size);
   if (auto ec = I.begin_write()) return Status::IoError(ec, "setting the dirty bit");
+  uint64_t last_host;
+  if (auto ec = zero_past_the_end(I, &last_host))
+    return Status::IoError(ec, "zeroing the last cluster past the end");
   if (need <= I.h.l1_size) {
     std::lock_guard hl(I.hdr_mu);
     if (auto ec = I.write_header_u64(fmt::kOffSize, new_size))
@@ -349,6 +374,10 @@ Status Image::grow_reading_zeros(uint64_t new_size, BelowReader below) {
     return Status::NotSupported(
         "growing with the new area zeroed needs zero clusters, which a version 2 "
         "image does not have (upgrade it: qemu-img amend -o compat=v3)");
+  {
+    std::unique_lock lk(I.mu);
+    if (Status st = grow_refusal(I, new_size); !st.ok()) return st;
+  }
   const uint64_t last_start = old / I.cs * I.cs;
   if (new_size > old && old > last_start) {  // step 1, before taking mu
     std::vector<std::byte> last(old - last_start);
@@ -365,6 +394,9 @@ Status Image::grow_reading_zeros(uint64_t new_size, BelowReader below) {
   if (new_size == old) return Status::Ok();
   if (auto ec = I.begin_write()) return Status::IoError(ec, "setting the dirty bit");
   if (auto ec = I.flush_locked(true)) return Status::IoError(ec, "flush");
+  uint64_t last_host;
+  if (auto ec = zero_past_the_end(I, &last_host))
+    return Status::IoError(ec, "zeroing the last cluster past the end");
 
   const uint64_t gained0 = fmt::div_round_up(old, I.cs);  // first gained cluster
   const uint64_t gained1 = fmt::div_round_up(new_size, I.cs);
@@ -390,16 +422,9 @@ Status Image::grow_reading_zeros(uint64_t new_size, BelowReader below) {
     const uint64_t c0 = t << I.l2_bits;
     if (partial && gained0 - 1 >= c0 && gained0 - 1 < c0 + I.l2_size) {
       const uint64_t k = (gained0 - 1 - c0) * I.words;
-      uint64_t host;
-      const CType type = I.classify(words[k], I.words == 2 ? words[k + 1] : 0, 0, &host);
-      if (words[k] & fmt::kOflagCompressed || !(words[k] & fmt::kOflagCopied) || host == 0 ||
-          (I.words == 1 && type != CType::Data))
+      // Rewritten in step 1: its own host cluster, zeroed past the end.
+      if (last_host == 0 || !(words[k] & fmt::kOflagCopied))
         return fail(eio(), "the rewritten last cluster is not a plain data cluster");
-      const uint64_t tail = old - last_start;
-      std::vector<std::byte> zeros(I.cs - tail);
-      if (auto ec = I.check_data_write(host + tail, zeros.size())) return fail(ec, "zeroing");
-      if (auto ec = I.file->pwrite(zeros, host + tail))
-        return fail(ec, "zeroing the last cluster's tail");
       if (I.words == 2) {  // every subcluster: data (zeros past the old end)
         changed = words[k + 1] != 0xffffffffull;
         words[k + 1] = 0xffffffffull;

@@ -305,5 +305,65 @@ TEST(GrowReadingZerosRefusal, AVersion2ImageHasNoZeroClusters) {
   EXPECT_EQ(img->size(), 1u << 20);
 }
 
+// A disk shrunk by qemu-img resize --shrink keeps its last cluster, data
+// past the new end included; growing again must show zeros there (the
+// chain above read zeros past the end), whichever way it grows.
+class GrowTail : public ::testing::TestWithParam<bool> {};
+
+TEST_P(GrowTail, BytesAShrunkDiskLeftInItsLastClusterReadAsZerosAfterGrowing) {
+  const bool reading_zeros = GetParam();
+  CreateOptions co;
+  co.size = (1 << 20) + 4096;
+  co.cluster_size = 4096;
+  auto mem = std::shared_ptr<File>(make_memory_file());
+  ASSERT_TRUE(Image::create(*mem, co).ok());
+  {
+    std::unique_ptr<Image> img;
+    ASSERT_TRUE(Image::open(mem, {}, &img).ok());
+    std::vector<std::byte> last(4096, std::byte{0xab});
+    ASSERT_FALSE(img->write(1 << 20, last, zero_below()));
+    ASSERT_FALSE(img->close());
+  }
+  const uint64_t shrunk = (1 << 20) + 1536;
+  std::byte size_field[8];
+  for (int i = 0; i < 8; ++i) size_field[i] = std::byte(shrunk >> (56 - 8 * i));
+  ASSERT_FALSE(mem->pwrite(size_field, 24));
+  std::unique_ptr<Image> img;
+  ASSERT_TRUE(Image::open(mem, {}, &img).ok());
+  Status st = reading_zeros ? img->grow_reading_zeros(2 << 20, pattern_below())
+                            : img->grow(2 << 20);
+  ASSERT_TRUE(st.ok()) << st.message();
+  std::vector<std::byte> got(4096);
+  ASSERT_FALSE(img->read(1 << 20, got, pattern_below()));
+  for (size_t i = 0; i < got.size(); ++i)
+    ASSERT_EQ(got[i], i < 1536 ? std::byte{0xab} : std::byte{0}) << "at byte " << i;
+  CheckReport rep;
+  ASSERT_TRUE(img->check(Repair::None, &rep).ok());
+  EXPECT_TRUE(rep.clean());
+}
+
+INSTANTIATE_TEST_SUITE_P(Ways, GrowTail, ::testing::Bool(), [](const auto& param_info) {
+  return param_info.param ? std::string("ReadingZeros") : std::string("Plain");
+});
+
+TEST(GrowReadingZerosRefusal, ARefusedGrowthRewritesNothing) {
+  CreateOptions co;
+  co.size = (1 << 20) + 1536;
+  co.cluster_size = 4096;
+  auto mem = std::shared_ptr<File>(make_memory_file());
+  ASSERT_TRUE(Image::create(*mem, co).ok());
+  std::unique_ptr<Image> img;
+  ASSERT_TRUE(Image::open(mem, {}, &img).ok());
+  ASSERT_TRUE(img->create_snapshot("s").ok());
+  ASSERT_FALSE(img->flush());
+  const uint64_t file_size = mem->size();
+  Status st = img->grow_reading_zeros(2 << 20, pattern_below());
+  EXPECT_EQ(st.code(), std::errc::invalid_argument);
+  MapExtent e;
+  ASSERT_FALSE(img->block_status(1 << 20, 1536, &e));
+  EXPECT_EQ(e.kind, ExtentKind::Unallocated);  // the last cluster was not rewritten
+  EXPECT_EQ(mem->size(), file_size);
+}
+
 }  // namespace
 }  // namespace layerd::qcow2::test
