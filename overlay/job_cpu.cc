@@ -7,6 +7,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <mutex>
 #include <optional>
@@ -27,38 +28,52 @@ bool set_policy(int policy) {
   return ::sched_setscheduler(0, policy, &p) == 0;  // 0: the calling thread
 }
 
-// Whether a thread may leave SCHED_IDLE for the normal class at kJobNice
-// again: unprivileged, only when RLIMIT_NICE allows that nice value
-// (systemd's LimitNICE=+10), and a seccomp filter may forbid both. Tried
-// on a thread of its own, so that no job thread is left stuck in the
-// background class; again only when the user or the limit changed.
-bool background_class_usable() {
+// The nice value a job thread runs at in the normal class, and whether it
+// may leave SCHED_IDLE for that class again. Unprivileged, a thread may
+// only when RLIMIT_NICE allows that nice value, and a seccomp filter may
+// forbid both. The thread's own nice value (the process's) comes first, so
+// that a starved or lock-holding job competes as an equal; else kJobNice
+// (systemd's LimitNICE=+10 allows it); else the class is never entered and
+// the job runs at kJobNice. Tried on a thread of its own, so that no job
+// thread is left stuck in the background class; again only when the user,
+// the limit or the nice value changed.
+JobCpu::NormalClass probe_normal_class() {
   struct Probe {
     uid_t euid;
     rlim_t nice_limit;
-    bool usable;
+    int own_nice;
+    JobCpu::NormalClass found;
   };
   static std::mutex mutex;
   static std::optional<Probe> last;
   rlimit nice_limit{};
   (void)::getrlimit(RLIMIT_NICE, &nice_limit);
   const uid_t euid = ::geteuid();
+  const int own = ::getpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()));
   std::lock_guard lock(mutex);
-  if (last && last->euid == euid && last->nice_limit == nice_limit.rlim_cur) return last->usable;
-  bool usable = false;
-  std::thread probe([&] {
-    (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), JobCpu::kJobNice);
-    usable = set_policy(SCHED_IDLE) && set_policy(SCHED_OTHER);
+  if (last && last->euid == euid && last->nice_limit == nice_limit.rlim_cur &&
+      last->own_nice == own)
+    return last->found;
+  const int fallback = std::max(own, JobCpu::kJobNice);
+  JobCpu::NormalClass found{false, fallback};
+  std::thread probe([&] {  // a new thread starts at its creator's nice value
+    for (int nice : {own, fallback}) {
+      (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), nice);
+      if (set_policy(SCHED_IDLE) && set_policy(SCHED_OTHER)) {
+        found = {true, nice};
+        return;
+      }
+    }
   });
   probe.join();
-  if (!usable)
+  if (!found.background_usable)
     std::fprintf(stderr,
                  "layerd: block jobs run at nice %d, not in the background class "
                  "(SCHED_IDLE): leaving it again needs RLIMIT_NICE of at least %d "
                  "(systemd: LimitNICE=+%d) or CAP_SYS_NICE\n",
-                 JobCpu::kJobNice, 20 - JobCpu::kJobNice, JobCpu::kJobNice);
-  last = Probe{euid, nice_limit.rlim_cur, usable};
-  return usable;
+                 fallback, 20 - fallback, fallback);
+  last = Probe{euid, nice_limit.rlim_cur, own, found};
+  return found;
 }
 
 }  // namespace
@@ -81,13 +96,14 @@ JobCpu::~JobCpu() {
 
 void JobCpu::start() {
   tid_ = ::gettid();
-  (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(tid_), kJobNice);
   if (!cpu_time_) {
     clockid_t clock{};
     if (::pthread_getcpuclockid(::pthread_self(), &clock) != 0) clock = CLOCK_THREAD_CPUTIME_ID;
     cpu_time_ = [clock] { return cpu_ns(clock); };
   }
-  usable_ = background_class_usable();
+  normal_ = probe_normal_class();
+  (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(tid_), normal_.nice);
+  usable_ = normal_.background_usable;
   qcow2::exclusive_hold_hook = this;
   if (usable_ && with_watchdog_) watchdog_ = std::thread([this] { watch(); });
 }

@@ -6,10 +6,11 @@
 // nice value), which costs a 4K random reader half its IOPS. So the bulk
 // copy runs as SCHED_IDLE: it gets only CPU time nothing else wants, and
 // any other thread that wakes takes its CPU at once. Where clients wait for
-// the job (sync mode, the final switch) it runs as a normal thread at
-// kJobNice, as it does outside the bulk copy, and so does it while it
-// waits for or holds an image's exclusive metadata lock (readers would
-// wait for it: qcow2/rwlock.h's exclusive_hold_hook).
+// the job (sync mode, the final switch) it runs as a normal thread, at the
+// process's nice value (kJobNice where the background class could not be
+// left again from that), as it does outside the bulk copy, and so does it
+// while it waits for or holds an image's exclusive metadata lock (readers
+// would wait for it: qcow2/rwlock.h's exclusive_hold_hook).
 //
 // SCHED_IDLE can starve on a machine whose CPUs are all busy with other
 // work (a build, other guests): it then runs a few milliseconds a second.
@@ -48,7 +49,13 @@ class JobCpu final : private qcow2::ExclusiveHoldHook {
   // thread).
   using CpuTime = std::function<uint64_t()>;
 
+  // The nice value of the normal class where it cannot be the process's
+  // own (the background class could not be left again from that).
   static constexpr int kJobNice = 10;
+  struct NormalClass {
+    bool background_usable;  // SCHED_IDLE can be left again for it
+    int nice;
+  };
   static constexpr std::chrono::milliseconds kWindow{100};
   static constexpr double kStarvedShare = 0.10;
   static constexpr double kFreeShare = 0.50;
@@ -62,11 +69,12 @@ class JobCpu final : private qcow2::ExclusiveHoldHook {
   JobCpu(const JobCpu&) = delete;
   JobCpu& operator=(const JobCpu&) = delete;
 
-  // On the job's thread, first: the normal class at kJobNice, and the
-  // thread's exclusive_hold_hook. Finds out whether the background class
-  // can be left again (unprivileged, RLIMIT_NICE must allow kJobNice;
-  // found once per user and limit); if not, it is never entered, and
-  // stderr says so.
+  // On the job's thread, first: the normal class, and the thread's
+  // exclusive_hold_hook. Finds out at which nice value the background
+  // class can be left again: the process's own, else kJobNice
+  // (unprivileged, RLIMIT_NICE must allow it; found once per user, limit
+  // and nice value); if at neither, it is never entered, the job runs at
+  // kJobNice and stderr says so.
   void start();
   // On the job's thread, last: removes the hook, ends the watchdog.
   void stop();
@@ -80,6 +88,8 @@ class JobCpu final : private qcow2::ExclusiveHoldHook {
 
   // Whether the thread is in the background class now.
   bool background() const;
+  // The nice value of its normal class (after start()).
+  int normal_nice() const { return normal_.nice; }
 
  private:
   void before_exclusive() override;
@@ -100,6 +110,7 @@ class JobCpu final : private qcow2::ExclusiveHoldHook {
   std::condition_variable stop_cv_;
   bool stopping_ = false;
   std::thread watchdog_;
+  NormalClass normal_{false, kJobNice};
   bool usable_ = false;  // the background class can be left again
   bool bulk_ = false;
   bool background_ = false;

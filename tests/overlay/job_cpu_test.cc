@@ -46,7 +46,7 @@ bool background_usable() {
   return usable;
 }
 #define SKIP_WITHOUT_BACKGROUND_CLASS() \
-  if (!background_usable()) GTEST_SKIP() << "RLIMIT_NICE does not allow nice " << JobCpu::kJobNice
+  if (!background_usable()) GTEST_SKIP() << "RLIMIT_NICE allows neither nice 0 nor " << JobCpu::kJobNice
 
 // A clock and a CPU time the test moves.
 struct FakeTime {
@@ -61,19 +61,24 @@ struct FakeTime {
   }
 };
 
-TEST(JobCpu, TheBulkCopyRunsInTheBackgroundClassAndTheRestAtTheJobsNiceValue) {
+// Outside the bulk copy (and when starved, or at an exclusive lock) the
+// job competes as an equal: at the process's own nice value, where the
+// background class can be left again from it (root here).
+TEST(JobCpu, TheBulkCopyRunsInTheBackgroundClassAndTheRestAtTheProcesssNiceValue) {
   SKIP_WITHOUT_BACKGROUND_CLASS();
   on_thread([] {
+    const int own = ::getpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()));
     JobCpu cpu;
     cpu.start();
     EXPECT_EQ(policy(), SCHED_OTHER);
-    EXPECT_EQ(::getpriority(PRIO_PROCESS, static_cast<id_t>(::gettid())), JobCpu::kJobNice);
+    if (::geteuid() == 0) EXPECT_EQ(cpu.normal_nice(), own);
+    EXPECT_EQ(::getpriority(PRIO_PROCESS, static_cast<id_t>(::gettid())), cpu.normal_nice());
     cpu.set_bulk(true);
     EXPECT_EQ(policy(), SCHED_IDLE);
     EXPECT_TRUE(cpu.background());
     cpu.set_bulk(false);
     EXPECT_EQ(policy(), SCHED_OTHER);
-    EXPECT_EQ(::getpriority(PRIO_PROCESS, static_cast<id_t>(::gettid())), JobCpu::kJobNice);
+    EXPECT_EQ(::getpriority(PRIO_PROCESS, static_cast<id_t>(::gettid())), cpu.normal_nice());
     cpu.set_bulk(true);
     cpu.stop();
     EXPECT_EQ(policy(), SCHED_OTHER);
@@ -186,8 +191,9 @@ TEST(JobCpu, TimeSleptForTheRateLimitIsNotStarvation) {
 
 // Runs a job thread's start and bulk copy in a child process that drops
 // root for nobody with RLIMIT_NICE at `nice_limit`. 0: the background
-// class was entered and left again; 1: it was not entered; 2: stuck in it;
-// 4: the limit cannot be raised here (no CAP_SYS_RESOURCE).
+// class was entered and left again for nice 0; 10: the same for nice 10;
+// 1: it was not entered; 2: stuck in it; 4: the limit cannot be raised
+// here (no CAP_SYS_RESOURCE).
 int bulk_copy_as_nobody(rlim_t nice_limit) {
   pid_t child = ::fork();
   if (child < 0) return -1;
@@ -202,7 +208,8 @@ int bulk_copy_as_nobody(rlim_t nice_limit) {
       cpu.set_bulk(true);
       const bool entered = cpu.background() && policy() == SCHED_IDLE;
       cpu.set_bulk(false);
-      code = !entered ? 1 : policy() == SCHED_OTHER ? 0 : 2;
+      const int nice = ::getpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()));
+      code = !entered ? 1 : policy() != SCHED_OTHER ? 2 : nice == 0 ? 0 : nice == 10 ? 10 : 3;
       cpu.stop();
     });
     t.join();
@@ -246,11 +253,14 @@ TEST(JobCpu, UnprivilegedWithoutRlimitNiceTheBackgroundClassIsNotEntered) {
   EXPECT_EQ(bulk_copy_as_nobody(0), 1);
 }
 
+// With RLIMIT_NICE allowing nice 10 (systemd: LimitNICE=+10) the normal
+// class is nice 10; allowing nice 0 (LimitNICE=20), the process's own.
 TEST(JobCpu, UnprivilegedWithRlimitNiceTheBackgroundClassIsEnteredAndLeft) {
   if (::geteuid() != 0) GTEST_SKIP() << "needs root to become another user";
   const int with_limit = bulk_copy_as_nobody(20 - JobCpu::kJobNice);
   if (with_limit == 4) GTEST_SKIP() << "RLIMIT_NICE cannot be raised here";
-  EXPECT_EQ(with_limit, 0);
+  EXPECT_EQ(with_limit, 10);
+  EXPECT_EQ(bulk_copy_as_nobody(20), 0);
 }
 
 }  // namespace
