@@ -39,6 +39,9 @@ constexpr uint64_t kMirrorGranularity = 64 << 10;
 // Active commit turns to sync mode once this little is left to copy: the
 // rest is copied while client requests wait (a bounded pause).
 constexpr uint64_t kSyncThreshold = 4 << 20;
+// Passes of the tracking copy that leave no less dirty than the one
+// before, after which an active commit turns to sync mode early.
+constexpr int kStalledPasses = 3;
 
 // The depth of the node that `name` names (QEMU's "top"/"base" file
 // names): the path it was opened by, or another name of the same file.
@@ -532,10 +535,15 @@ class CommitJob final : public LiveJob {
 
   // Copies the dirty ranges from `from` on (all of them with `all`);
   // `locked`: under the mirror's range lock (sync mode).
+  // One pass over the dirty map. `throttled`: the speed limit applies and
+  // a pause or cancel is seen between pieces; `locked`: client writes
+  // reach the base too (sync mode), so each piece is copied under the
+  // range lock. Only a throttled copy that holds no range lock a client
+  // may wait for runs in the background CPU class.
   std::string copy_dirty(const Graph& g, Mirror& m, bool throttled, bool locked) {
     uint64_t cursor = 0, offset = 0, length = 0;
     std::optional<BulkCopy> bulk;
-    if (throttled) bulk.emplace(*this);  // nobody waits for the copy
+    if (throttled && !locked) bulk.emplace(*this);  // nobody waits for the copy
     while (m.take_dirty(cursor, piece(), &offset, &length)) {
       if (throttled && !checkpoint()) return {};
       const char* op = "read";
@@ -558,7 +566,13 @@ class CommitJob final : public LiveJob {
 
   // Installs the mirror (tracking), marks everything the images above
   // the base hold as dirty, and copies until little is left; then, with
-  // requests paused, the rest, and turns to sync mode.
+  // requests paused, the rest, and turns to sync mode. When the copy does
+  // not gain on the client writes (a pass leaves as much dirty as the one
+  // before, kStalledPasses times: writes faster than the copy, or a low
+  // speed limit), it turns to sync mode early, as QEMU's
+  // copy-mode=write-blocking: client writes then reach the base as well,
+  // so what is dirty only shrinks, and the rest is copied under the range
+  // locks before the job is ready.
   std::string run_active() {
     auto mirror = std::make_shared<Mirror>(graph_->nodes[base_], base_,
                                            graph_->nodes[0]->size, kMirrorGranularity);
@@ -576,10 +590,16 @@ class CommitJob final : public LiveJob {
     if (ec) return fmt::format("installing the mirror: {}", ec.message());
     const Graph& g = *mirrored;
     std::string error = mark_allocated(g, *mirror);
+    uint64_t last_dirty = UINT64_MAX;
+    int stalled = 0;
     while (error.empty() && !cancelled()) {
       error = copy_dirty(g, *mirror, true, false);
       if (!error.empty() || cancelled()) break;
-      if (mirror->dirty_bytes() > kSyncThreshold) continue;
+      const uint64_t dirty = mirror->dirty_bytes();
+      const bool early = dirty > kSyncThreshold &&
+                         (dirty >= last_dirty ? ++stalled : (stalled = 0)) >= kStalledPasses;
+      last_dirty = dirty;
+      if (dirty > kSyncThreshold && !early) continue;
       // What was copied becomes durable before the base takes client
       // writes (which then wait only for what little the pivot flushes).
       if (auto e = flush_base(g)) {
@@ -588,11 +608,14 @@ class CommitJob final : public LiveJob {
       }
       ec = target_.layer->change([&](const Graph& current, std::shared_ptr<const Graph>*) {
         if (&current != &g) return std::make_error_code(std::errc::device_or_resource_busy);
-        error = copy_dirty(g, *mirror, false, false);
+        if (!early) error = copy_dirty(g, *mirror, false, false);
         if (error.empty()) mirror->set_sync(true);
         return std::error_code{};
       });
       if (ec) error = fmt::format("entering sync: {}", ec.message());
+      // Early: the rest, while client writes reach the base too.
+      while (early && error.empty() && !cancelled() && mirror->dirty_bytes() != 0)
+        error = copy_dirty(g, *mirror, true, true);
       break;
     }
     if (!error.empty() || cancelled()) {

@@ -361,6 +361,28 @@ TEST_F(LiveJobs, ActiveCommitMirrorsWritesAndPivotsToTheBase) {
   EXPECT_EQ(qemu_view(path("base.qcow2")), model);
 }
 
+// A copy slower than the client's writes (a speed limit here; on a fast
+// machine, writes outpacing an unthrottled copy) never leaves less dirty
+// behind: the job turns to sync mode early, so that client writes reach
+// the base too, and then gets ready and pivots with every byte right.
+TEST_F(LiveJobs, AnActiveCommitSlowerThanTheWritesStillGetsReady) {
+  make_chain();
+  ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+  Nbd h = connect();
+  VerifiedClient client(h.get(), 12);
+  client.start();
+  client.wait_ops(100);
+  execute("block-commit", {{"device", "disk"}, {"base", path("base.qcow2")}, {"speed", 8 << 20}});
+  wait_event("BLOCK_JOB_READY", "disk", 30s);
+  client.wait_ops(300);
+  execute("block-job-complete", {{"device", "disk"}});
+  expect_completed();
+  const auto model = finish_client(client, 200);
+  stop_server(&h);
+  expect_clean(path("base.qcow2"));
+  EXPECT_EQ(qemu_view(path("base.qcow2")), model);
+}
+
 TEST_F(LiveJobs, CancellingAReadyActiveCommitKeepsTheChain) {
   make_chain();
   ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
