@@ -39,8 +39,9 @@ constexpr uint64_t kMirrorGranularity = 64 << 10;
 // Active commit turns to sync mode once this little is left to copy: the
 // rest is copied while client requests wait (a bounded pause).
 constexpr uint64_t kSyncThreshold = 4 << 20;
-// Passes of the tracking copy that leave no less dirty than the one
-// before, after which an active commit turns to sync mode early.
+// Passes of the tracking copy that leave at least 90% of the dirty bytes
+// of the one before, after which an active commit turns to sync mode
+// early.
 constexpr int kStalledPasses = 3;
 
 // The depth of the node that `name` names (QEMU's "top"/"base" file
@@ -567,8 +568,8 @@ class CommitJob final : public LiveJob {
   // Installs the mirror (tracking), marks everything the images above
   // the base hold as dirty, and copies until little is left; then, with
   // requests paused, the rest, and turns to sync mode. When the copy does
-  // not gain on the client writes (a pass leaves as much dirty as the one
-  // before, kStalledPasses times: writes faster than the copy, or a low
+  // not gain on the client writes (a pass leaves 90% or more of what the
+  // one before left dirty, kStalledPasses times: writes faster than the copy, or a low
   // speed limit), it turns to sync mode early, as QEMU's
   // copy-mode=write-blocking: client writes then reach the base as well,
   // so what is dirty only shrinks, and the rest is copied under the range
@@ -597,7 +598,7 @@ class CommitJob final : public LiveJob {
       if (!error.empty() || cancelled()) break;
       const uint64_t dirty = mirror->dirty_bytes();
       const bool early = dirty > kSyncThreshold &&
-                         (dirty >= last_dirty ? ++stalled : (stalled = 0)) >= kStalledPasses;
+                         (dirty >= last_dirty / 10 * 9 ? ++stalled : (stalled = 0)) >= kStalledPasses;
       last_dirty = dirty;
       if (dirty > kSyncThreshold && !early) continue;
       // What was copied becomes durable before the base takes client

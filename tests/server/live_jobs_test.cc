@@ -373,7 +373,7 @@ TEST_F(LiveJobs, AnActiveCommitSlowerThanTheWritesStillGetsReady) {
   client.start();
   client.wait_ops(100);
   execute("block-commit", {{"device", "disk"}, {"base", path("base.qcow2")}, {"speed", 8 << 20}});
-  wait_event("BLOCK_JOB_READY", "disk", 30s);
+  wait_event("BLOCK_JOB_READY", "disk", 120s);
   client.wait_ops(300);
   execute("block-job-complete", {{"device", "disk"}});
   expect_completed();
