@@ -210,6 +210,11 @@ Status Image::make_empty() {
 
 namespace {
 
+// The L1 entries the grown disk of `new_size` needs.
+uint64_t l1_entries_for(const Image::Impl& I, uint64_t new_size) {
+  return fmt::div_round_up(fmt::div_round_up(new_size, I.cs), I.l2_size);
+}
+
 // Why the image cannot grow to `new_size` now, or Ok. mu held.
 Status grow_refusal(const Image::Impl& I, uint64_t new_size) {
   if (I.is_view || I.ro) return Status::Invalid("growing needs a writable image");
@@ -224,16 +229,11 @@ Status grow_refusal(const Image::Impl& I, uint64_t new_size) {
     return Status::Invalid("can't resize an image which has snapshots");
   if (!I.bitmaps.empty())
     return Status::Invalid("can't resize an image with persistent dirty bitmaps");
-  const uint64_t need = fmt::div_round_up(fmt::div_round_up(new_size, I.cs), I.l2_size);
+  const uint64_t need = l1_entries_for(I, new_size);
   if (new_size > (1ull << 62) || need > fmt::kMaxL1Bytes / 8)
     return Status::Invalid("virtual size " + std::to_string(new_size) +
                            " too large for the L1 table limit");
   return Status::Ok();
-}
-
-// The L1 entries the grown disk of `new_size` needs.
-uint64_t l1_entries_for(const Image::Impl& I, uint64_t new_size) {
-  return fmt::div_round_up(fmt::div_round_up(new_size, I.cs), I.l2_size);
 }
 
 // Writes `words` (host order) to new clusters, counted in memory (durable

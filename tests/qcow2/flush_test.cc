@@ -5,6 +5,7 @@
 #include <mutex>
 #include <thread>
 
+#include "tests/qcow2/forwarding_file.h"
 #include "tests/qcow2/test_util.h"
 
 namespace layerd::qcow2::test {
@@ -12,9 +13,9 @@ namespace {
 
 // Forwards to a file; while held, flush() blocks until release(), from the
 // `skip`-th call on (0: the first).
-class HeldFlushFile final : public File {
+class HeldFlushFile final : public ForwardingFile {
  public:
-  explicit HeldFlushFile(std::shared_ptr<File> inner) : inner_(std::move(inner)) {}
+  using ForwardingFile::ForwardingFile;
   void hold(int skip = 0) {
     std::lock_guard l(m_);
     held_ = true;
@@ -27,35 +28,22 @@ class HeldFlushFile final : public File {
     return cv_.wait_for(l, std::chrono::seconds(10), [&] { return blocked_ > 0; });
   }
 
-  std::error_code pread(std::span<std::byte> b, uint64_t o) override { return inner_->pread(b, o); }
-  std::error_code pwrite(std::span<const std::byte> d, uint64_t o) override {
-    return inner_->pwrite(d, o);
-  }
   std::error_code flush() override {
     std::unique_lock l(m_);
     if (skip_ > 0) {
       --skip_;
       l.unlock();
-      return inner_->flush();
+      return ForwardingFile::flush();
     }
     ++blocked_;
     cv_.notify_all();
     cv_.wait(l, [&] { return !held_; });
     --blocked_;
     l.unlock();
-    return inner_->flush();
+    return ForwardingFile::flush();
   }
-  std::error_code truncate(uint64_t s) override { return inner_->truncate(s); }
-  std::error_code punch_hole(uint64_t o, uint64_t l) override { return inner_->punch_hole(o, l); }
-  std::error_code write_zeroes(uint64_t o, uint64_t l) override { return inner_->write_zeroes(o, l); }
-  uint64_t size() const override { return inner_->size(); }
-  uint64_t extent_at(uint64_t o, uint64_t l, bool* d) const override {
-    return inner_->extent_at(o, l, d);
-  }
-  bool writable() const override { return inner_->writable(); }
 
  private:
-  std::shared_ptr<File> inner_;
   std::mutex m_;
   std::condition_variable cv_;
   bool held_ = false;

@@ -10,6 +10,37 @@ namespace {
 
 std::string q(const std::string& s) { return "'" + s + "'"; }
 
+// Runs `grow` on a copy of `pristine` whose n-th pwrite from then on is a
+// crash (nothing written after it), for n = 0, 1, ... until a run
+// completes; after each, reopens the copy (which repairs a dirty image),
+// hands it to `expect` with whether the run completed, and checks that it
+// is clean.
+template <class Grow, class Expect>
+void kill_at_every_write(const std::vector<std::byte>& pristine, Grow grow, Expect expect,
+                         int max_writes) {
+  for (int n = 0;; ++n) {
+    auto copy = std::shared_ptr<File>(make_memory_file());
+    ASSERT_FALSE(copy->pwrite(pristine, 0));
+    auto faulty = std::make_shared<FaultyFile>(copy);
+    bool done;
+    {
+      std::unique_ptr<Image> img;
+      ASSERT_TRUE(Image::open(faulty, {}, &img).ok());
+      faulty->fail_pwrite_after(n, true);
+      done = grow(*img);
+    }
+    std::unique_ptr<Image> img;
+    Status st = Image::open(copy, {}, &img);  // repairs a dirty image
+    ASSERT_TRUE(st.ok()) << n << ": " << st.message();
+    ASSERT_NO_FATAL_FAILURE(expect(*img, done)) << "after a kill at write " << n;
+    CheckReport rep;
+    ASSERT_TRUE(img->check(Repair::None, &rep).ok());
+    EXPECT_TRUE(rep.clean()) << n << ": " << (rep.messages.empty() ? "" : rep.messages[0]);
+    if (done) break;
+    ASSERT_LT(n, max_writes);
+  }
+}
+
 class Grow : public ::testing::Test {
  protected:
   TempDir dir_;
@@ -127,33 +158,18 @@ TEST(GrowCrash, AKillAtAnyWriteLeavesOldOrGrown) {
   }
   std::vector<std::byte> pristine(mem->size());
   ASSERT_FALSE(mem->pread(pristine, 0));
-  for (int n = 0;; ++n) {
-    auto copy = std::shared_ptr<File>(make_memory_file());
-    ASSERT_FALSE(copy->pwrite(pristine, 0));
-    auto faulty = std::make_shared<FaultyFile>(copy);
-    bool done;
-    {
-      std::unique_ptr<Image> img;
-      ASSERT_TRUE(Image::open(faulty, {}, &img).ok());
-      faulty->fail_pwrite_after(n, true);
-      done = img->grow(16 << 20).ok();
-    }
-    std::unique_ptr<Image> img;
-    Status st = Image::open(copy, {}, &img);  // repairs a dirty image
-    ASSERT_TRUE(st.ok()) << n << ": " << st.message();
-    EXPECT_TRUE(img->size() == (1u << 20) || img->size() == (16u << 20)) << n;
-    if (done) {
-      EXPECT_EQ(img->size(), 16u << 20);
-    }
-    std::vector<std::byte> got(1 << 20);
-    ASSERT_FALSE(img->read(0, got, zero_below()));
-    EXPECT_EQ(got, data) << n;
-    CheckReport rep;
-    ASSERT_TRUE(img->check(Repair::None, &rep).ok());
-    EXPECT_TRUE(rep.clean()) << n;
-    if (done) break;
-    ASSERT_LT(n, 100);
-  }
+  kill_at_every_write(
+      pristine, [](Image& img) { return img.grow(16 << 20).ok(); },
+      [&](Image& img, bool done) {
+        EXPECT_TRUE(img.size() == (1u << 20) || img.size() == (16u << 20));
+        if (done) {
+          EXPECT_EQ(img.size(), 16u << 20);
+        }
+        std::vector<std::byte> got(1 << 20);
+        ASSERT_FALSE(img.read(0, got, zero_below()));
+        EXPECT_EQ(got, data);
+      },
+      100);
 }
 
 // --- grow_reading_zeros ----------------------------------------------------
@@ -252,32 +268,17 @@ TEST_P(GrowReadingZeros, AKillAtAnyWriteLeavesTheOldDiskOrTheGrownOneWithZeros) 
   auto mem = make_image();
   std::vector<std::byte> pristine(mem->size());
   ASSERT_FALSE(mem->pread(pristine, 0));
-  for (int n = 0;; ++n) {
-    auto copy = std::shared_ptr<File>(make_memory_file());
-    ASSERT_FALSE(copy->pwrite(pristine, 0));
-    auto faulty = std::make_shared<FaultyFile>(copy);
-    bool done;
-    {
-      std::unique_ptr<Image> img;
-      ASSERT_TRUE(Image::open(faulty, {}, &img).ok());
-      faulty->fail_pwrite_after(n, true);
-      done = img->grow_reading_zeros(kNewSize, pattern_below()).ok();
-    }
-    std::unique_ptr<Image> img;
-    Status st = Image::open(copy, {}, &img);  // repairs a dirty image
-    ASSERT_TRUE(st.ok()) << n << ": " << st.message();
-    const uint64_t size = img->size();
-    ASSERT_TRUE(size == GetParam().old_size || size == kNewSize) << n << ": " << size;
-    if (done) {
-      EXPECT_EQ(size, kNewSize) << n;
-    }
-    ASSERT_NO_FATAL_FAILURE(expect_content(*img, size)) << "after a kill at write " << n;
-    CheckReport rep;
-    ASSERT_TRUE(img->check(Repair::None, &rep).ok());
-    EXPECT_TRUE(rep.clean()) << n << ": " << (rep.messages.empty() ? "" : rep.messages[0]);
-    if (done) break;
-    ASSERT_LT(n, 2000);
-  }
+  kill_at_every_write(
+      pristine, [](Image& img) { return img.grow_reading_zeros(kNewSize, pattern_below()).ok(); },
+      [&](Image& img, bool done) {
+        const uint64_t size = img.size();
+        ASSERT_TRUE(size == GetParam().old_size || size == kNewSize) << size;
+        if (done) {
+          EXPECT_EQ(size, kNewSize);
+        }
+        expect_content(img, size);
+      },
+      2000);
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -21,6 +21,7 @@
 #include <mutex>
 
 #include "tests/qcow2/faulty_file.h"
+#include "tests/qcow2/forwarding_file.h"
 #include "test_util.h"
 
 namespace layerd::qcow2::test {
@@ -463,9 +464,9 @@ TEST(V2, LeaksAreRepairedByOneReadWriteOpen) {
 
 // Forwards to a file; once armed, a pread at `offset` blocks until
 // release().
-class HeldReadFile final : public File {
+class HeldReadFile final : public ForwardingFile {
  public:
-  explicit HeldReadFile(std::shared_ptr<File> inner) : inner_(std::move(inner)) {}
+  using ForwardingFile::ForwardingFile;
   void hold_at(uint64_t offset) {
     std::lock_guard l(m_);
     held_ = true;
@@ -490,23 +491,10 @@ class HeldReadFile final : public File {
         cv_.wait(l, [&] { return !held_; });
       }
     }
-    return inner_->pread(b, o);
+    return ForwardingFile::pread(b, o);
   }
-  std::error_code pwrite(std::span<const std::byte> d, uint64_t o) override {
-    return inner_->pwrite(d, o);
-  }
-  std::error_code flush() override { return inner_->flush(); }
-  std::error_code truncate(uint64_t s) override { return inner_->truncate(s); }
-  std::error_code punch_hole(uint64_t o, uint64_t l) override { return inner_->punch_hole(o, l); }
-  std::error_code write_zeroes(uint64_t o, uint64_t l) override { return inner_->write_zeroes(o, l); }
-  uint64_t size() const override { return inner_->size(); }
-  uint64_t extent_at(uint64_t o, uint64_t l, bool* d) const override {
-    return inner_->extent_at(o, l, d);
-  }
-  bool writable() const override { return inner_->writable(); }
 
  private:
-  std::shared_ptr<File> inner_;
   std::mutex m_;
   std::condition_variable cv_;
   bool held_ = false, blocked_ = false;

@@ -123,17 +123,25 @@ class LiveJobs : public ::testing::Test {
 
   std::string path(const std::string& name) const { return (dir_.path() / name).string(); }
 
+  // A qcow2 image `name` over `backing` (named as it is, next to it), of
+  // its size unless `size` is given.
+  void create_overlay(const std::string& name, const std::string& backing,
+                      const std::string& size = "", const std::string& backing_format = "qcow2") {
+    std::vector<std::string> cmd{"qemu-img", "create", "-q", "-f", "qcow2", "-b", backing,
+                                 "-F", backing_format, path(name)};
+    if (!size.empty()) cmd.push_back(size);
+    run_expect(cmd);
+  }
+
   // base (0x11 over 0..4M) <- mid (0x22 at 2M..3M, zeros at 3.5M..4M)
   // <- top (0x33 at 3M..3.5M), 8 MiB each.
   void make_chain() {
     run_expect({"qemu-img", "create", "-q", "-f", "qcow2", path("base.qcow2"), "8M"});
     run_expect({"qemu-io", "-c", "write -P 0x11 0 4M", path("base.qcow2")});
-    run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
-                path("mid.qcow2")});
+    create_overlay("mid.qcow2", "base.qcow2");
     run_expect({"qemu-io", "-c", "write -P 0x22 2M 1M", "-c", "write -z 3584k 512k",
                 path("mid.qcow2")});
-    run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
-                path("top.qcow2")});
+    create_overlay("top.qcow2", "mid.qcow2");
     run_expect({"qemu-io", "-c", "write -P 0x33 3M 512k", path("top.qcow2")});
   }
 
@@ -443,11 +451,9 @@ TEST_F(LiveJobs, CommitGrowsASmallerBaseAndReopensItReadOnlyAfter) {
   // base is 4 MiB under 8 MiB images; mid writes past its end.
   run_expect({"qemu-img", "create", "-q", "-f", "qcow2", path("base.qcow2"), "4M"});
   run_expect({"qemu-io", "-c", "write -P 0x11 0 4M", path("base.qcow2")});
-  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
-              path("mid.qcow2"), "8M"});
+  create_overlay("mid.qcow2", "base.qcow2", "8M");
   run_expect({"qemu-io", "-c", "write -P 0x22 3M 3M", path("mid.qcow2")});
-  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
-              path("top.qcow2"), "8M"});
+  create_overlay("top.qcow2", "mid.qcow2", "8M");
   ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
   Nbd h = connect();
   VerifiedClient client(h.get(), 8);
@@ -476,11 +482,9 @@ TEST_F(LiveJobs, CommitGrowsASmallerBaseAndReopensItReadOnlyAfter) {
 TEST_F(LiveJobs, CommitIntoARawBaseGrowsItAndShortensTheChain) {
   run_expect({"qemu-img", "create", "-q", "-f", "raw", path("base.raw"), "4M"});
   run_expect({"qemu-io", "-f", "raw", "-c", "write -P 0x11 0 4M", path("base.raw")});
-  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw",
-              path("mid.qcow2"), "8M"});
+  create_overlay("mid.qcow2", "base.raw", "8M", "raw");
   run_expect({"qemu-io", "-c", "write -P 0x22 3M 2M", "-c", "write -z 1M 64k", path("mid.qcow2")});
-  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
-              path("top.qcow2"), "8M"});
+  create_overlay("top.qcow2", "mid.qcow2", "8M");
   ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
   Nbd h = connect();
   VerifiedClient client(h.get(), 10);
@@ -507,14 +511,11 @@ TEST_F(LiveJobs, CommitIntoARawBaseGrowsItAndShortensTheChain) {
 TEST_F(LiveJobs, CommitIntoABaseOverALongerBackingFileKeepsZerosPastItsOldEnd) {
   run_expect({"qemu-img", "create", "-q", "-f", "qcow2", path("back.qcow2"), "8M"});
   run_expect({"qemu-io", "-c", "write -P 0x44 0 8M", path("back.qcow2")});
-  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "back.qcow2", "-F", "qcow2",
-              path("base.qcow2"), "4M"});
+  create_overlay("base.qcow2", "back.qcow2", "4M");
   run_expect({"qemu-io", "-c", "write -P 0x11 0 1M", path("base.qcow2")});
-  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
-              path("mid.qcow2"), "8M"});
+  create_overlay("mid.qcow2", "base.qcow2", "8M");
   run_expect({"qemu-io", "-c", "write -P 0x22 3M 2M", path("mid.qcow2")});
-  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
-              path("top.qcow2"), "8M"});
+  create_overlay("top.qcow2", "mid.qcow2", "8M");
   const auto before = qemu_view(path("top.qcow2"));
   ASSERT_EQ(before[(6 << 20) + 100], 0);
   ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
@@ -722,8 +723,7 @@ TEST_F(LiveJobs, RefusesDuplicateJobIdsSharedTopsRawPivotsAndSubclusterStreams) 
   make_chain();
   run_expect({"qemu-img", "create", "-q", "-f", "qcow2", path("other.qcow2"), "8M"});
   run_expect({"qemu-img", "create", "-q", "-f", "raw", path("base.raw"), "8M"});
-  run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw",
-              path("overraw.qcow2")});
+  create_overlay("overraw.qcow2", "base.raw", "", "raw");
   run_expect({"qemu-img", "create", "-q", "-f", "qcow2", path("extbase.qcow2"), "8M"});
   run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b",
               "extbase.qcow2", "-F", "qcow2", path("ext.qcow2")});
@@ -891,15 +891,12 @@ class DepthFirstCommit : public LiveJobs {
   void make_chain4() {
     run_expect({"qemu-img", "create", "-q", "-f", "qcow2", path("base.qcow2"), "8M"});
     run_expect({"qemu-io", "-c", "write -P 0x11 0 4M", path("base.qcow2")});
-    run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
-                path("a.qcow2")});
+    create_overlay("a.qcow2", "base.qcow2");
     run_expect({"qemu-io", "-c", "write -P 0x22 1M 2M", "-c", "write -z 3584k 512k",
                 path("a.qcow2")});
-    run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2",
-                path("b.qcow2")});
+    create_overlay("b.qcow2", "a.qcow2");
     run_expect({"qemu-io", "-c", "write -P 0x33 2M 1536k", path("b.qcow2")});
-    run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2",
-                path("top.qcow2")});
+    create_overlay("top.qcow2", "b.qcow2");
     run_expect({"qemu-io", "-c", "write -P 0x44 3M 256k", path("top.qcow2")});
   }
   json::object commit_args(uint64_t speed) {
