@@ -573,10 +573,11 @@ Status Image::check(Repair repair, CheckReport* report) {
   Impl& I = *impl_;
   *report = CheckReport{};
   if (I.is_view) return Status::NotSupported("check on a snapshot view");
+  std::unique_lock lk(I.mu);
+  // Under mu: a reopen_read_write() changes ro under it exclusively.
   if (repair != Repair::None && I.ro)
     return {std::make_error_code(std::errc::operation_not_permitted),
             "repair needs a writable image"};
-  std::unique_lock lk(I.mu);
   I.inflight_cv.wait(lk, [&] { return I.inflight.empty(); });
   return I.check_locked(repair, report);
 }
