@@ -42,10 +42,7 @@ JobGovernor::Clock::duration JobGovernor::after_piece() {
     }
   }
   run_rate_ = static_cast<double>(made) / seconds(ran);
-  // A long gap since the slice began (a user pause, a speed limit) is
-  // not a slice: the pause answers at most a long slice.
-  const Clock::duration measured = std::min<Clock::duration>(ran, kLongSlice);
-  const auto pause = std::chrono::duration_cast<Clock::duration>(measured * ((1 - duty_) / duty_));
+  const auto pause = std::chrono::duration_cast<Clock::duration>(ran * ((1 - duty_) / duty_));
   start_ = now;
   start_requests_ = requests_();
   pausing_ = true;
