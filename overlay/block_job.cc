@@ -173,7 +173,7 @@ void BlockJob::throttle(uint64_t bytes) {
   using namespace std::chrono;
   cpu_.piece_done();
   std::unique_lock lock(mutex_);
-  if (speed_ == 0) return yield_to_clients(lock);
+  if (speed_ == 0) return;
   const auto now = steady_clock::now();
   window_bytes_ += bytes;
   auto due = window_start_ + microseconds(window_bytes_ * 1'000'000 / speed_);
@@ -190,18 +190,6 @@ void BlockJob::throttle(uint64_t bytes) {
   });
   cpu_.end_sleep();
   busy_ = true;
-}
-
-void BlockJob::yield_to_clients(std::unique_lock<std::mutex>& lock) {
-  if (!cpu_.bulk()) return;  // clients may be waiting for the job
-  const auto pause = governor_.after_piece();
-  if (pause == pause.zero()) return;
-  busy_ = false;
-  cpu_.begin_sleep();
-  wake_.wait_for(lock, pause, [&] { return cancel_.load() || paused_ || speed_ != 0; });
-  cpu_.end_sleep();
-  busy_ = true;
-  governor_.resumed();
 }
 
 void BlockJob::report_io_error(const std::string& operation) {

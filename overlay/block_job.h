@@ -33,7 +33,6 @@
 #include <vector>
 
 #include "overlay/job_cpu.h"
-#include "overlay/job_governor.h"
 
 namespace layerd {
 
@@ -125,10 +124,8 @@ class BlockJob {
   // undoes what it must and returns).
   bool checkpoint();
   // Accounts `bytes` of work against the speed limit and sleeps as long
-  // as the limit asks; without a limit, in the bulk copy, it pauses as
-  // long as the governor asks for busy clients (job_governor.h). A pause,
-  // a cancel or a speed change wakes it. Call it after every piece: it
-  // also runs the bulk copy's starvation guard.
+  // as the limit asks; a pause, a cancel or a speed change wakes it. Call
+  // it after every piece: it also runs the bulk copy's starvation guard.
   void throttle(uint64_t bytes);
   void set_len(uint64_t len) { len_.store(len); }
   void add_len(uint64_t more) { len_.fetch_add(more); }
@@ -168,8 +165,6 @@ class BlockJob {
   void set_status(JobStatus s);  // with mutex_ held
   JobInfo info_locked() const;
   void thread_main();
-  // An unthrottled bulk copy's pause for busy clients; mutex_ held.
-  void yield_to_clients(std::unique_lock<std::mutex>& lock);
 
   const std::string id_, type_, device_;
   std::vector<std::string> files_;
@@ -192,7 +187,6 @@ class BlockJob {
   std::chrono::steady_clock::time_point window_start_;
   uint64_t window_bytes_ = 0;
   JobCpu cpu_;  // the job thread's alone
-  JobGovernor governor_;  // the job thread's alone
   std::thread thread_;
 };
 

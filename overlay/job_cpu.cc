@@ -140,11 +140,6 @@ void JobCpu::end_sleep() {
   slept_ += now_() - std::max(asleep_since_, window_start_);
 }
 
-bool JobCpu::bulk() const {
-  std::lock_guard lock(mutex_);
-  return bulk_;
-}
-
 bool JobCpu::background() const {
   std::lock_guard lock(mutex_);
   return background_;

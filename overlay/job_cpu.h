@@ -86,8 +86,6 @@ class JobCpu final : private qcow2::ExclusiveHoldHook {
   void begin_sleep();
   void end_sleep();
 
-  // Whether the thread is in the bulk copy (set_bulk).
-  bool bulk() const;
   // Whether the thread is in the background class now.
   bool background() const;
   // The nice value of its normal class (after start()).
