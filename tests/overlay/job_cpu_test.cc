@@ -71,7 +71,9 @@ TEST(JobCpu, TheBulkCopyRunsInTheBackgroundClassAndTheRestAtTheProcesssNiceValue
     JobCpu cpu;
     cpu.start();
     EXPECT_EQ(policy(), SCHED_OTHER);
-    if (::geteuid() == 0) EXPECT_EQ(cpu.normal_nice(), own);
+    if (::geteuid() == 0) {
+      EXPECT_EQ(cpu.normal_nice(), own);
+    }
     EXPECT_EQ(::getpriority(PRIO_PROCESS, static_cast<id_t>(::gettid())), cpu.normal_nice());
     cpu.set_bulk(true);
     EXPECT_EQ(policy(), SCHED_IDLE);
