@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "overlay/job_cpu.h"
+#include "qcow2/file.h"
 
 namespace layerd {
 
@@ -143,13 +144,18 @@ class BlockJob {
   ReadyEnd wait_ready(const std::function<std::string()>& keep_in_sync,
                       std::string* error);
   bool cancelled() const { return cancel_.load(); }
+  // The nice value of the job thread's normal CPU class (job_cpu.h), for
+  // helper threads of its copy.
+  int job_nice() const { return cpu_.normal_nice(); }
   // The job starts its final switch: a cancel from now on comes too late
   // and the job ends as it ends (completed, or failed).
   void finishing() { finishing_.store(true); }
   bool force_cancelled() const { return force_.load(); }
   // While one lives, the job's thread copies in bulk: in the background
-  // CPU class, which any client thread preempts (job_cpu.h). Clients must
-  // not wait for the job meanwhile (no range lock, no paused requests).
+  // CPU class, which any client thread preempts (job_cpu.h), and past the
+  // page cache where its buffers are aligned (BulkIoScope, qcow2/file.h).
+  // Clients must not wait for the job meanwhile (no range lock, no paused
+  // requests).
   class BulkCopy {
    public:
     explicit BulkCopy(BlockJob& job) : job_(job) { job_.cpu_.set_bulk(true); }
@@ -159,6 +165,7 @@ class BlockJob {
 
    private:
     BlockJob& job_;
+    BulkIoScope direct_io_;
   };
 
  private:

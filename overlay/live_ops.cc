@@ -19,6 +19,7 @@
 
 #include <fmt/format.h>
 
+#include "overlay/copy_lane.h"
 #include "qcow2/file.h"
 
 namespace layerd {
@@ -115,7 +116,7 @@ std::error_code switch_graph(GraphLayer& layer, const Graph* expected,
 // says which side failed.
 std::error_code copy_down(const Graph& g, size_t from, size_t to,
                           uint64_t offset, uint64_t length,
-                          std::vector<std::byte>& buf, const char** failed_op,
+                          DirectIoBuffer& buf, const char** failed_op,
                           uint64_t* copied) {
   BlockNode& target = *g.nodes[to];
   const size_t below = to + 1;
@@ -257,7 +258,8 @@ class LiveJob : public BlockJob {
   LiveTarget target_;
   std::shared_ptr<const Graph> graph_;
   uint64_t speed_;
-  std::vector<std::byte> buf_;
+  DirectIoBuffer buf_;  // aligned: bulk copies go past the page cache
+  DirectIoBuffer lane_buf_;  // the CopyLane's
   uint64_t unwritten_back_ = 0;  // bytes copied since the last start_writeback
 };
 
@@ -375,22 +377,34 @@ class CommitJob final : public LiveJob {
       std::fprintf(stderr, "layerd: job %s: %s\n", id().c_str(), error.c_str());
   }
 
-  // Copies what [from, base) holds of the whole disk into the base.
+  // Copies what [from, base) holds of the whole disk into the base, two
+  // pieces at a time: the job's thread one, its lane the next.
   std::string copy_all(const Graph& g, size_t from) {
     const uint64_t size = g.nodes[from]->size;
     set_len(size);
+    CopyLane lane(id(), job_nice());  // first: in the normal CPU class
     BulkCopy bulk(*this);
     for (uint64_t pos = 0; pos < size;) {
       if (!checkpoint()) return {};
       const uint64_t piece = std::min(this->piece(), size - pos);
+      const uint64_t next = std::min(this->piece(), size - pos - piece);
+      const char* lane_op = "read";
+      uint64_t lane_copied = 0;
+      if (next > 0)
+        lane.start([&, at = pos + piece] {
+          return copy_down(g, from, base_, at, next, lane_buf_, &lane_op, &lane_copied);
+        });
       const char* op = "read";
       uint64_t copied = 0;
-      if (auto ec = copy_down(g, from, base_, pos, piece, buf_, &op, &copied))
-        return io_failure(op, ec, fmt::format("committing into '{}'", g.nodes[base_]->path));
-      pos += piece;
-      add_offset(piece);
-      wrote_into(*g.nodes[base_], copied);
-      throttle(copied);
+      std::error_code ec = copy_down(g, from, base_, pos, piece, buf_, &op, &copied);
+      const std::error_code lane_ec = next > 0 ? lane.wait() : std::error_code{};
+      if (ec || lane_ec)
+        return io_failure(ec ? op : lane_op, ec ? ec : lane_ec,
+                          fmt::format("committing into '{}'", g.nodes[base_]->path));
+      pos += piece + next;
+      add_offset(piece + next);
+      wrote_into(*g.nodes[base_], copied + lane_copied);
+      throttle(copied + lane_copied);
     }
     return {};
   }

@@ -24,6 +24,44 @@ namespace {
 
 std::error_code errno_code() { return {errno, std::generic_category()}; }
 
+// The BulkIoScopes alive on this thread.
+thread_local int bulk_io_scopes = 0;
+
+// A new open file description of the file open on `fd`, with `flags`
+// (through /proc/self/fd: the same inode even if the file was renamed or
+// unlinked meanwhile), or -1 with `ec` set.
+int open_again(int fd, int flags, std::error_code& ec) {
+  const std::string self = "/proc/self/fd/" + std::to_string(fd);
+  int nfd = ::open(self.c_str(), flags | O_CLOEXEC);
+  if (nfd < 0) return (ec = errno_code()), -1;
+  struct stat a {}, b {};
+  if (::fstat(fd, &a) != 0 || ::fstat(nfd, &b) != 0) {
+    ec = errno_code();
+    ::close(nfd);
+    return -1;
+  }
+  if (a.st_dev != b.st_dev || a.st_ino != b.st_ino) {  // not the same file
+    ec = std::make_error_code(std::errc::no_such_device);
+    ::close(nfd);
+    return -1;
+  }
+  return nfd;
+}
+
+// The alignment of buffers, offsets and lengths that direct I/O on `fd`
+// needs: what the kernel reports (statx STATX_DIOALIGN, Linux 6.1), 4096
+// where it does not say; 0 where the file has no direct I/O.
+uint32_t direct_io_alignment(int fd) {
+#ifdef STATX_DIOALIGN
+  struct statx stx {};
+  if (::statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &stx) == 0 &&
+      (stx.stx_mask & STATX_DIOALIGN))
+    return stx.stx_dio_mem_align == 0 ? 0 : std::max(stx.stx_dio_mem_align, stx.stx_dio_offset_align);
+#endif
+  (void)fd;
+  return 4096;
+}
+
 std::error_code would_block() {
   return std::make_error_code(std::errc::resource_unavailable_try_again);
 }
@@ -153,10 +191,13 @@ class PosixFile final : public File {
   ~PosixFile() override {
     ::close(fd_);
     if (lock_fd_ >= 0) ::close(lock_fd_);
+    if (int d = direct_fd_.load(); d >= 0) ::close(d);
   }
 
   std::error_code pread(std::span<std::byte> buf, uint64_t offset) override {
     size_t done = 0;
+    if (int d = bulk_fd(buf.data(), buf.size(), offset); d >= 0)
+      done = direct_transfer(buf.size(), [&] { return ::pread(d, buf.data(), buf.size(), static_cast<off_t>(offset)); });
     while (done < buf.size()) {
       ssize_t n = ::pread(fd_, buf.data() + done, buf.size() - done,
                           static_cast<off_t>(offset + done));
@@ -188,6 +229,8 @@ class PosixFile final : public File {
   std::error_code pwrite(std::span<const std::byte> data,
                          uint64_t offset) override {
     size_t done = 0;
+    if (int d = bulk_fd(data.data(), data.size(), offset); d >= 0)
+      done = direct_transfer(data.size(), [&] { return ::pwrite(d, data.data(), data.size(), static_cast<off_t>(offset)); });
     while (done < data.size()) {
       ssize_t n = ::pwrite(fd_, data.data() + done, data.size() - done,
                            static_cast<off_t>(offset + done));
@@ -296,23 +339,12 @@ class PosixFile final : public File {
   std::error_code reopen(OpenMode mode) override {
     std::lock_guard guard(reopen_mutex_);
     const bool want_write = mode == OpenMode::ReadWrite;
-    int flags = O_CLOEXEC | (want_write ? O_RDWR : O_RDONLY);
-    if (direct_) flags |= O_DIRECT;
-    const std::string self = "/proc/self/fd/" + std::to_string(fd_);
-    int nfd = ::open(self.c_str(), flags);
-    if (nfd < 0) return errno_code();
-    struct stat a {}, b {};
-    if (::fstat(fd_, &a) != 0 || ::fstat(nfd, &b) != 0) {
-      std::error_code ec = errno_code();
-      ::close(nfd);
-      return ec;
-    }
-    if (a.st_dev != b.st_dev || a.st_ino != b.st_ino) {  // not the same file
-      ::close(nfd);
-      return std::make_error_code(std::errc::no_such_device);
-    }
+    const int access = want_write ? O_RDWR : O_RDONLY;
+    std::error_code ec;
+    int nfd = open_again(fd_, access | (direct_ ? O_DIRECT : 0), ec);
+    if (nfd < 0) return ec;
     // Keep the locking description alive before fd_ stops referring to it.
-    std::error_code ec = locks_.with_fd([&](int& lock_fd) -> std::error_code {
+    ec = locks_.with_fd([&](int& lock_fd) -> std::error_code {
       if (lock_fd_ >= 0) return {};
       int d = ::fcntl(fd_, F_DUPFD_CLOEXEC, 0);
       if (d < 0) return errno_code();
@@ -334,10 +366,72 @@ class PosixFile final : public File {
     }
     ::close(nfd);
     writable_.store(want_write);
+    move_direct_fd(access);
     return {};
   }
 
  private:
+  // The direct descriptor for a transfer of `length` bytes at `offset`
+  // from or to `buffer`, or -1 for the page cache (see BulkIoScope).
+  int bulk_fd(const void* buffer, size_t length, uint64_t offset) {
+    if (direct_ || length == 0 || bulk_io_scopes == 0) return -1;
+    if (direct_failed_.load(std::memory_order_relaxed)) return -1;
+    int d = direct_fd_.load(std::memory_order_acquire);
+    if (d < 0 && (d = open_direct_fd()) < 0) return -1;
+    const uint64_t misaligned = reinterpret_cast<uintptr_t>(buffer) | length | offset;
+    return misaligned % direct_align_ == 0 ? d : -1;
+  }
+
+  // The first bulk transfer opens the direct descriptor, in the current
+  // mode; a file without direct I/O never tries again.
+  int open_direct_fd() {
+    std::lock_guard guard(reopen_mutex_);
+    int d = direct_fd_.load(std::memory_order_relaxed);
+    if (d >= 0 || direct_failed_.load(std::memory_order_relaxed)) return d;
+    std::error_code ec;
+    d = open_again(fd_, (writable_.load() ? O_RDWR : O_RDONLY) | O_DIRECT, ec);
+    const uint32_t align = d < 0 ? 0 : direct_io_alignment(d);
+    if (align == 0) {
+      if (d >= 0) ::close(d);
+      direct_failed_.store(true);
+      return -1;
+    }
+    direct_align_ = align;
+    direct_fd_.store(d, std::memory_order_release);
+    return d;
+  }
+
+  // reopen(), with reopen_mutex_ held: the direct descriptor follows the
+  // I/O descriptor into `access`, under the same number (dup3, as there),
+  // so a transfer in flight uses the old description or the new one. If
+  // that fails, bulk transfers use the page cache from now on; the old
+  // description stays open for those in flight (a write on it fails and
+  // is redone through the page cache).
+  void move_direct_fd(int access) {
+    const int d = direct_fd_.load(std::memory_order_relaxed);
+    if (d < 0) return;
+    std::error_code ec;
+    int nfd = open_again(fd_, access | O_DIRECT, ec);
+    int r = -1;
+    if (nfd >= 0)
+      while ((r = ::dup3(nfd, d, O_CLOEXEC)) < 0 && errno == EINTR) {
+      }
+    if (nfd >= 0) ::close(nfd);
+    if (r < 0) direct_failed_.store(true);
+  }
+
+  // One direct transfer (`io` returns what pread/pwrite return). Returns
+  // the bytes it moved, all or the first part; on an error or a short
+  // transfer the caller's page-cache loop does the rest, and reports the
+  // error if it happens there too.
+  template <typename Io>
+  static size_t direct_transfer(size_t length, Io&& io) {
+    ssize_t n;
+    while ((n = io()) < 0 && errno == EINTR) {
+    }
+    return n <= 0 ? 0 : std::min(static_cast<size_t>(n), length);
+  }
+
   void grow_to(uint64_t end) {
     uint64_t cur = size_.load();
     while (end > cur && !size_.compare_exchange_weak(cur, end)) {
@@ -346,7 +440,12 @@ class PosixFile final : public File {
 
   int fd_;  // the I/O descriptor: its number never changes
   int lock_fd_ = -1;  // the first description, once reopen() moved fd_
-  std::mutex reopen_mutex_;
+  std::mutex reopen_mutex_;  // reopen() and opening the direct descriptor
+  // The direct-I/O description of bulk transfers: -1 until the first one;
+  // once set, the number stays the same until the destructor.
+  std::atomic<int> direct_fd_{-1};
+  std::atomic<bool> direct_failed_{false};
+  uint32_t direct_align_ = 0;  // written before direct_fd_ is published
   std::atomic<bool> writable_;
   bool block_device_;
   bool direct_;
@@ -444,6 +543,10 @@ class MemoryFile final : public File {
 };
 
 }  // namespace
+
+BulkIoScope::BulkIoScope() { ++bulk_io_scopes; }
+BulkIoScope::~BulkIoScope() { --bulk_io_scopes; }
+bool BulkIoScope::active() { return bulk_io_scopes > 0; }
 
 int posix_open_flags(const FileOptions& options) {
   int flags = O_CLOEXEC;

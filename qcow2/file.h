@@ -24,11 +24,14 @@
 // one, so a reopen never drops a lock.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <span>
 #include <string>
 #include <system_error>
+#include <vector>
 
 namespace layerd {
 
@@ -153,6 +156,46 @@ class File {
   // every request; wrappers forward to the file they wrap.
   virtual std::error_code lock(const LockSet& wanted, LockConflict* conflict);
 };
+
+// Bulk copies bypass the page cache. While a BulkIoScope lives on a
+// thread, that thread's pread and pwrite calls on files of open_posix_file
+// go to the storage directly (O_DIRECT, through a second descriptor of the
+// same open file, made at the first such call) wherever the buffer, the
+// offset and the length meet the storage's alignment (a DirectIoBuffer's
+// memory does); every other call, and every call on a file system or file
+// without O_DIRECT (tmpfs, a failed open), uses the page cache as always.
+// The kernel keeps the two paths coherent: a direct read first writes back
+// the dirty cached pages of its range, a direct write drops the cached
+// pages of its range. Why: a block job copying gigabytes through the page
+// cache spends CPU time on copies, page reclaim and write-back that
+// clients' requests then wait for, and pushes the pages they read out of
+// the cache (docs/performance.md measures it). Scopes nest; a thread's
+// scope affects that thread only.
+class BulkIoScope {
+ public:
+  BulkIoScope();
+  ~BulkIoScope();
+  BulkIoScope(const BulkIoScope&) = delete;
+  BulkIoScope& operator=(const BulkIoScope&) = delete;
+  // Whether the calling thread is inside a scope.
+  static bool active();
+};
+
+// Memory aligned for direct I/O (4096 bytes, what every Linux storage
+// stack accepts), for the buffers of bulk copies.
+template <typename T>
+struct DirectIoAllocator {
+  using value_type = T;
+  static constexpr std::align_val_t kAlignment{4096};
+  DirectIoAllocator() = default;
+  template <typename U>
+  DirectIoAllocator(const DirectIoAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlignment)); }
+  void deallocate(T* p, size_t) { ::operator delete(p, kAlignment); }
+  template <typename U>
+  bool operator==(const DirectIoAllocator<U>&) const { return true; }
+};
+using DirectIoBuffer = std::vector<std::byte, DirectIoAllocator<std::byte>>;
 
 struct FileOptions {
   OpenMode mode = OpenMode::ReadOnly;

@@ -1086,7 +1086,9 @@ std::vector<int> thread_policies(pid_t pid, const std::string& prefix) {
 }
 
 // The bulk copy gives way to clients: the job's thread ("job:ID") copies in
-// the background class (SCHED_IDLE, overlay/job_cpu.h) and goes with the job.
+// the background class (SCHED_IDLE, overlay/job_cpu.h), its copy lane
+// ("lane:ID", overlay/copy_lane.h) in the normal one, and both go with the
+// job.
 TEST_F(LiveJobSpeed, TheBulkCopyRunsInTheBackgroundCpuClass) {
   begin_round(0);
   run_expect({"qemu-img", "create", "-q", "-f", "qcow2", path("base.qcow2"), "8M"});
@@ -1104,10 +1106,12 @@ TEST_F(LiveJobSpeed, TheBulkCopyRunsInTheBackgroundCpuClass) {
     return !policies.empty() && policies[0] == SCHED_IDLE;
   }, 3s);
   EXPECT_EQ(policies, std::vector<int>{SCHED_IDLE});
+  EXPECT_EQ(thread_policies(server_->pid(), "lane:bulk"), std::vector<int>{SCHED_OTHER});
   json::object done = wait_event("BLOCK_JOB_COMPLETED");
   EXPECT_FALSE(done.contains("error")) << json::serialize(done);
   wait_until([&] { return thread_policies(server_->pid(), "job:").empty(); }, 3s);
   EXPECT_EQ(thread_policies(server_->pid(), "job:"), std::vector<int>{});
+  EXPECT_EQ(thread_policies(server_->pid(), "lane:"), std::vector<int>{});
 }
 
 }  // namespace
