@@ -170,8 +170,24 @@ bool BlockJob::checkpoint() {
 }
 
 void BlockJob::throttle(uint64_t bytes) {
-  using namespace std::chrono;
   cpu_.piece_done();
+  if (bulk_) give_way(bulk_->piece_done());
+  rate_limit(bytes);
+  if (bulk_) bulk_->piece_started();
+}
+
+void BlockJob::give_way(std::chrono::microseconds pause) {
+  if (pause <= std::chrono::microseconds::zero()) return;
+  std::unique_lock lock(mutex_);
+  busy_ = false;
+  cpu_.begin_sleep();
+  wake_.wait_for(lock, pause, [&] { return cancel_.load() || paused_; });
+  cpu_.end_sleep();
+  busy_ = true;
+}
+
+void BlockJob::rate_limit(uint64_t bytes) {
+  using namespace std::chrono;
   std::unique_lock lock(mutex_);
   if (speed_ == 0) return;
   const auto now = steady_clock::now();

@@ -28,10 +28,12 @@
 #include <cstdint>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "overlay/cpu_contention.h"
 #include "overlay/job_cpu.h"
 #include "qcow2/file.h"
 
@@ -126,7 +128,8 @@ class BlockJob {
   bool checkpoint();
   // Accounts `bytes` of work against the speed limit and sleeps as long
   // as the limit asks; a pause, a cancel or a speed change wakes it. Call
-  // it after every piece: it also runs the bulk copy's starvation guard.
+  // it after every piece: it also runs the bulk copy's starvation guard
+  // and its judgement of the CPU (BulkCopy), and gives way to clients.
   void throttle(uint64_t bytes);
   void set_len(uint64_t len) { len_.store(len); }
   void add_len(uint64_t more) { len_.fetch_add(more); }
@@ -152,24 +155,58 @@ class BlockJob {
   void finishing() { finishing_.store(true); }
   bool force_cancelled() const { return force_.load(); }
   // While one lives, the job's thread copies in bulk: in the background
-  // CPU class, which any client thread preempts (job_cpu.h), and past the
-  // page cache where its buffers are aligned (BulkIoScope, qcow2/file.h).
-  // Clients must not wait for the job meanwhile (no range lock, no paused
-  // requests).
+  // CPU class, which any client thread preempts (job_cpu.h). While other
+  // threads want the CPU (cpu_contention.h, judged after every piece in
+  // throttle()), the copy also goes past the page cache where its buffers
+  // are aligned (BulkIoScope, qcow2/file.h; direct_io() tells helpers of
+  // the copy) and gives way: it pauses after each piece for twice as long
+  // as the piece took (a duty of a third, kContendedDuty), time in which
+  // the kernel's work for it (write-back, block allocation) is over too,
+  // not just its own CPU time. Clients must not wait for the job meanwhile
+  // (no range lock, no paused requests).
   class BulkCopy {
    public:
-    explicit BulkCopy(BlockJob& job) : job_(job) { job_.cpu_.set_bulk(true); }
-    ~BulkCopy() { job_.cpu_.set_bulk(false); }
+    static constexpr double kContendedDuty = 1.0 / 3;
+    explicit BulkCopy(BlockJob& job) : job_(job) {
+      job_.cpu_.set_bulk(true);
+      job_.bulk_ = this;
+      piece_started();
+    }
+    ~BulkCopy() {
+      job_.bulk_ = nullptr;
+      job_.cpu_.set_bulk(false);
+    }
     BulkCopy(const BulkCopy&) = delete;
     BulkCopy& operator=(const BulkCopy&) = delete;
+    // Whether the copy goes past the page cache now.
+    bool direct_io() const { return direct_io_.has_value(); }
 
    private:
+    friend class BlockJob;
+    void piece_started() { piece_start_ = std::chrono::steady_clock::now(); }
+    // Judges the CPU after a piece; returns how long the copy gives way.
+    std::chrono::microseconds piece_done() {
+      const bool contended = contention_.contended();
+      if (contended != direct_io()) {
+        if (contended) direct_io_.emplace();
+        else direct_io_.reset();
+      }
+      if (!contended) return {};
+      const auto took = std::chrono::steady_clock::now() - piece_start_;
+      return std::chrono::duration_cast<std::chrono::microseconds>(
+          took * ((1 - kContendedDuty) / kContendedDuty));
+    }
     BlockJob& job_;
-    BulkIoScope direct_io_;
+    CpuContention contention_;
+    std::optional<BulkIoScope> direct_io_;
+    std::chrono::steady_clock::time_point piece_start_;
   };
 
  private:
   void set_status(JobStatus s);  // with mutex_ held
+  // throttle()'s parts: a bulk copy's pause, and the speed limit's.
+  void give_way(std::chrono::microseconds pause);
+  void rate_limit(uint64_t bytes);
   JobInfo info_locked() const;
   void thread_main();
 
@@ -194,6 +231,7 @@ class BlockJob {
   std::chrono::steady_clock::time_point window_start_;
   uint64_t window_bytes_ = 0;
   JobCpu cpu_;  // the job thread's alone
+  BulkCopy* bulk_ = nullptr;  // the job thread's alone
   std::thread thread_;
 };
 

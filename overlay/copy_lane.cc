@@ -4,8 +4,6 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
-#include "qcow2/file.h"
-
 namespace layerd {
 
 CopyLane::CopyLane(const std::string& job, int nice)
@@ -42,7 +40,6 @@ std::error_code CopyLane::wait() {
 void CopyLane::main(const std::string& name, int nice) {
   (void)::pthread_setname_np(::pthread_self(), name.c_str());
   (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), nice);
-  BulkIoScope direct_io;
   std::unique_lock lock(mutex_);
   for (;;) {
     cv_.wait(lock, [&] { return stopping_ || piece_; });

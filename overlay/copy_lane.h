@@ -1,17 +1,18 @@
 // A second copier beside a block job's thread. A bulk copy past the page
 // cache (BulkIoScope) waits for the device on every read and every write;
 // one piece at a time leaves the device idle while the job turns a read
-// into a write, and a copy at queue depth one is slower than one through
-// the cache. With a lane the job copies two pieces at once, its own and
-// the lane's, so the device has two transfers in flight and the pieces
-// drift into one reading while the other writes.
+// into a write, and a copy at queue depth one is much slower than one
+// through the cache. With a lane the job copies two pieces at once, its
+// own and the lane's, so the device has two transfers in flight and the
+// pieces drift into one reading while the other writes; through the page
+// cache, the two use both CPUs where they are free.
 //
-// The lane's thread ("lane:JOB") copies in bulk too (its own BulkIoScope)
-// and runs in the CPU class of the thread that makes it, at the nice value
-// it is given: make it before entering the background class (job_cpu.h),
-// so that it stays in the normal one. What it does is wait for the device,
-// and a thread in the background class would hold an image's metadata
-// lock where readers wait for it.
+// A piece sets its own I/O path (a BulkIoScope of the lane's thread, as
+// the job's copy is at the time). The lane's thread ("lane:JOB") runs in
+// the CPU class of the thread that makes it, at the nice value it is
+// given: make it before entering the background class (job_cpu.h), so
+// that it stays in the normal one: a thread in the background class would
+// hold an image's metadata lock where readers wait for it.
 //
 // Thread safety: one owner thread calls start() and wait(), alternately.
 #pragma once

@@ -391,7 +391,9 @@ class CommitJob final : public LiveJob {
       const char* lane_op = "read";
       uint64_t lane_copied = 0;
       if (next > 0)
-        lane.start([&, at = pos + piece] {
+        lane.start([&, at = pos + piece, direct = bulk.direct_io()] {
+          std::optional<BulkIoScope> direct_io;
+          if (direct) direct_io.emplace();
           return copy_down(g, from, base_, at, next, lane_buf_, &lane_op, &lane_copied);
         });
       const char* op = "read";
