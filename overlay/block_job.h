@@ -33,6 +33,7 @@
 #include <thread>
 #include <vector>
 
+#include "overlay/client_activity.h"
 #include "overlay/cpu_contention.h"
 #include "overlay/job_cpu.h"
 #include "qcow2/file.h"
@@ -155,22 +156,29 @@ class BlockJob {
   void finishing() { finishing_.store(true); }
   bool force_cancelled() const { return force_.load(); }
   // While one lives, the job's thread copies in bulk: in the background
-  // CPU class, which any client thread preempts (job_cpu.h). While other
-  // threads want the CPU (cpu_contention.h, judged after every piece in
-  // throttle()), the copy also goes past the page cache where its buffers
-  // are aligned (BulkIoScope, qcow2/file.h; direct_io() tells helpers of
-  // the copy) and gives way: it pauses after each piece for twice as long
-  // as the piece took (a duty of a third, kContendedDuty), time in which
-  // the kernel's work for it (write-back, block allocation) is over too,
-  // not just its own CPU time. Clients must not wait for the job meanwhile
-  // (no range lock, no paused requests).
+  // CPU class, which any client thread preempts (job_cpu.h). While clients
+  // are busy (kBusyClientRate requests a second or more, of any export:
+  // client_activity.h) and want the CPU the copy wants (cpu_contention.h),
+  // judged after every piece in throttle(), the copy gives way: it goes
+  // past the page cache where its buffers are aligned (BulkIoScope,
+  // qcow2/file.h; direct_io() tells helpers of the copy) and pauses after
+  // each piece for twice as long as the piece took (a duty of a third,
+  // kContendedDuty). Past the cache, the kernel's work for the copy (no
+  // write-back, no reclaim afterwards) is done when a piece is, so a pause
+  // is a pause of that work too. A copy that only shares the CPU with
+  // other programs (or its own write-back) goes on at full speed. Clients
+  // must not wait for the job meanwhile (no range lock, no paused
+  // requests).
   class BulkCopy {
    public:
     static constexpr double kContendedDuty = 1.0 / 3;
+    static constexpr double kBusyClientRate = 100;
     explicit BulkCopy(BlockJob& job) : job_(job) {
       job_.cpu_.set_bulk(true);
       job_.bulk_ = this;
       piece_started();
+      requests_ = client_activity::requests();
+      requests_at_ = piece_start_;
     }
     ~BulkCopy() {
       job_.bulk_ = nullptr;
@@ -184,22 +192,37 @@ class BlockJob {
    private:
     friend class BlockJob;
     void piece_started() { piece_start_ = std::chrono::steady_clock::now(); }
-    // Judges the CPU after a piece; returns how long the copy gives way.
+    // Judges clients and the CPU after a piece; returns how long the copy
+    // gives way.
     std::chrono::microseconds piece_done() {
-      const bool contended = contention_.contended();
+      const auto now = std::chrono::steady_clock::now();
+      const bool contended = contention_.contended() && clients_busy(now);
       if (contended != direct_io()) {
         if (contended) direct_io_.emplace();
         else direct_io_.reset();
       }
       if (!contended) return {};
-      const auto took = std::chrono::steady_clock::now() - piece_start_;
       return std::chrono::duration_cast<std::chrono::microseconds>(
-          took * ((1 - kContendedDuty) / kContendedDuty));
+          (now - piece_start_) * ((1 - kContendedDuty) / kContendedDuty));
+    }
+    // The client request rate since the last look, at least 20 ms ago.
+    bool clients_busy(std::chrono::steady_clock::time_point now) {
+      const std::chrono::duration<double> elapsed = now - requests_at_;
+      if (elapsed < CpuContention::kWanted) return clients_busy_;
+      const uint64_t requests = client_activity::requests();
+      clients_busy_ = static_cast<double>(requests - requests_) >= kBusyClientRate * elapsed.count();
+      requests_ = requests;
+      requests_at_ = now;
+      return clients_busy_;
     }
     BlockJob& job_;
     CpuContention contention_;
     std::optional<BulkIoScope> direct_io_;
     std::chrono::steady_clock::time_point piece_start_;
+    client_activity::Watch watch_;
+    uint64_t requests_ = 0;
+    std::chrono::steady_clock::time_point requests_at_;
+    bool clients_busy_ = false;
   };
 
  private:

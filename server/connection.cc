@@ -18,6 +18,7 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
 
+#include "overlay/client_activity.h"
 #include "qcow2/file.h"
 #include "qcow2/image.h"
 #include "server/log.h"
@@ -585,6 +586,7 @@ asio::awaitable<void> Connection::transmission() {
       break;
     }
     const nbd::RequestHeader r = *request;
+    client_activity::note_request();
     nbd::Validation v = nbd::validate_request(r, state_);
     if (v.error != nbd::Error::Ok) {
       log_info("{}: request type {} offset {} length {} refused: error {}",
