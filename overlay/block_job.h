@@ -162,7 +162,7 @@ class BlockJob {
   // judged after every piece in throttle(), the copy gives way: it goes
   // past the page cache where its buffers are aligned (BulkIoScope,
   // qcow2/file.h; direct_io() tells helpers of the copy) and pauses after
-  // each piece for twice as long as the piece took (a duty of a third,
+  // each piece for three times as long as the piece took (a duty of a quarter,
   // kContendedDuty). Past the cache, the kernel's work for the copy (no
   // write-back, no reclaim afterwards) is done when a piece is, so a pause
   // is a pause of that work too. A copy that only shares the CPU with
@@ -171,9 +171,12 @@ class BlockJob {
   // requests).
   class BulkCopy {
    public:
-    static constexpr double kContendedDuty = 1.0 / 3;
+    static constexpr double kContendedDuty = 1.0 / 4;
     static constexpr double kBusyClientRate = 100;
-    explicit BulkCopy(BlockJob& job) : job_(job) {
+    // `gives_way`: false for a copy whose work grows while it gives way
+    // (an active commit's tracking copy, which must gain on the client
+    // writes): it always copies at full speed.
+    explicit BulkCopy(BlockJob& job, bool gives_way = true) : job_(job), gives_way_(gives_way) {
       job_.cpu_.set_bulk(true);
       job_.bulk_ = this;
       piece_started();
@@ -196,7 +199,7 @@ class BlockJob {
     // gives way.
     std::chrono::microseconds piece_done() {
       const auto now = std::chrono::steady_clock::now();
-      const bool contended = contention_.contended() && clients_busy(now);
+      const bool contended = gives_way_ && contention_.contended() && clients_busy(now);
       if (contended != direct_io()) {
         if (contended) direct_io_.emplace();
         else direct_io_.reset();
@@ -216,6 +219,7 @@ class BlockJob {
       return clients_busy_;
     }
     BlockJob& job_;
+    const bool gives_way_;
     CpuContention contention_;
     std::optional<BulkIoScope> direct_io_;
     std::chrono::steady_clock::time_point piece_start_;

@@ -560,7 +560,9 @@ class CommitJob final : public LiveJob {
   std::string copy_dirty(const Graph& g, Mirror& m, bool throttled, bool locked) {
     uint64_t cursor = 0, offset = 0, length = 0;
     std::optional<BulkCopy> bulk;
-    if (throttled && !locked) bulk.emplace(*this);  // nobody waits for the copy
+    // Nobody waits for the copy; it must gain on the writes, so it does
+    // not give way to busy clients (BulkCopy).
+    if (throttled && !locked) bulk.emplace(*this, false);
     while (m.take_dirty(cursor, piece(), &offset, &length)) {
       if (throttled && !checkpoint()) return {};
       const char* op = "read";
