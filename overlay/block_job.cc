@@ -165,6 +165,7 @@ bool BlockJob::checkpoint() {
     cpu_.end_sleep();
     set_status(JobStatus::Running);
     busy_ = true;
+    if (bulk_) bulk_->piece_started();  // a pause is not the next piece's time
   }
   return !cancel_.load();
 }
@@ -181,7 +182,8 @@ void BlockJob::give_way(std::chrono::microseconds pause) {
   std::unique_lock lock(mutex_);
   busy_ = false;
   cpu_.begin_sleep();
-  wake_.wait_for(lock, pause, [&] { return cancel_.load() || paused_; });
+  const uint64_t speed = speed_;
+  wake_.wait_for(lock, pause, [&] { return cancel_.load() || paused_ || speed_ != speed; });
   cpu_.end_sleep();
   busy_ = true;
 }

@@ -205,8 +205,12 @@ class BlockJob {
         else direct_io_.reset();
       }
       if (!contended) return {};
-      return std::chrono::duration_cast<std::chrono::microseconds>(
-          (now - piece_start_) * ((1 - kContendedDuty) / kContendedDuty));
+      // At most a second: a piece that waited long (a flush) is no
+      // reason to stop for longer.
+      return std::min<std::chrono::microseconds>(
+          std::chrono::duration_cast<std::chrono::microseconds>(
+              (now - piece_start_) * ((1 - kContendedDuty) / kContendedDuty)),
+          std::chrono::seconds(1));
     }
     // The client request rate since the last look, at least 20 ms ago.
     bool clients_busy(std::chrono::steady_clock::time_point now) {

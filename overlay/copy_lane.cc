@@ -4,6 +4,8 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <new>
+
 namespace layerd {
 
 CopyLane::CopyLane(const std::string& job, int nice)
@@ -47,7 +49,14 @@ void CopyLane::main(const std::string& name, int nice) {
     auto piece = std::move(piece_);
     piece_ = nullptr;
     lock.unlock();
-    std::error_code ec = piece();
+    std::error_code ec;
+    try {
+      ec = piece();
+    } catch (const std::bad_alloc&) {
+      ec = std::make_error_code(std::errc::not_enough_memory);
+    } catch (...) {
+      ec = std::make_error_code(std::errc::io_error);
+    }
     lock.lock();
     result_ = ec;
     done_ = true;

@@ -28,14 +28,16 @@ namespace layerd {
 
 class CopyLane {
  public:
-  // `job`: the job's id, for the thread's name.
+  // `job`: the job's id, for the thread's name. Throws std::system_error
+  // when no thread can be made.
   CopyLane(const std::string& job, int nice);
   ~CopyLane();  // waits for the piece in flight, then ends the thread
   CopyLane(const CopyLane&) = delete;
   CopyLane& operator=(const CopyLane&) = delete;
 
-  // Runs `piece` on the lane's thread. The lane must be idle (no start()
-  // without its wait()).
+  // Runs `piece` (not empty) on the lane's thread. The lane must be idle
+  // (no start() without its wait()). A piece that throws ends with
+  // not_enough_memory (std::bad_alloc) or io_error.
   void start(std::function<std::error_code()> piece);
   // Waits for the piece given last and returns its result.
   std::error_code wait();

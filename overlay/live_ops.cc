@@ -378,28 +378,36 @@ class CommitJob final : public LiveJob {
   }
 
   // Copies what [from, base) holds of the whole disk into the base, two
-  // pieces at a time: the job's thread one, its lane the next.
+  // pieces at a time: the job's thread one, its lane the next (alone
+  // where no lane thread can be made).
   std::string copy_all(const Graph& g, size_t from) {
     const uint64_t size = g.nodes[from]->size;
     set_len(size);
-    CopyLane lane(id(), job_nice());  // first: in the normal CPU class
+    const char* lane_op = "read";  // the lane's results: outlive the lane
+    uint64_t lane_copied = 0;
+    std::optional<CopyLane> lane;  // before BulkCopy: in the normal CPU class
+    try {
+      lane.emplace(id(), job_nice());
+    } catch (const std::system_error&) {
+    }
     BulkCopy bulk(*this);
     for (uint64_t pos = 0; pos < size;) {
       if (!checkpoint()) return {};
       const uint64_t piece = std::min(this->piece(), size - pos);
-      const uint64_t next = std::min(this->piece(), size - pos - piece);
-      const char* lane_op = "read";
-      uint64_t lane_copied = 0;
+      // Giving way, the copy runs on the job's thread alone (in the
+      // background class, which every client thread preempts at once).
+      const bool two = lane && !bulk.direct_io();
+      const uint64_t next = two ? std::min(this->piece(), size - pos - piece) : 0;
+      lane_op = "read";
+      lane_copied = 0;
       if (next > 0)
-        lane.start([&, at = pos + piece, direct = bulk.direct_io()] {
-          std::optional<BulkIoScope> direct_io;
-          if (direct) direct_io.emplace();
+        lane->start([&, at = pos + piece, next] {
           return copy_down(g, from, base_, at, next, lane_buf_, &lane_op, &lane_copied);
         });
       const char* op = "read";
       uint64_t copied = 0;
       std::error_code ec = copy_down(g, from, base_, pos, piece, buf_, &op, &copied);
-      const std::error_code lane_ec = next > 0 ? lane.wait() : std::error_code{};
+      const std::error_code lane_ec = next > 0 ? lane->wait() : std::error_code{};
       if (ec || lane_ec)
         return io_failure(ec ? op : lane_op, ec ? ec : lane_ec,
                           fmt::format("committing into '{}'", g.nodes[base_]->path));

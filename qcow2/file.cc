@@ -48,18 +48,25 @@ int open_again(int fd, int flags, std::error_code& ec) {
   return nfd;
 }
 
-// The alignment of buffers, offsets and lengths that direct I/O on `fd`
-// needs: what the kernel reports (statx STATX_DIOALIGN, Linux 6.1), 4096
-// where it does not say; 0 where the file has no direct I/O.
+// The alignment of buffers, offsets and lengths for bulk direct I/O on
+// `fd`: what the kernel needs (statx STATX_DIOALIGN, Linux 6.1; 4096 where
+// it does not say), and at least a page: a direct transfer then covers
+// whole pages that nothing written through the page cache shares (qcow2
+// metadata, a neighbouring small cluster), where a dirty cached page
+// could otherwise outlive the direct write and later overwrite it. 0
+// where the file has no direct I/O.
 uint32_t direct_io_alignment(int fd) {
+  const auto page = static_cast<uint32_t>(::sysconf(_SC_PAGESIZE));
 #ifdef STATX_DIOALIGN
   struct statx stx {};
   if (::statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &stx) == 0 &&
       (stx.stx_mask & STATX_DIOALIGN))
-    return stx.stx_dio_mem_align == 0 ? 0 : std::max(stx.stx_dio_mem_align, stx.stx_dio_offset_align);
+    return stx.stx_dio_mem_align == 0
+               ? 0
+               : std::max({stx.stx_dio_mem_align, stx.stx_dio_offset_align, page});
 #endif
   (void)fd;
-  return 4096;
+  return std::max(4096u, page);
 }
 
 std::error_code would_block() {
@@ -196,8 +203,13 @@ class PosixFile final : public File {
 
   std::error_code pread(std::span<std::byte> buf, uint64_t offset) override {
     size_t done = 0;
-    if (int d = bulk_fd(buf.data(), buf.size(), offset); d >= 0)
-      done = direct_transfer(buf.size(), [&] { return ::pread(d, buf.data(), buf.size(), static_cast<off_t>(offset)); });
+    if (int d = bulk_fd(buf.data(), buf.size(), offset); d >= 0) {
+      std::error_code ec;
+      done = direct_transfer(buf.size(), ec, [&] {
+        return ::pread(d, buf.data(), buf.size(), static_cast<off_t>(offset));
+      });
+      if (ec) return ec;
+    }
     while (done < buf.size()) {
       ssize_t n = ::pread(fd_, buf.data() + done, buf.size() - done,
                           static_cast<off_t>(offset + done));
@@ -229,8 +241,13 @@ class PosixFile final : public File {
   std::error_code pwrite(std::span<const std::byte> data,
                          uint64_t offset) override {
     size_t done = 0;
-    if (int d = bulk_fd(data.data(), data.size(), offset); d >= 0)
-      done = direct_transfer(data.size(), [&] { return ::pwrite(d, data.data(), data.size(), static_cast<off_t>(offset)); });
+    if (int d = bulk_fd(data.data(), data.size(), offset); d >= 0) {
+      std::error_code ec;
+      done = direct_transfer(data.size(), ec, [&] {
+        return ::pwrite(d, data.data(), data.size(), static_cast<off_t>(offset));
+      });
+      if (ec) return ec;
+    }
     while (done < data.size()) {
       ssize_t n = ::pwrite(fd_, data.data() + done, data.size() - done,
                            static_cast<off_t>(offset + done));
@@ -404,32 +421,39 @@ class PosixFile final : public File {
   // reopen(), with reopen_mutex_ held: the direct descriptor follows the
   // I/O descriptor into `access`, under the same number (dup3, as there),
   // so a transfer in flight uses the old description or the new one. If
-  // that fails, bulk transfers use the page cache from now on; the old
-  // description stays open for those in flight (a write on it fails and
-  // is redone through the page cache).
+  // no direct description can be had in the new mode, the number gets the
+  // I/O description instead (still this file, in the new mode) and bulk
+  // transfers use the page cache from now on.
   void move_direct_fd(int access) {
     const int d = direct_fd_.load(std::memory_order_relaxed);
     if (d < 0) return;
     std::error_code ec;
     int nfd = open_again(fd_, access | O_DIRECT, ec);
-    int r = -1;
-    if (nfd >= 0)
-      while ((r = ::dup3(nfd, d, O_CLOEXEC)) < 0 && errno == EINTR) {
-      }
-    if (nfd >= 0) ::close(nfd);
-    if (r < 0) direct_failed_.store(true);
+    if (nfd < 0) {
+      direct_failed_.store(true);
+      nfd = ::fcntl(fd_, F_DUPFD_CLOEXEC, 0);
+      if (nfd < 0) return;  // keeps the old description: writes fail, EBADF
+    }
+    while (::dup3(nfd, d, O_CLOEXEC) < 0 && errno == EINTR) {
+    }
+    ::close(nfd);
   }
 
   // One direct transfer (`io` returns what pread/pwrite return). Returns
-  // the bytes it moved, all or the first part; on an error or a short
-  // transfer the caller's page-cache loop does the rest, and reports the
-  // error if it happens there too.
+  // the bytes it moved, all or the first part; the caller's page-cache
+  // loop does the rest after a short transfer, and all of it where the
+  // direct path cannot take the transfer (EINVAL: the file system refuses
+  // it, which stops bulk direct I/O on this file; EBADF: the descriptor
+  // changed mode in a reopen). Any other error is the transfer's: `ec`.
   template <typename Io>
-  static size_t direct_transfer(size_t length, Io&& io) {
+  size_t direct_transfer(size_t length, std::error_code& ec, Io&& io) {
     ssize_t n;
     while ((n = io()) < 0 && errno == EINTR) {
     }
-    return n <= 0 ? 0 : std::min(static_cast<size_t>(n), length);
+    if (n >= 0) return std::min(static_cast<size_t>(n), length);
+    if (errno == EINVAL) direct_failed_.store(true);
+    else if (errno != EBADF) ec = errno_code();
+    return 0;
   }
 
   void grow_to(uint64_t end) {
