@@ -92,6 +92,9 @@ class BlockJob {
   // before start(); any thread.
   const std::vector<std::string>& files() const { return files_; }
   void set_files(std::vector<std::string> files) { files_ = std::move(files); }
+  // Whether the job's bulk copy gives way to busy clients (BulkCopy; on
+  // by default, QMP's `give-way`). Fixed before start().
+  void set_gives_way(bool on) { gives_way_ = on; }
   JobInfo info() const;
   JobStatus status() const;
   bool finished() const;  // concluded (or null)
@@ -176,7 +179,8 @@ class BlockJob {
     // `gives_way`: false for a copy whose work grows while it gives way
     // (an active commit's tracking copy, which must gain on the client
     // writes): it always copies at full speed.
-    explicit BulkCopy(BlockJob& job, bool gives_way = true) : job_(job), gives_way_(gives_way) {
+    explicit BulkCopy(BlockJob& job, bool gives_way = true)
+        : job_(job), gives_way_(gives_way && job.gives_way_) {
       job_.cpu_.set_bulk(true);
       job_.bulk_ = this;
       piece_started();
@@ -243,6 +247,7 @@ class BlockJob {
 
   const std::string id_, type_, device_;
   std::vector<std::string> files_;
+  bool gives_way_ = true;
   JobObserver* const observer_;
 
   mutable std::mutex mutex_;

@@ -965,6 +965,7 @@ std::unique_ptr<BlockJob> start_stream(const LiveTarget& t, const StreamRequest&
   auto job = std::make_unique<StreamJob>(t, job_id_for(r.job_id, t), g, base,
                                          r.backing_file, r.speed, observer);
   if (base > 1) job->set_files(files_of(*g, 1, base - 1));
+  job->set_gives_way(r.give_way);
   job->start(r.speed);
   return job;
 }
@@ -1026,6 +1027,7 @@ std::unique_ptr<BlockJob> start_commit(const LiveTarget& t, const CommitRequest&
                                          r.backing_file, r.empty, r.depth_first, r.speed,
                                          observer);
   job->set_files(files_of(*g, top, base));
+  job->set_gives_way(r.give_way);
   job->start(r.speed);
   return job;
 }

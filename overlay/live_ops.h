@@ -66,6 +66,9 @@ struct StreamRequest {
   std::string base;          // file name of the node to keep; "": all
   std::string backing_file;  // name to record; "": derived from base
   uint64_t speed = 0;
+  // layerd's addition: the copy gives way to busy clients (BulkCopy in
+  // block_job.h); false copies at full speed whatever they do.
+  bool give_way = true;
 };
 
 struct CommitRequest {
@@ -81,6 +84,9 @@ struct CommitRequest {
   // images one by one, bottom first (seed 002's depth-first order), so
   // that a run again after a kill or cancel copies only what is left.
   bool depth_first = false;
+  // layerd's addition, as for a stream (an active commit's tracking copy
+  // never gives way).
+  bool give_way = true;
 };
 
 // Validates the request and starts the job (running when returned).

@@ -297,7 +297,8 @@ json::value Control::snapshot_sync(const json::object& args) {
 json::value Control::block_commit(const json::object& args) {
   qmp_only_arguments(args, {"job-id", "device", "base-node", "base", "top-node", "top",
                             "backing-file", "speed", "on-error", "filter-node-name",
-                            "auto-finalize", "auto-dismiss", "empty", "depth-first"});
+                            "auto-finalize", "auto-dismiss", "empty", "depth-first",
+                            "give-way"});
   const std::string device = qmp_required_string(args, "device");
   refuse_unsupported_job_options(args);
   CommitRequest r;
@@ -308,6 +309,7 @@ json::value Control::block_commit(const json::object& args) {
   r.speed = speed_argument(args);
   r.empty = qmp_optional_bool(args, "empty", false);
   r.depth_first = qmp_optional_bool(args, "depth-first", false);
+  r.give_way = qmp_optional_bool(args, "give-way", true);
   LiveTarget t;
   live_target(device, &t);
   refuse_job_id_in_use(r.job_id.empty() ? device : r.job_id);
@@ -321,7 +323,7 @@ json::value Control::block_commit(const json::object& args) {
 json::value Control::block_stream(const json::object& args) {
   qmp_only_arguments(args, {"job-id", "device", "base", "base-node", "backing-file",
                             "bottom", "speed", "on-error", "filter-node-name",
-                            "auto-finalize", "auto-dismiss"});
+                            "auto-finalize", "auto-dismiss", "give-way"});
   const std::string device = qmp_required_string(args, "device");
   refuse_unsupported_job_options(args);
   if (args.contains("bottom")) qmp_fail("'bottom' is not supported by layerd; use 'base'");
@@ -330,6 +332,7 @@ json::value Control::block_stream(const json::object& args) {
   r.base = qmp_optional_string(args, "base", qmp_optional_string(args, "base-node"));
   r.backing_file = qmp_optional_string(args, "backing-file");
   r.speed = speed_argument(args);
+  r.give_way = qmp_optional_bool(args, "give-way", true);
   LiveTarget t;
   live_target(device, &t, true);
   refuse_job_id_in_use(r.job_id.empty() ? device : r.job_id);

@@ -49,9 +49,9 @@ constexpr const char* kLiveHelp =
     "  snapshot [--wait] [--format=qcow2] [--node-name=NAME] [--output=OFMT]\n"
     "           DEVICE NEW_FILE            blockdev-snapshot-sync\n"
     "  commit   [--top=FILE | --active] [--base=FILE] [--empty | --depth-first]\n"
-    "           [--speed=N] [--job-id=ID] [--wait] [--output=OFMT] DEVICE\n"
-    "                                      block-commit\n"
-    "  stream   [--base=FILE] [--speed=N] [--job-id=ID] [--wait]\n"
+    "           [--speed=N] [--no-give-way] [--job-id=ID] [--wait]\n"
+    "           [--output=OFMT] DEVICE      block-commit\n"
+    "  stream   [--base=FILE] [--speed=N] [--no-give-way] [--job-id=ID] [--wait]\n"
     "           [--output=OFMT] DEVICE                          block-stream\n"
     "  jobs     [--output=OFMT]            query-block-jobs\n"
     "  cancel   [--force] [--wait] JOB     block-job-cancel\n"
@@ -71,6 +71,8 @@ constexpr const char* kLiveHelp =
     "--depth-first (layerd only, with --top) empties the committed images one\n"
     "by one as their data reaches the base, so that running the same commit\n"
     "again after a kill or a cancel copies only what is left.\n"
+    "--no-give-way (layerd only) copies at full speed even while clients are\n"
+    "busy (by default the copy then gives way to them: docs/control.md).\n"
     "\n"
     "Exit codes: 0 done (a job that completed), 1 a job that failed, 2 a job\n"
     "that was cancelled, 3 a command the server refused or a lost QMP\n"
@@ -92,6 +94,7 @@ enum Opt : unsigned {
   kJobId = 1u << 10,
   kForce = 1u << 11,
   kDepthFirst = 1u << 12,
+  kNoGiveWay = 1u << 13,
 };
 
 struct LiveArgs {
@@ -103,6 +106,7 @@ struct LiveArgs {
   bool active = false;
   bool empty = false;
   bool depth_first = false;
+  bool no_give_way = false;
   std::optional<uint64_t> speed;
   bool force = false;
   std::vector<std::string> positional;
@@ -131,6 +135,7 @@ std::optional<LiveArgs> parse_live_args(int argc, char** argv, unsigned allowed,
       {"active", no_argument, nullptr, 'a'},
       {"empty", no_argument, nullptr, 'e'},
       {"depth-first", no_argument, nullptr, 'D'},
+      {"no-give-way", no_argument, nullptr, 'G'},
       {"speed", required_argument, nullptr, 's'},
       {"job-id", required_argument, nullptr, 'j'},
       {"force", no_argument, nullptr, 'F'},
@@ -156,6 +161,7 @@ std::optional<LiveArgs> parse_live_args(int argc, char** argv, unsigned allowed,
       case 'a': need(kActive); a.active = true; break;
       case 'e': need(kEmpty); a.empty = true; break;
       case 'D': need(kDepthFirst); a.depth_first = true; break;
+      case 'G': need(kNoGiveWay); a.no_give_way = true; break;
       case 's': need(kSpeed); a.speed = parse_speed(optarg); break;
       case 'j': need(kJobId); a.job_id = optarg; break;
       case 'F': need(kForce); a.force = true; break;
@@ -470,6 +476,7 @@ int live_commit(QmpClient& qmp, const LiveArgs& a) {
   if (a.speed) args["speed"] = *a.speed;
   if (a.empty) args["empty"] = true;
   if (a.depth_first) args["depth-first"] = true;
+  if (a.no_give_way) args["give-way"] = false;
   qmp.execute("block-commit", args);
   // A commit whose top is the active image goes READY (also when --top
   // names it): --wait completes it then.
@@ -482,6 +489,7 @@ int live_stream(QmpClient& qmp, const LiveArgs& a) {
   json::object args{{"device", a.positional[0]}, {"job-id", job}};
   if (a.base) args["base"] = *a.base;
   if (a.speed) args["speed"] = *a.speed;
+  if (a.no_give_way) args["give-way"] = false;
   qmp.execute("block-stream", args);
   return job_started(qmp, a, job, false);
 }
@@ -702,8 +710,9 @@ int cmd_live(const std::string& qmp_path, int argc, char** argv) {
   if (!is_live_command(cmd)) usage_error(fmt::format("Command not found: {}", cmd));
   unsigned allowed = kQmp | kOutput;
   if (cmd == "snapshot") allowed |= kWait | kFormat | kNodeName;
-  if (cmd == "commit") allowed |= kTop | kBase | kActive | kEmpty | kDepthFirst | kSpeed | kJobId | kWait;
-  if (cmd == "stream") allowed |= kBase | kSpeed | kJobId | kWait;
+  if (cmd == "commit")
+    allowed |= kTop | kBase | kActive | kEmpty | kDepthFirst | kSpeed | kNoGiveWay | kJobId | kWait;
+  if (cmd == "stream") allowed |= kBase | kSpeed | kNoGiveWay | kJobId | kWait;
   if (cmd == "cancel") allowed |= kForce | kWait;
   auto args = parse_live_args(argc, argv, allowed, qmp_path);
   if (!args) return 0;

@@ -1148,7 +1148,7 @@ class LiveJobGivingWay : public LiveJobFaults {
     run_expect({"qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
                 path("top.qcow2")});
   }
-  size_t commit_beside_busy_cpus(bool with_client) {
+  size_t commit_beside_busy_cpus(bool with_client, bool give_way = true) {
     begin_round(0);
     make_files();
     start_server(path("top.qcow2"));
@@ -1168,7 +1168,9 @@ class LiveJobGivingWay : public LiveJobFaults {
         while (!stop.load(std::memory_order_relaxed)) {
         }
       });
-    execute("block-commit", {{"device", "disk"}, {"top", path("mid.qcow2")}});
+    json::object args{{"device", "disk"}, {"top", path("mid.qcow2")}};
+    if (!give_way) args["give-way"] = false;
+    execute("block-commit", args);
     json::object done = wait_event("BLOCK_JOB_COMPLETED", 120s);
     stop.store(true);
     for (auto& t : hogs) t.join();
@@ -1201,6 +1203,26 @@ TEST_F(LiveJobGivingWay, BesideABusyClientTheCommitBypassesThePageCache) {
   }
   const size_t resident = commit_beside_busy_cpus(true);
   EXPECT_LT(resident, kCommittedPages / 2) << "pages of base.qcow2 in the page cache";
+}
+
+// Busy clients and CPUs, but asked not to give way ("give-way": false):
+// the copy goes on through the page cache.
+TEST_F(LiveJobGivingWay, AskedNotToGiveWayTheCommitGoesThroughThePageCache) {
+  const size_t resident = commit_beside_busy_cpus(true, false);
+  EXPECT_GT(resident, kCommittedPages * 3 / 4) << "pages of base.qcow2 in the page cache";
+}
+
+// "give-way" takes a bool; block-stream takes it too.
+TEST_F(LiveJobGivingWay, GiveWayMustBeABool) {
+  begin_round(0);
+  make_files();
+  ASSERT_NO_FATAL_FAILURE(start_server(path("top.qcow2")));
+  EXPECT_NE(refused("block-commit", {{"device", "disk"}, {"top", path("mid.qcow2")},
+                                     {"give-way", "no"}}),
+            "");
+  execute("block-stream", {{"device", "disk"}, {"give-way", false}});
+  json::object done = wait_event("BLOCK_JOB_COMPLETED", 120s);
+  EXPECT_FALSE(done.contains("error")) << json::serialize(done);
 }
 
 // Busy CPUs but no client: the copy goes on through the page cache.

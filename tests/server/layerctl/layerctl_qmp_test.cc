@@ -571,6 +571,22 @@ TEST_F(LayerctlLayerdTest, CommitOfAnIntermediateImageWithWaitExits0) {
   EXPECT_EQ(str(image_info(path("top.qcow2"))["backing-filename"]), path("base.qcow2"));
 }
 
+// --no-give-way (QMP "give-way": false) on commit and stream; not an
+// option of the other commands.
+TEST_F(LayerctlLayerdTest, NoGiveWayIsAnOptionOfCommitAndStream) {
+  RunResult c = live({"commit", "--top=" + path("mid.qcow2"), "--base=" + path("base.qcow2"),
+                      "--no-give-way", "--wait", "exp0"});
+  ASSERT_EQ(c.exit_code, 0) << c.describe();
+  EXPECT_NE(c.out.find("job exp0: completed"), std::string::npos) << c.out;
+  RunResult s = live({"stream", "--no-give-way", "--wait", "exp0"});
+  ASSERT_EQ(s.exit_code, 0) << s.describe();
+  EXPECT_NE(s.out.find("job exp0: completed"), std::string::npos) << s.out;
+  expect_guest_data_unchanged(path("top.qcow2"));
+  RunResult bad = live({"cancel", "--no-give-way", "exp0"});
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.err.find("unrecognized option '--no-give-way'"), std::string::npos) << bad.err;
+}
+
 // --depth-first: the committed image is emptied into the base as it goes.
 TEST_F(LayerctlLayerdTest, DepthFirstCommitWithWaitEmptiesTheCommittedImage) {
   ASSERT_FALSE(own_extents(path("mid.qcow2")).empty());
