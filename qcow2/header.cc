@@ -50,7 +50,7 @@ Status Image::Impl::parse_header() {
   cb = h.cluster_bits;
   cs = 1ull << cb;
   h.cluster_size = static_cast<uint32_t>(cs);
-  h.virtual_size = fmt::load64(hdr + fmt::kOffSize);
+  set_size(fmt::load64(hdr + fmt::kOffSize));
   uint32_t crypt = fmt::load32(hdr + fmt::kOffCryptMethod);
   if (crypt != 0)
     return Status::NotSupported("encrypted qcow2 images are not supported");

@@ -266,7 +266,7 @@ Status Image::probe(std::shared_ptr<File> file, HeaderInfo* out) {
 }
 
 const HeaderInfo& Image::info() const { return impl_->h; }
-uint64_t Image::size() const { return impl_->h.virtual_size; }
+uint64_t Image::size() const { return impl_->guest_size.load(std::memory_order_acquire); }
 uint32_t Image::cluster_size() const { return impl_->h.cluster_size; }
 uint32_t Image::subcluster_size() const {
   return static_cast<uint32_t>(impl_->sc_size);
@@ -322,7 +322,7 @@ std::error_code with_tables_loaded(Image::Impl& I, Step&& step) {
 std::error_code Image::read(uint64_t offset, std::span<std::byte> buf,
                             BelowReader below) {
   Impl& I = *impl_;
-  if (!range_ok(offset, buf.size(), I.h.virtual_size)) return einval();
+  if (!range_ok(offset, buf.size(), I.guest_size.load(std::memory_order_acquire))) return einval();
   return with_tables_loaded(I, [&](bool* need_load, uint64_t* load_index) {
     return I.read_locked(offset, buf, below, need_load, load_index);
   });
@@ -331,7 +331,7 @@ std::error_code Image::read(uint64_t offset, std::span<std::byte> buf,
 std::error_code Image::read_nowait(uint64_t offset, std::span<std::byte> buf,
                                    BelowReader below) {
   Impl& I = *impl_;
-  if (!range_ok(offset, buf.size(), I.h.virtual_size)) return einval();
+  if (!range_ok(offset, buf.size(), I.guest_size.load(std::memory_order_acquire))) return einval();
   std::shared_lock lk(I.mu, std::try_to_lock);
   if (!lk.owns_lock())
     return std::make_error_code(std::errc::resource_unavailable_try_again);
@@ -343,7 +343,7 @@ std::error_code Image::read_nowait(uint64_t offset, std::span<std::byte> buf,
 std::error_code Image::write(uint64_t offset, std::span<const std::byte> data,
                              BelowReader below, bool fua) {
   Impl& I = *impl_;
-  if (!range_ok(offset, data.size(), I.h.virtual_size)) return einval();
+  if (!range_ok(offset, data.size(), I.guest_size.load(std::memory_order_acquire))) return einval();
   if (I.corrupt) return eio();
   if (I.ro || I.is_view)
     return std::make_error_code(std::errc::operation_not_permitted);
@@ -409,7 +409,7 @@ std::error_code Image::write_zeroes(uint64_t offset, uint64_t length,
                                     bool may_unmap, BelowReader below,
                                     bool fua) {
   Impl& I = *impl_;
-  if (!range_ok(offset, length, I.h.virtual_size)) return einval();
+  if (!range_ok(offset, length, I.guest_size.load(std::memory_order_acquire))) return einval();
   if (length == 0) return {};
   {
     uint64_t first = offset >> I.cb, last = (offset + length - 1) >> I.cb;
@@ -425,7 +425,7 @@ std::error_code Image::discard(uint64_t offset, uint64_t length,
                                DiscardMode mode, BelowReader below) {
   if (mode == DiscardMode::Zero) return write_zeroes(offset, length, true, below);
   Impl& I = *impl_;
-  if (!range_ok(offset, length, I.h.virtual_size)) return einval();
+  if (!range_ok(offset, length, I.guest_size.load(std::memory_order_acquire))) return einval();
   if (length == 0) return {};
   uint64_t first = offset >> I.cb, last = (offset + length - 1) >> I.cb;
   std::unique_lock<WriterPreferringMutex> lk;
@@ -437,7 +437,7 @@ std::error_code Image::discard(uint64_t offset, uint64_t length,
 std::error_code Image::block_status(uint64_t offset, uint64_t length,
                                     MapExtent* out) {
   Impl& I = *impl_;
-  if (length == 0 || !range_ok(offset, length, I.h.virtual_size))
+  if (length == 0 || !range_ok(offset, length, I.guest_size.load(std::memory_order_acquire)))
     return einval();
   return with_tables_loaded(I, [&](bool* need_load, uint64_t* load_index) {
     return I.status_locked(offset, length, out, need_load, load_index);
@@ -558,7 +558,7 @@ Status Image::open_snapshot(std::string_view id_or_name,
   I.corrupt = false;
   I.h.l1_table_offset = s->l1_table_offset;
   I.h.l1_size = s->l1_size;
-  I.h.virtual_size = s->virtual_size;
+  I.set_size(s->virtual_size);
   uint64_t needed = fmt::div_round_up(fmt::div_round_up(s->virtual_size, I.cs),
                                       I.l2_size);
   if (s->l1_size < needed)

@@ -121,6 +121,14 @@ struct Image::Impl {
   std::shared_ptr<File> data_file;  // == file unless external data file
   OpenOptions opts;
   HeaderInfo h;
+  // h.virtual_size for the entry points' range checks and size(), which
+  // read it without the metadata lock while a live grow changes it under
+  // the lock (set_size keeps the two equal).
+  std::atomic<uint64_t> guest_size{0};
+  void set_size(uint64_t size) {
+    h.virtual_size = size;
+    guest_size.store(size, std::memory_order_release);
+  }
   std::vector<FeatureName> features;
   std::vector<SnapshotInfo> snaps;
   std::vector<std::vector<std::byte>> snap_raw;  // entries as on disk, unpadded

@@ -292,7 +292,7 @@ std::error_code use_new_l1(Image::Impl& I, uint64_t size, std::vector<uint64_t> 
   const uint64_t old_off = I.h.l1_table_offset;
   const uint64_t old_clusters =
       std::max<uint64_t>(1, fmt::div_round_up(uint64_t(I.h.l1_size) * 8, I.cs));
-  I.h.virtual_size = size;
+  I.set_size(size);
   I.h.l1_size = static_cast<uint32_t>(l1.size());
   I.h.l1_table_offset = l1_offset;
   I.l1 = std::move(l1);
@@ -328,7 +328,7 @@ Status Image::grow(uint64_t new_size) {
     if (auto ec = I.write_header_u64(fmt::kOffSize, new_size))
       return Status::IoError(ec, "writing the size");
     if (auto ec = I.file->flush()) return Status::IoError(ec, "flush");
-    I.h.virtual_size = new_size;
+    I.set_size(new_size);
     return Status::Ok();
   }
   // Everything the old L1 points at is on disk before it is copied.
