@@ -109,6 +109,18 @@ std::error_code switch_graph(GraphLayer& layer, const Graph* expected,
   });
 }
 
+// Makes what a job wrote into the node durable. Its write-back goes a step
+// at a time first (write_back_in_steps), so that clients' requests to the
+// same disk never queue behind a job's whole backlog of copied data.
+std::error_code flush_node(const BlockNode& node) {
+  if (node.image) {
+    if (auto ec = node.image->write_back_in_steps()) return ec;
+    return node.image->flush();
+  }
+  if (auto ec = node.raw->write_back_in_steps()) return ec;
+  return node.raw->flush();
+}
+
 // Writes what the nodes [from, to) hold of [offset, offset + length)
 // into the node at `to` (reading what the graph shows from `from` down).
 // Consecutive data extents, whichever image holds them, are read with one
@@ -320,7 +332,7 @@ class StreamJob final : public LiveJob {
   std::string finish() {
     const Graph& g = *graph_;
     qcow2::Image& top = *g.nodes[0]->image;
-    if (auto ec = top.flush()) return io_failure("write", ec, "flushing the top");
+    if (auto ec = flush_node(*g.nodes[0])) return io_failure("write", ec, "flushing the top");
     finishing();
     const bool to_base = base_ < g.nodes.size();
     const std::string name = !to_base ? "" : backing_.empty() ? backing_name(g, 0, base_) : backing_;
@@ -675,8 +687,7 @@ class CommitJob final : public LiveJob {
   }
 
   std::error_code flush_base(const Graph& g) {
-    BlockNode& b = *g.nodes[base_];
-    return b.image ? b.image->flush() : b.raw->flush();
+    return flush_node(*g.nodes[base_]);
   }
 
   // The base is in sync: it becomes the export's top.

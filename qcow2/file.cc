@@ -275,6 +275,18 @@ class PosixFile final : public File {
       (void)::sync_file_range(fd_, 0, 0, SYNC_FILE_RANGE_WRITE);
   }
 
+  std::error_code write_back_in_steps() override {
+    if (!writable_.load(std::memory_order_relaxed) || direct_) return {};
+    constexpr unsigned kWriteAndWait =
+        SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER;
+    const uint64_t end = size_.load();
+    for (uint64_t offset = 0; offset < end; offset += kWriteBackStep)
+      if (::sync_file_range(fd_, static_cast<off_t>(offset), static_cast<off_t>(kWriteBackStep),
+                            kWriteAndWait) != 0)
+        return errno_code();
+    return {};
+  }
+
   std::error_code truncate(uint64_t size) override {
     if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) return errno_code();
     size_.store(size);
@@ -650,6 +662,8 @@ std::error_code File::pread_nowait(std::span<std::byte>, uint64_t) {
 }
 
 void File::start_writeback() {}
+
+std::error_code File::write_back_in_steps() { return {}; }
 
 std::error_code File::discard(uint64_t offset, uint64_t length) {
   return punch_hole(offset, length);

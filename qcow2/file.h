@@ -105,6 +105,18 @@ class File {
   // May wait while the device's queue is full. The default does nothing.
   virtual void start_writeback();
 
+  // Writes completed writes back to the storage and waits for them, one
+  // step of the file (kWriteBackStep bytes) at a time, so that this file
+  // never has more than a step's worth of writes queued at the device: a
+  // reader of another file waits behind one step, not behind the whole
+  // backlog (a gigabyte of dirty pages flushed at once held reads up for
+  // over 100 ms). Promises no durability (flush() does, and then finds
+  // little left). An error is one a later flush() may no longer report
+  // (the kernel's error cursor of the descriptor moved past it): the
+  // caller must treat it as a failed flush. The default does nothing.
+  virtual std::error_code write_back_in_steps();
+  static constexpr uint64_t kWriteBackStep = 8 << 20;
+
   // Sets the file's length.
   virtual std::error_code truncate(uint64_t size) = 0;
 

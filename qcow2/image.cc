@@ -34,6 +34,7 @@ std::error_code Image::close() {
   I.closed = true;
   if (I.corrupt) return eio();
   if (auto ec = I.store_bitmaps()) return ec;
+  if (auto ec = I.data_file->write_back_in_steps()) return ec;
   if (auto ec = I.flush_locked(true)) return ec;
   // Everything is on disk and synced: now the dirty bit may go (it is
   // written and synced on its own).
@@ -242,6 +243,7 @@ Status Image::Impl::write_back_read_only() {
     if (auto ec = I.store_bitmaps()) return Status::IoError(ec, "storing the dirty bitmaps");
     if (auto ec = I.refresh_copied_flags()) return Status::IoError(ec, "COPIED flags");
   }
+  if (auto ec = I.data_file->write_back_in_steps()) return Status::IoError(ec, "flush");
   if (auto ec = I.data_file->flush()) return Status::IoError(ec, "flush");
   std::shared_lock lk(I.mu);
   if (auto ec = I.write_back(true)) return Status::IoError(ec, "flush");
@@ -465,6 +467,12 @@ std::error_code Image::begin_writes() {
 void Image::start_writeback() {
   Impl& I = *impl_;
   if (!I.ro && !I.is_view) I.data_file->start_writeback();
+}
+
+std::error_code Image::write_back_in_steps() {
+  Impl& I = *impl_;
+  if (I.ro || I.is_view) return {};
+  return I.data_file->write_back_in_steps();
 }
 
 std::error_code Image::flush() {

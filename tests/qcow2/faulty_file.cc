@@ -201,6 +201,11 @@ std::error_code FaultyFile::flush() {
   return inner_->flush();
 }
 
+std::error_code FaultyFile::write_back_in_steps() {
+  if (fail_flush_ || crashed_) return eio();
+  return inner_->write_back_in_steps();
+}
+
 std::error_code FaultyFile::truncate(uint64_t size) {
   if (auto ec = planned(IoKind::Truncate, size > inner_->size())) return ec;
   if (crashed_) return eio();

@@ -106,6 +106,8 @@ class FaultyFile : public File {
   std::error_code pwrite(std::span<const std::byte> data,
                          uint64_t offset) override;
   std::error_code flush() override;
+  // Fails with fail_flush() (and after a crash), as the flush it leads to.
+  std::error_code write_back_in_steps() override;
   std::error_code truncate(uint64_t size) override;
   std::error_code punch_hole(uint64_t offset, uint64_t length) override;
   std::error_code write_zeroes(uint64_t offset, uint64_t length) override;

@@ -18,6 +18,8 @@ class ForwardingFile : public File {
     return inner_->pwrite(d, o);
   }
   std::error_code flush() override { return inner_->flush(); }
+  void start_writeback() override { inner_->start_writeback(); }
+  std::error_code write_back_in_steps() override { return inner_->write_back_in_steps(); }
   std::error_code truncate(uint64_t s) override { return inner_->truncate(s); }
   std::error_code punch_hole(uint64_t o, uint64_t l) override { return inner_->punch_hole(o, l); }
   std::error_code write_zeroes(uint64_t o, uint64_t l) override { return inner_->write_zeroes(o, l); }

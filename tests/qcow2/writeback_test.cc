@@ -3,6 +3,8 @@
 // final flush has little left. Observed with cachestat(2), which counts a
 // file's dirty pages; the kernel's own write-back would not start them
 // for dirty_expire_centisecs (30 s by default), far beyond the wait here.
+// write_back_in_steps: the same, waited for, a step at a time; its errors
+// fail what it is part of (close, reopen_read_only).
 #include <fcntl.h>
 #include <sys/syscall.h>
 #include <sys/vfs.h>
@@ -12,6 +14,7 @@
 #include <fstream>
 #include <thread>
 
+#include "forwarding_file.h"
 #include "test_util.h"
 
 namespace layerd::qcow2::test {
@@ -126,6 +129,81 @@ TEST(StartWriteback, ImageStartsTheWriteBackOfItsData) {
   ASSERT_FALSE(image->flush());
   image.reset();
   run("qemu-img check -q '" + img + "'");
+}
+
+TEST(WriteBackInSteps, PosixFileHasNoDirtyPageLeftWhenItReturns) {
+  TempDir d;
+  std::string why;
+  if (!can_watch_writeback(d.path(), &why)) GTEST_SKIP() << why;
+  std::string path = d / "f.raw";
+  std::ofstream(path).close();
+  auto file = open_file(path, true);
+  ASSERT_TRUE(file);
+  // Two and a half steps, and a page in each of them.
+  const uint64_t size = File::kWriteBackStep * 5 / 2;
+  std::vector<std::byte> data(size, std::byte{0x6e});
+  ASSERT_FALSE(file->pwrite(data, 0));
+  std::vector<std::byte> page(4096, std::byte{0x6f});
+  for (uint64_t at = 0; at < size; at += File::kWriteBackStep)
+    ASSERT_FALSE(file->pwrite(page, at + File::kWriteBackStep / 2));
+  ASSERT_GT(unwritten_pages(path), 0) << "the pages should still be dirty";
+  ASSERT_FALSE(file->write_back_in_steps());
+  EXPECT_EQ(unwritten_pages(path), 0);
+  ASSERT_FALSE(file->flush());
+}
+
+TEST(WriteBackInSteps, ReadOnlyFileIsLeftAlone) {
+  TempDir d;
+  std::string path = d / "f.raw";
+  std::ofstream(path) << "data";
+  auto file = open_file(path, false);
+  ASSERT_TRUE(file);
+  EXPECT_FALSE(file->write_back_in_steps());
+}
+
+TEST(WriteBackInSteps, ImageWritesBackItsDataAndStaysValid) {
+  TempDir d;
+  std::string why;
+  if (!can_watch_writeback(d.path(), &why)) GTEST_SKIP() << why;
+  std::string img = d / "a.qcow2";
+  run("qemu-img create -q -f qcow2 '" + img + "' 64M");
+  auto image = open_image(img, true);
+  ASSERT_TRUE(image);
+  std::vector<std::byte> data(20 << 20, std::byte{0x3d});
+  ASSERT_FALSE(image->write(0, data, zero_below()));
+  ASSERT_GT(unwritten_pages(img), 0);
+  ASSERT_FALSE(image->write_back_in_steps());
+  EXPECT_EQ(unwritten_pages(img), 0);
+  ASSERT_FALSE(image->flush());
+  image.reset();
+  run("qemu-img check -q '" + img + "'");
+  run("qemu-io -f qcow2 -c 'read -q -P 0x3d 0 20M' '" + img + "'");
+}
+
+// A file whose write-back fails (as sync_file_range reports an I/O error
+// that the next fdatasync of the descriptor may no longer see) while its
+// flush succeeds.
+class WriteBackFails final : public ForwardingFile {
+ public:
+  using ForwardingFile::ForwardingFile;
+  std::error_code write_back_in_steps() override { return std::make_error_code(std::errc::io_error); }
+};
+
+TEST(WriteBackInSteps, ItsErrorFailsTheReopenReadOnlyAndTheClose) {
+  TempDir d;
+  for (bool reopen : {true, false}) {
+    std::string img = d / (reopen ? "r.qcow2" : "c.qcow2");
+    run("qemu-img create -q -f qcow2 '" + img + "' 8M");
+    std::unique_ptr<Image> image;
+    ASSERT_TRUE(Image::open(std::make_shared<WriteBackFails>(open_file(img, true)), OpenOptions{}, &image).ok());
+    std::vector<std::byte> data(1 << 20, std::byte{0x11});
+    ASSERT_FALSE(image->write(0, data, zero_below()));
+    EXPECT_EQ(image->write_back_in_steps(), std::errc::io_error);
+    if (reopen)
+      EXPECT_FALSE(image->reopen_read_only().ok());
+    else
+      EXPECT_EQ(image->close(), std::errc::io_error);
+  }
 }
 
 }  // namespace
