@@ -19,6 +19,8 @@
 #include <shared_mutex>
 #include <vector>
 
+#include "qcow2/written_span.h"
+
 namespace layerd {
 namespace {
 
@@ -248,6 +250,7 @@ class PosixFile final : public File {
       });
       if (ec) return ec;
     }
+    const size_t done_direct = done;
     while (done < data.size()) {
       ssize_t n = ::pwrite(fd_, data.data() + done, data.size() - done,
                            static_cast<off_t>(offset + done));
@@ -260,12 +263,15 @@ class PosixFile final : public File {
       if (n == 0) return std::make_error_code(std::errc::no_space_on_device);
       done += static_cast<size_t>(n);
     }
+    if (!direct_ && done_direct < data.size())
+      cached_writes_.add(offset + done_direct, offset + data.size());
     grow_to(offset + data.size());
     return {};
   }
 
   std::error_code flush() override {
-    if (::fdatasync(fd_) != 0) return errno_code();
+    if (int e = lost_writeback_.load()) return {e, std::generic_category()};
+    if (::fdatasync(fd_) != 0) return write_back_failed();
     return {};
   }
 
@@ -275,15 +281,16 @@ class PosixFile final : public File {
       (void)::sync_file_range(fd_, 0, 0, SYNC_FILE_RANGE_WRITE);
   }
 
+  // Over the span the page cache took writes in since the last call.
   std::error_code write_back_in_steps() override {
-    if (!writable_.load(std::memory_order_relaxed) || direct_) return {};
     constexpr unsigned kWriteAndWait =
         SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER;
-    const uint64_t end = size_.load();
-    for (uint64_t offset = 0; offset < end; offset += kWriteBackStep)
+    const auto [begin, end] = cached_writes_.take();
+    for (uint64_t offset = begin / kWriteBackStep * kWriteBackStep; offset < end;
+         offset += kWriteBackStep)
       if (::sync_file_range(fd_, static_cast<off_t>(offset), static_cast<off_t>(kWriteBackStep),
                             kWriteAndWait) != 0)
-        return errno_code();
+        return write_back_failed();
     return {};
   }
 
@@ -468,6 +475,19 @@ class PosixFile final : public File {
     return 0;
   }
 
+  // An fdatasync or a waited-for sync_file_range failed (errno holds
+  // why): cached writes may be lost, and the kernel reports that once.
+  // Every later flush fails with the same error. Not with O_DIRECT: no
+  // write waits in the page cache.
+  std::error_code write_back_failed() {
+    const int e = errno;
+    if (!direct_) {
+      int none = 0;
+      lost_writeback_.compare_exchange_strong(none, e);
+    }
+    return {e, std::generic_category()};
+  }
+
   void grow_to(uint64_t end) {
     uint64_t cur = size_.load();
     while (end > cur && !size_.compare_exchange_weak(cur, end)) {
@@ -486,6 +506,8 @@ class PosixFile final : public File {
   bool block_device_;
   bool direct_;
   std::atomic<uint64_t> size_;
+  WrittenSpan cached_writes_;  // buffered pwrites, for write_back_in_steps
+  std::atomic<int> lost_writeback_{0};  // errno of the first failed write-back
   // O_DIRECT reads always go to the disk; RWF_NOWAIT cannot help them.
   std::atomic<bool> nowait_supported_;
   OfdLocks locks_;

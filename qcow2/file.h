@@ -96,7 +96,11 @@ class File {
   virtual std::error_code pwrite(std::span<const std::byte> data,
                                  uint64_t offset) = 0;
 
-  // Makes every completed write durable (fdatasync).
+  // Makes every completed write durable (fdatasync). A file whose pages
+  // may hold writes the kernel failed to write back fails every flush from
+  // its first failure on (PosixFile): the kernel reports a write-back error
+  // once per descriptor and marks the pages clean, so a later fdatasync
+  // would succeed over lost data (QEMU's file driver does the same).
   virtual std::error_code flush() = 0;
 
   // Starts writing completed writes back to the storage without waiting
@@ -106,14 +110,15 @@ class File {
   virtual void start_writeback();
 
   // Writes completed writes back to the storage and waits for them, one
-  // step of the file (kWriteBackStep bytes) at a time, so that this file
-  // never has more than a step's worth of writes queued at the device: a
+  // step of the file (kWriteBackStep bytes) at a time, so that this call
+  // never queues more than a step's worth of writes at the device: a
   // reader of another file waits behind one step, not behind the whole
   // backlog (a gigabyte of dirty pages flushed at once held reads up for
-  // over 100 ms). Promises no durability (flush() does, and then finds
-  // little left). An error is one a later flush() may no longer report
-  // (the kernel's error cursor of the descriptor moved past it): the
-  // caller must treat it as a failed flush. The default does nothing.
+  // 50 to 190 ms). Only the span that took cached writes since the last
+  // call is stepped through (a clean terabyte costs nothing). Promises no
+  // durability (flush() does, and then finds little left). An error is
+  // a failed flush: every later flush() fails too (see flush()). Thread-
+  // safe, beside reads and writes. The default does nothing.
   virtual std::error_code write_back_in_steps();
   static constexpr uint64_t kWriteBackStep = 8 << 20;
 

@@ -243,7 +243,7 @@ Status Image::Impl::write_back_read_only() {
     if (auto ec = I.store_bitmaps()) return Status::IoError(ec, "storing the dirty bitmaps");
     if (auto ec = I.refresh_copied_flags()) return Status::IoError(ec, "COPIED flags");
   }
-  if (auto ec = I.data_file->write_back_in_steps()) return Status::IoError(ec, "flush");
+  if (auto ec = I.data_file->write_back_in_steps()) return Status::IoError(ec, "writing back");
   if (auto ec = I.data_file->flush()) return Status::IoError(ec, "flush");
   std::shared_lock lk(I.mu);
   if (auto ec = I.write_back(true)) return Status::IoError(ec, "flush");

@@ -485,10 +485,10 @@ class Image {
   // Writes the data written so far back to the disk and waits for it, a
   // step at a time (File::write_back_in_steps on the data file), so that a
   // flush() after it has little left and other requests to the disk never
-  // queue behind the whole backlog. For block jobs, whose flushes nobody
-  // waits for with a request; close() and reopen_read_only() do it
-  // themselves. Durability still comes from flush(); an error must be
-  // taken as a failed flush. Takes no lock.
+  // queue behind the whole backlog. For block jobs' flushes while clients
+  // are served (not while their requests wait); close() and
+  // reopen_read_only() do it themselves. Durability still comes from
+  // flush(); an error must be taken as a failed flush. Takes no lock.
   std::error_code write_back_in_steps();
 
   // Writes back dirty metadata in dependency order and syncs the file(s).

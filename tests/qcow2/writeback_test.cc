@@ -152,13 +152,25 @@ TEST(WriteBackInSteps, PosixFileHasNoDirtyPageLeftWhenItReturns) {
   ASSERT_FALSE(file->flush());
 }
 
-TEST(WriteBackInSteps, ReadOnlyFileIsLeftAlone) {
+// What is written after a write-back is the next one's to write back.
+TEST(WriteBackInSteps, WritesAfterAWriteBackAreWrittenBackByTheNext) {
   TempDir d;
+  std::string why;
+  if (!can_watch_writeback(d.path(), &why)) GTEST_SKIP() << why;
   std::string path = d / "f.raw";
-  std::ofstream(path) << "data";
-  auto file = open_file(path, false);
+  std::ofstream(path).close();
+  auto file = open_file(path, true);
   ASSERT_TRUE(file);
-  EXPECT_FALSE(file->write_back_in_steps());
+  std::vector<std::byte> page(4096, std::byte{0x70});
+  ASSERT_FALSE(file->pwrite(page, File::kWriteBackStep * 3));
+  ASSERT_FALSE(file->write_back_in_steps());
+  ASSERT_EQ(unwritten_pages(path), 0);
+  // Below, then above what the first write-back covered.
+  ASSERT_FALSE(file->pwrite(page, 4096));
+  ASSERT_FALSE(file->pwrite(page, File::kWriteBackStep * 5 + 4096));
+  ASSERT_GT(unwritten_pages(path), 0);
+  ASSERT_FALSE(file->write_back_in_steps());
+  EXPECT_EQ(unwritten_pages(path), 0);
 }
 
 TEST(WriteBackInSteps, ImageWritesBackItsDataAndStaysValid) {
