@@ -200,10 +200,20 @@ class BlockJob {
     friend class BlockJob;
     void piece_started() { piece_start_ = std::chrono::steady_clock::now(); }
     // Judges clients and the CPU after a piece; returns how long the copy
-    // gives way.
+    // gives way. Until a signal has been judged over a whole window, it
+    // is taken at its worst that can be: the CPU as contended, clients as
+    // busy once one request came. So a copy beside busy clients gives way
+    // from its first piece on, not after its first tens of MiB went
+    // through the page cache at full speed (two lanes for 20 ms).
     std::chrono::microseconds piece_done() {
       const auto now = std::chrono::steady_clock::now();
-      const bool contended = gives_way_ && contention_.contended() && clients_busy(now);
+      bool contended = false;
+      if (gives_way_) {
+        const bool cpu = contention_.contended();
+        const bool clients = clients_busy(now);
+        contended = (cpu || !contention_.judged()) &&
+                    (clients_judged_ ? clients : client_activity::requests() != requests_);
+      }
       if (contended != direct_io()) {
         if (contended) direct_io_.emplace();
         else direct_io_.reset();
@@ -222,6 +232,7 @@ class BlockJob {
       if (elapsed < CpuContention::kWanted) return clients_busy_;
       const uint64_t requests = client_activity::requests();
       clients_busy_ = static_cast<double>(requests - requests_) >= kBusyClientRate * elapsed.count();
+      clients_judged_ = true;
       requests_ = requests;
       requests_at_ = now;
       return clients_busy_;
@@ -235,6 +246,7 @@ class BlockJob {
     uint64_t requests_ = 0;
     std::chrono::steady_clock::time_point requests_at_;
     bool clients_busy_ = false;
+    bool clients_judged_ = false;
   };
 
  private:

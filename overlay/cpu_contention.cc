@@ -29,6 +29,7 @@ bool CpuContention::contended() {
   const uint64_t wanted = ran + waited;
   if (wanted < static_cast<uint64_t>(std::chrono::nanoseconds(kWanted).count())) return contended_;
   contended_ = waited * 3 >= wanted;
+  judged_ = true;
   start_ = now;
   return contended_;
 }

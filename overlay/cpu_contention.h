@@ -38,12 +38,15 @@ class CpuContention {
 
   // Takes a new sample and returns the judgement.
   bool contended();
+  // Whether a judgement was made yet (a whole window seen).
+  bool judged() const { return judged_; }
 
  private:
   Reader read_;
   bool have_start_ = false;
   Sample start_;
   bool contended_ = false;
+  bool judged_ = false;
 };
 
 }  // namespace layerd

@@ -31,7 +31,7 @@ constexpr uint64_t kCopyPiece = 2 << 20;
 // A job starts the write-back of its target every this many bytes copied,
 // so that the disk writes while the job copies and the final flush finds
 // little left (instead of the whole copy, all still in the page cache).
-constexpr uint64_t kWritebackStep = 16 << 20;
+constexpr uint64_t kStartWritebackEvery = 16 << 20;
 // A depth-first commit drops what it copied from the image it empties
 // after every batch of this much (a flush of the base each): what a kill
 // makes the next run copy again.
@@ -109,15 +109,19 @@ std::error_code switch_graph(GraphLayer& layer, const Graph* expected,
   });
 }
 
-// Makes what a job wrote into the node durable. Its write-back goes a step
-// at a time first (write_back_in_steps), so that clients' requests to the
-// same disk never queue behind a job's whole backlog of copied data.
-std::error_code flush_node(const BlockNode& node) {
+// Makes what a job wrote into the node durable. While clients are served,
+// its write-back goes a step at a time first (write_back_in_steps), so
+// that their requests to the same disk never queue behind a job's whole
+// backlog of copied data; while their requests are paused (`paused`),
+// at once, which ends sooner.
+std::error_code flush_node(const BlockNode& node, bool paused = false) {
   if (node.image) {
-    if (auto ec = node.image->write_back_in_steps()) return ec;
+    if (!paused)
+      if (auto ec = node.image->write_back_in_steps()) return ec;
     return node.image->flush();
   }
-  if (auto ec = node.raw->write_back_in_steps()) return ec;
+  if (!paused)
+    if (auto ec = node.raw->write_back_in_steps()) return ec;
   return node.raw->flush();
 }
 
@@ -257,11 +261,11 @@ class LiveJob : public BlockJob {
   }
 
   // Counts `n` bytes copied into `node` and starts its write-back every
-  // kWritebackStep. Not while client requests wait: it may block on a
-  // full device queue.
+  // kStartWritebackEvery. Not while client requests wait: it may block on
+  // a full device queue.
   void wrote_into(const BlockNode& node, uint64_t n) {
     unwritten_back_ += n;
-    if (unwritten_back_ < kWritebackStep) return;
+    if (unwritten_back_ < kStartWritebackEvery) return;
     unwritten_back_ = 0;
     if (node.image) node.image->start_writeback();
     else if (node.raw) node.raw->start_writeback();
@@ -686,8 +690,9 @@ class CommitJob final : public LiveJob {
                        std::vector<std::shared_ptr<BlockNode>>(graph_->nodes));
   }
 
-  std::error_code flush_base(const Graph& g) {
-    return flush_node(*g.nodes[base_]);
+  // `paused`: with client requests paused (see flush_node).
+  std::error_code flush_base(const Graph& g, bool paused = false) {
+    return flush_node(*g.nodes[base_], paused);
   }
 
   // The base is in sync: it becomes the export's top.
@@ -699,7 +704,7 @@ class CommitJob final : public LiveJob {
     if (error.empty() && g.mirror->dirty_bytes() != 0)
       error = "the base did not stay in sync";
     if (error.empty())
-      if (auto ec = flush_base(g)) error = io_failure("write", ec, "flushing the base");
+      if (auto ec = flush_base(g, paused)) error = io_failure("write", ec, "flushing the base");
     return error;
   }
 
