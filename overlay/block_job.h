@@ -176,6 +176,8 @@ class BlockJob {
    public:
     static constexpr double kContendedDuty = 1.0 / 4;
     static constexpr double kBusyClientRate = 100;
+    static constexpr std::chrono::milliseconds kCarefulStart{100};
+    static constexpr std::chrono::milliseconds kCalmBeforeCache{100};
     // `gives_way`: false for a copy whose work grows while it gives way
     // (an active commit's tracking copy, which must gain on the client
     // writes): it always copies at full speed.
@@ -184,6 +186,7 @@ class BlockJob {
       job_.cpu_.set_bulk(true);
       job_.bulk_ = this;
       piece_started();
+      (void)contention_.contended();  // the first sample: judged from here
       requests_ = client_activity::requests();
       requests_at_ = piece_start_;
     }
@@ -200,23 +203,33 @@ class BlockJob {
     friend class BlockJob;
     void piece_started() { piece_start_ = std::chrono::steady_clock::now(); }
     // Judges clients and the CPU after a piece; returns how long the copy
-    // gives way. Until a signal has been judged over a whole window, it
-    // is taken at its worst that can be: the CPU as contended, clients as
-    // busy once one request came. So a copy beside busy clients gives way
-    // from its first piece on, not after its first tens of MiB went
-    // through the page cache at full speed (two lanes for 20 ms).
+    // gives way. Until a signal is judged over a whole window, the copy
+    // assumes the worst of it: clients count as busy once one request
+    // came, and the CPU as contended for kCarefulStart after the first
+    // piece (on a free CPU a copy that gives way wants little of it, so
+    // its first judgement may come much later; a starved one is judged
+    // at the end of its first piece, which waited long). So beside busy clients the copy
+    // gives way from its second piece on, instead of copying its first
+    // tens of MiB through the page cache at full speed (on two lanes).
+    // The path goes back through the cache only once clients or the CPU
+    // have been calm for kCalmBeforeCache: a client's rate judged over
+    // 20 ms dips now and then, and each dip would send pieces through the
+    // cache on two lanes.
     std::chrono::microseconds piece_done() {
       const auto now = std::chrono::steady_clock::now();
+      if (first_done_ == std::chrono::steady_clock::time_point{}) first_done_ = now;
       bool contended = false;
       if (gives_way_) {
-        const bool cpu = contention_.contended();
+        const bool cpu = contention_.contended() ||
+                         (!contention_.judged() && now - first_done_ < kCarefulStart);
         const bool clients = clients_busy(now);
-        contended = (cpu || !contention_.judged()) &&
-                    (clients_judged_ ? clients : client_activity::requests() != requests_);
+        contended = cpu && (clients_judged_ ? clients : client_activity::requests() != requests_);
       }
-      if (contended != direct_io()) {
-        if (contended) direct_io_.emplace();
-        else direct_io_.reset();
+      if (contended) {
+        last_contended_ = now;
+        if (!direct_io()) direct_io_.emplace();
+      } else if (direct_io() && now - last_contended_ >= kCalmBeforeCache) {
+        direct_io_.reset();
       }
       if (!contended) return {};
       // At most a second: a piece that waited long (a flush) is no
@@ -242,6 +255,8 @@ class BlockJob {
     CpuContention contention_;
     std::optional<BulkIoScope> direct_io_;
     std::chrono::steady_clock::time_point piece_start_;
+    std::chrono::steady_clock::time_point first_done_;  // the first piece's end
+    std::chrono::steady_clock::time_point last_contended_;
     client_activity::Watch watch_;
     uint64_t requests_ = 0;
     std::chrono::steady_clock::time_point requests_at_;

@@ -18,7 +18,10 @@ CpuContention::CpuContention(Reader read) : read_(std::move(read)) {}
 
 bool CpuContention::contended() {
   Sample now;
-  if (!read_(&now)) return contended_ = false;
+  if (!read_(&now)) {  // the kernel cannot tell: free, and judged so
+    judged_ = true;
+    return contended_ = false;
+  }
   if (!have_start_) {
     start_ = now;
     have_start_ = true;

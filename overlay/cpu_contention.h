@@ -9,7 +9,8 @@
 // The judgement is made over every kWanted of time the thread wanted the
 // CPU (ran or waited for it; time asleep or blocked on the disk does not
 // count): contended when it waited for at least a third of it. In between,
-// the last judgement holds; before the first, the CPU counts as free.
+// the last judgement holds; before the first, the CPU counts as free
+// (judged() tells; a caller may assume worse until then).
 //
 // Thread safety: one object per thread, used by that thread only.
 #pragma once
@@ -38,7 +39,8 @@ class CpuContention {
 
   // Takes a new sample and returns the judgement.
   bool contended();
-  // Whether a judgement was made yet (a whole window seen).
+  // Whether a judgement was made yet (a whole window seen, or the kernel
+  // does not say).
   bool judged() const { return judged_; }
 
  private:

@@ -414,12 +414,12 @@ bool ImageRegistry::set_writable(const std::shared_ptr<BlockNode>& node,
   std::lock_guard lock(mutex_);
   reopening_.erase(node.get());
   reopened_.notify_all();
+  // A failed reopen leaves the image read-only either way (a write-back
+  // that failed on the way to read-only too): so are its files and node.
   if (!st.ok()) {
-    if (writable) {
-      std::string ignored;
-      (void)reopen_files(*node, OpenMode::ReadOnly, Access::Read, &ignored);
-      node->writable = false;
-    }
+    std::string ignored;
+    (void)reopen_files(*node, OpenMode::ReadOnly, Access::Read, &ignored);
+    node->writable = false;
     *error = fmt::format("cannot make '{}' {}: {}", node->path,
                          writable ? "writable" : "read-only", st.message());
     return false;

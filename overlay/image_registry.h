@@ -135,9 +135,12 @@ class ImageRegistry {
   // it (no close and reopen). Going read-only writes everything back first
   // (Image::reopen_read_only). false with `error` when it cannot (another
   // process holds the file, the file cannot be written, bitmaps in the
-  // way); the node is then as it was. The image's own reopen runs without
-  // the registry's lock (other calls go on meanwhile; an open() of the same
-  // file waits for it); a second call for the same node meanwhile fails.
+  // way); the node is then as it was, except after a failed write-back on
+  // the way to read-only: its image is read-only all the same (its
+  // flushes report the error), and so are its files and the node. The
+  // image's own reopen runs without the registry's lock (other calls go on
+  // meanwhile; an open() of the same file waits for it); a second call for
+  // the same node meanwhile fails.
   bool set_writable(const std::shared_ptr<BlockNode>& node, bool writable,
                     std::string* error);
   // Records that `node` is now the backing image of `named_by` (after a

@@ -113,7 +113,7 @@ std::error_code switch_graph(GraphLayer& layer, const Graph* expected,
 // its write-back goes a step at a time first (write_back_in_steps), so
 // that their requests to the same disk never queue behind a job's whole
 // backlog of copied data; while their requests are paused (`paused`),
-// at once, which ends sooner.
+// in one fdatasync, which takes less time in all.
 std::error_code flush_node(const BlockNode& node, bool paused = false) {
   if (node.image) {
     if (!paused)
@@ -601,7 +601,8 @@ class CommitJob final : public LiveJob {
       cursor = offset + length;
       add_offset(length);
       set_len(std::max(len_now(), offset_done() + m.dirty_bytes()));
-      if (!locked) wrote_into(*g.nodes[base_], copied);
+      // Not while requests are paused (neither throttled nor locked).
+      if (throttled && !locked) wrote_into(*g.nodes[base_], copied);
       if (throttled) throttle(copied);
     }
     return {};

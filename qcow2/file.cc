@@ -256,22 +256,30 @@ class PosixFile final : public File {
                            static_cast<off_t>(offset + done));
       if (n < 0) {
         if (errno == EINTR) continue;
-        return errno_code();
+        const std::error_code ec = errno_code();
+        cached(offset + done_direct, offset + done);
+        return ec;
       }
       // Nothing written and no error: the file cannot take more (as
       // QEMU's file driver reads a short write). Retrying would spin.
-      if (n == 0) return std::make_error_code(std::errc::no_space_on_device);
+      if (n == 0) {
+        cached(offset + done_direct, offset + done);
+        return std::make_error_code(std::errc::no_space_on_device);
+      }
       done += static_cast<size_t>(n);
     }
-    if (!direct_ && done_direct < data.size())
-      cached_writes_.add(offset + done_direct, offset + data.size());
+    cached(offset + done_direct, offset + done);
     grow_to(offset + data.size());
     return {};
   }
 
   std::error_code flush() override {
-    if (int e = lost_writeback_.load()) return {e, std::generic_category()};
-    if (::fdatasync(fd_) != 0) return write_back_failed();
+    std::lock_guard syncing(sync_mu_);
+    if (write_back_error_ != 0) return {write_back_error_, std::generic_category()};
+    int r;
+    while ((r = ::fdatasync(fd_)) != 0 && errno == EINTR) {
+    }
+    if (r != 0) return write_back_failed();
     return {};
   }
 
@@ -281,16 +289,23 @@ class PosixFile final : public File {
       (void)::sync_file_range(fd_, 0, 0, SYNC_FILE_RANGE_WRITE);
   }
 
-  // Over the span the page cache took writes in since the last call.
+  // Over the span the page cache took writes in since the last call; a
+  // flush may come between two steps.
   std::error_code write_back_in_steps() override {
     constexpr unsigned kWriteAndWait =
         SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER;
     const auto [begin, end] = cached_writes_.take();
     for (uint64_t offset = begin / kWriteBackStep * kWriteBackStep; offset < end;
-         offset += kWriteBackStep)
-      if (::sync_file_range(fd_, static_cast<off_t>(offset), static_cast<off_t>(kWriteBackStep),
-                            kWriteAndWait) != 0)
-        return write_back_failed();
+         offset += kWriteBackStep) {
+      std::lock_guard syncing(sync_mu_);
+      if (write_back_error_ != 0) return {write_back_error_, std::generic_category()};
+      int r;
+      while ((r = ::sync_file_range(fd_, static_cast<off_t>(offset),
+                                    static_cast<off_t>(kWriteBackStep), kWriteAndWait)) != 0 &&
+             errno == EINTR) {
+      }
+      if (r != 0) return write_back_failed();
+    }
     return {};
   }
 
@@ -476,16 +491,19 @@ class PosixFile final : public File {
   }
 
   // An fdatasync or a waited-for sync_file_range failed (errno holds
-  // why): cached writes may be lost, and the kernel reports that once.
-  // Every later flush fails with the same error. Not with O_DIRECT: no
-  // write waits in the page cache.
+  // why; sync_mu_ is held): cached writes may be lost, and the kernel
+  // reports that to one sync of the descriptor only. Every later flush
+  // fails with the same error. Not with O_DIRECT: no write waits in the
+  // page cache.
   std::error_code write_back_failed() {
     const int e = errno;
-    if (!direct_) {
-      int none = 0;
-      lost_writeback_.compare_exchange_strong(none, e);
-    }
+    if (!direct_) write_back_error_ = e;
     return {e, std::generic_category()};
+  }
+
+  // [begin, end) of a pwrite went through the page cache.
+  void cached(uint64_t begin, uint64_t end) {
+    if (!direct_ && begin < end) cached_writes_.add(begin, end);
   }
 
   void grow_to(uint64_t end) {
@@ -507,7 +525,12 @@ class PosixFile final : public File {
   bool direct_;
   std::atomic<uint64_t> size_;
   WrittenSpan cached_writes_;  // buffered pwrites, for write_back_in_steps
-  std::atomic<int> lost_writeback_{0};  // errno of the first failed write-back
+  // Held by each sync of fd_ (a flush, a step of write_back_in_steps)
+  // from its check of write_back_error_ to its record of a failure, so
+  // that no sync succeeds past another's error. A leaf lock.
+  std::mutex sync_mu_;
+  int write_back_error_ = 0;  // errno of the first failed sync; sync_mu_
+
   // O_DIRECT reads always go to the disk; RWF_NOWAIT cannot help them.
   std::atomic<bool> nowait_supported_;
   OfdLocks locks_;

@@ -219,17 +219,20 @@ Status Image::reopen_read_only() {
   if (I.is_view) return Status::Ok();
   std::lock_guard reopening(I.reopen_mu);
   std::lock_guard one(I.writeback_mu);
-  Status st = I.write_back_read_only();
-  I.writeback_error = st.ok() ? std::error_code{} : st.code();
+  bool wrote_back = false;
+  Status st = I.write_back_read_only(&wrote_back);
+  if (!st.ok()) I.writeback_error = st.code();
+  else if (wrote_back) I.writeback_error = {};
   return st;
 }
 
-Status Image::Impl::write_back_read_only() {
+Status Image::Impl::write_back_read_only(bool* wrote_back) {
   Impl& I = *this;
   {
     std::unique_lock lk(I.mu);
     I.inflight_cv.wait(lk, [&] { return I.inflight.empty(); });
     if (I.ro || I.closed) return Status::Ok();
+    *wrote_back = true;
     // Whatever happens, nothing is written after this block (on an error
     // the dirty bit and in-use bitmaps may stay set, as after a failed
     // close()).

@@ -322,7 +322,10 @@ class Image {
   // in-flight allocating writes; the caller sees to it that no other write
   // is started meanwhile (those fail with EPERM once it returns). On an
   // error the image is read-only all the same, left as after a failed
-  // close(). Afterwards the caller may reopen the File read-only.
+  // close(), and its flush() reports the error until a later
+  // reopen_read_only() of the writable image succeeds (one that finds it
+  // read-only already changes nothing). Afterwards the caller may reopen
+  // the File read-only.
   Status reopen_read_only();
 
   // Rewrites the backing file name and the backing format extension in

@@ -196,7 +196,8 @@ struct Image::Impl {
   // a flush of the image meanwhile waits for it. Taken before mu.
   std::mutex writeback_mu;
   // What the last reopen_read_only() write-back returned (guarded by
-  // writeback_mu): flushes of the read-only image report it.
+  // writeback_mu): flushes of the read-only image report it. A reopen
+  // that finds the image read-only already leaves it as it is.
   std::error_code writeback_error;
   mutable std::mutex reason_mu;
   std::string corrupt_reason;
@@ -408,8 +409,9 @@ struct Image::Impl {
   // stopped using those clusters (which must be on disk), and punches the
   // freed clusters out of the file. Needs mu exclusively.
   std::error_code apply_pending_frees();
-  // reopen_read_only()'s work, with writeback_mu held.
-  Status write_back_read_only();
+  // reopen_read_only()'s work, with writeback_mu held; `*wrote_back` is
+  // set unless the image was read-only (or closed) already.
+  Status write_back_read_only(bool* wrote_back);
   uint64_t rb_get(const RefBlock& b, uint64_t i) const;
   void rb_set(RefBlock& b, uint64_t i, uint64_t v) const;
   void evict_refblocks_if_needed();

@@ -2,16 +2,18 @@
 // smallest start and the largest end, for File::write_back_in_steps to
 // step through only that (not a whole terabyte that is clean).
 //
-// A hint for write-back, not a record: a write that races with take() may
-// be left out of both spans (the flush that follows a write-back still
-// syncs it).
+// A hint for write-back, not a record: pages a file changes by other
+// means (the edges of a zeroed range) are not in it, and the flush that
+// follows a write-back syncs them.
 //
-// Thread safety: lock-free, any number of threads. A write inside the
-// span already only reads it (no store on the hot path).
+// Thread safety: any number of threads. A write inside the span only
+// reads two atomics; one that grows it, and take(), hold a mutex, so that
+// a take() never splits a write's growth in two.
 #pragma once
 
 #include <atomic>
 #include <cstdint>
+#include <mutex>
 #include <utility>
 
 namespace layerd {
@@ -20,21 +22,23 @@ class WrittenSpan {
  public:
   // A write to [begin, end).
   void add(uint64_t begin, uint64_t end) {
-    for (uint64_t e = end_.load(std::memory_order_relaxed);
-         end > e && !end_.compare_exchange_weak(e, end, std::memory_order_relaxed);) {
-    }
-    for (uint64_t b = begin_.load(std::memory_order_relaxed);
-         begin < b && !begin_.compare_exchange_weak(b, begin, std::memory_order_relaxed);) {
-    }
+    if (begin >= begin_.load(std::memory_order_relaxed) &&
+        end <= end_.load(std::memory_order_relaxed))
+      return;
+    std::lock_guard growing(mutex_);
+    if (begin < begin_.load(std::memory_order_relaxed)) begin_.store(begin, std::memory_order_relaxed);
+    if (end > end_.load(std::memory_order_relaxed)) end_.store(end, std::memory_order_relaxed);
   }
   // The span written since the last take(), as [first, second): empty
   // (first >= second) when nothing was written. Starts a new one.
   std::pair<uint64_t, uint64_t> take() {
-    const uint64_t begin = begin_.exchange(UINT64_MAX, std::memory_order_relaxed);
-    return {begin, end_.exchange(0, std::memory_order_relaxed)};
+    std::lock_guard taking(mutex_);
+    return {begin_.exchange(UINT64_MAX, std::memory_order_relaxed),
+            end_.exchange(0, std::memory_order_relaxed)};
   }
 
  private:
+  std::mutex mutex_;
   std::atomic<uint64_t> begin_{UINT64_MAX};
   std::atomic<uint64_t> end_{0};
 };

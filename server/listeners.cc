@@ -117,7 +117,10 @@ std::vector<ListeningSocket> open_unix(const std::string& path,
     error = fmt::format("cannot listen on '{}': {}", path, why);
     return {};
   }
-  ListeningSocket l{fd, AF_UNIX, path};
+  ListeningSocket l;
+  l.fd = fd;
+  l.family = AF_UNIX;
+  l.unix_path = path;
   struct stat st{};
   if (::stat(path.c_str(), &st) == 0) {
     l.unix_dev = st.st_dev;
@@ -154,7 +157,10 @@ std::vector<ListeningSocket> open_tcp(const std::string& host, uint16_t port,
       ::close(fd);
       continue;
     }
-    out.push_back(ListeningSocket{fd, ai->ai_family, ""});
+    ListeningSocket l;
+    l.fd = fd;
+    l.family = ai->ai_family;
+    out.push_back(std::move(l));
   }
   ::freeaddrinfo(res);
   if (out.empty())

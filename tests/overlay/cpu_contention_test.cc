@@ -39,6 +39,10 @@ TEST(CpuContention, FreeUntilJudged) {
   EXPECT_FALSE(c.contended());
   t.advance(1, 9);  // waited most of the time, but wanted only 10 ms
   EXPECT_FALSE(c.contended());
+  EXPECT_FALSE(c.judged());
+  t.advance(2, 9);
+  EXPECT_TRUE(c.contended());
+  EXPECT_TRUE(c.judged());
 }
 
 TEST(CpuContention, WaitingAThirdOfTheTimeWantedIsContended) {
@@ -65,7 +69,11 @@ TEST(CpuContention, AJudgementHoldsUntilTheNextFullWindow) {
 
 TEST(CpuContention, UnreadableStatisticsCountAsFree) {
   FakeThread t;
+  t.readable = false;
   CpuContention c(t.reader());
+  EXPECT_FALSE(c.contended());
+  EXPECT_TRUE(c.judged()) << "the kernel cannot tell: judged free at once";
+  t.readable = true;
   (void)c.contended();
   t.advance(5, 20);
   EXPECT_TRUE(c.contended());

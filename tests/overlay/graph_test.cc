@@ -195,5 +195,40 @@ TEST_F(GraphTest, RegistryRefusesToWriteAReadOnlyOrBackingImage) {
   EXPECT_TRUE(registry.open(base_, ImageFormat::Qcow2, rw, &error)) << error;
 }
 
+// A write-back that fails on the way to read-only (the disk lost what the
+// job wrote: a loop device over a full 2 MiB tmpfs) leaves the image read-
+// only all the same, and the registry says so: the node and its file are
+// read-only too, and its flushes keep reporting the loss. Needs root and
+// loop devices; skips otherwise.
+TEST(RegistryOnALossyDisk, AFailedWriteBackOnTheWayToReadOnlyLeavesTheNodeReadOnly) {
+  TempDir dir;
+  test::Tmpfs tmpfs(dir / "small", "2m");
+  if (!tmpfs.ok()) GTEST_SKIP() << "cannot mount a tmpfs here: " << tmpfs.error();
+  const std::string backing = (dir / "small" / "backing").string();
+  sh_ok({"truncate", "-s", "64M", backing});
+  auto attached = run({"losetup", "-f", "--show", backing});
+  if (attached.exit_code != 0) GTEST_SKIP() << "no loop device: " << attached.describe();
+  const std::string device = attached.out.substr(0, attached.out.find('\n'));
+  struct Detach {
+    std::string device;
+    ~Detach() { run({"losetup", "-d", device}); }
+  } detach{device};
+  sh_ok({"qemu-img", "create", "-q", "-f", "qcow2", device, "32M"});
+
+  ImageRegistry registry;
+  std::string error;
+  std::shared_ptr<BlockNode> node = registry.open(device, ImageFormat::Qcow2, NodeOptions{}, &error);
+  ASSERT_TRUE(node) << error;
+  ASSERT_TRUE(registry.set_writable(node, true, &error)) << error;
+  std::vector<std::byte> data(8 << 20, std::byte{0x42});
+  ASSERT_FALSE(node->image->write(0, data, qcow2::zero_below()));
+  EXPECT_FALSE(registry.set_writable(node, false, &error));
+  EXPECT_FALSE(node->writable);
+  EXPECT_TRUE(node->image->read_only());
+  EXPECT_FALSE(node->file->writable());
+  EXPECT_TRUE(node->image->flush()) << "the loss must stay reported";
+  EXPECT_TRUE(node->image->flush());
+}
+
 }  // namespace
 }  // namespace layerd

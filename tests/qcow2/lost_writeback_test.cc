@@ -5,8 +5,9 @@
 // whose backing file lives on a full tmpfs: its write-back fails with an
 // I/O error (as a dying disk's would). Needs root, loop devices and mount;
 // skips otherwise.
-#include <fcntl.h>
 #include <sys/mount.h>
+
+#include <cstring>
 
 #include "tests/qcow2/test_util.h"
 

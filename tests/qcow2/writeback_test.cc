@@ -218,5 +218,22 @@ TEST(WriteBackInSteps, ItsErrorFailsTheReopenReadOnlyAndTheClose) {
   }
 }
 
+// The image stays read-only after the failed reopen and its flushes say
+// what was lost, also after a second reopen that finds nothing to do.
+TEST(WriteBackInSteps, AFailedReopenReadOnlyIsReportedByEveryFlushAfterIt) {
+  TempDir d;
+  std::string img = d / "a.qcow2";
+  run("qemu-img create -q -f qcow2 '" + img + "' 8M");
+  std::unique_ptr<Image> image;
+  ASSERT_TRUE(Image::open(std::make_shared<WriteBackFails>(open_file(img, true)), OpenOptions{}, &image).ok());
+  std::vector<std::byte> data(1 << 20, std::byte{0x12});
+  ASSERT_FALSE(image->write(0, data, zero_below()));
+  EXPECT_FALSE(image->reopen_read_only().ok());
+  EXPECT_TRUE(image->read_only());
+  EXPECT_EQ(image->flush(), std::errc::io_error);
+  EXPECT_TRUE(image->reopen_read_only().ok()) << "read-only already: nothing to do";
+  EXPECT_EQ(image->flush(), std::errc::io_error) << "the lost write-back must stay reported";
+}
+
 }  // namespace
 }  // namespace layerd::qcow2::test

@@ -7,7 +7,7 @@
 #include <thread>
 #include <vector>
 
-namespace layerd::test {
+namespace layerd::qcow2::test {
 namespace {
 
 TEST(WrittenSpan, NothingWrittenIsAnEmptySpan) {
@@ -41,4 +41,4 @@ TEST(WrittenSpan, WritesFromManyThreadsAreAllCovered) {
 }
 
 }  // namespace
-}  // namespace layerd::test
+}  // namespace layerd::qcow2::test

@@ -9,6 +9,10 @@
 // reads what was acknowledged.
 // Mounting needs root: elsewhere the tests skip, saying so.
 //
+// LostWriteBack: the disk under a raw export fails the write-back of what
+// the client wrote (a loop device over a full tmpfs): every flush from
+// then on fails.
+//
 // (tests/server/live_jobs_faults_test.cc fills a disk under block jobs;
 // tests/qcow2/fault_sweep_test.cc injects ENOSPC at every I/O of the
 // engine. Here it is the real binary on a real full file system.)
@@ -172,6 +176,59 @@ TEST_P(FullDisk, ClientGetsEnospcAndWritesWorkAgainOnceSpaceIsFreed) {
 
 INSTANTIATE_TEST_SUITE_P(Formats, FullDisk, ::testing::Values("qcow2", "raw", "overlay"),
                          [](const auto& param_info) { return param_info.param; });
+
+// A disk that loses acknowledged writes as it writes them back: a loop
+// device whose backing file lies on a 2 MiB tmpfs, exported raw. The
+// client's writes are acknowledged (they reach the page cache); its flush
+// gets the I/O error of their write-back, and so does every flush after
+// it, for the kernel marks the lost pages clean and would report the
+// error only once. Reads and the server go on. Needs root and loop
+// devices; skips otherwise.
+TEST(LostWriteBack, EveryClientFlushFailsFromTheFirstLostWriteBackOn) {
+  ASSERT_FALSE(server_binary().empty()) << "LAYERD_BIN is not set";
+  TempDir dir;
+  Tmpfs tmpfs(dir / "small", "2m");
+  if (!tmpfs.ok()) GTEST_SKIP() << "cannot mount a tmpfs here: " << tmpfs.error();
+  const fs::path backing = dir / "small" / "backing";
+  RunResult r = run({"truncate", "-s", std::to_string(kDiskSize), backing.string()});
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  r = run({"losetup", "-f", "--show", backing.string()});
+  if (r.exit_code != 0) GTEST_SKIP() << "no loop device: " << r.out;
+  const std::string device = r.out.substr(0, r.out.find('\n'));
+  struct Detach {
+    std::string device;
+    ~Detach() { run({"losetup", "-d", device}); }
+  } detach{device};
+
+  Server server;
+  ServerOptions o;
+  o.args = {"-f", "raw", "-t", "-x", "disk", "-k", (dir / "nbd.sock").string(), device};
+  o.unix_socket = dir / "nbd.sock";
+  o.log_file = dir / "server.log";
+  ASSERT_TRUE(server.start(std::move(o))) << server.error();
+  Nbd h = nbd_connect_to_unix(dir / "nbd.sock",
+                              [](nbd_handle* nbd) { nbd_set_export_name(nbd, "disk"); });
+  ASSERT_TRUE(h);
+  const uint64_t written = 8 * MiB;  // four times what the tmpfs holds
+  for (uint64_t at = 0; at < written; at += kChunk) {
+    auto data = pattern(at, kChunk, kSeed);
+    ASSERT_EQ(nbd_pwrite(h.get(), data.data(), data.size(), at, 0), 0) << nbd_error_text();
+  }
+  EXPECT_EQ(nbd_flush(h.get(), 0), -1) << "the write-back into a full tmpfs should fail";
+  EXPECT_EQ(nbd_get_errno(), EIO) << nbd_error_text();
+  EXPECT_EQ(nbd_flush(h.get(), 0), -1) << "a second flush must not succeed over lost writes";
+  EXPECT_EQ(nbd_get_errno(), EIO) << nbd_error_text();
+  // A new write and its flush: still failing, the disk lost data.
+  auto data = pattern(written, kChunk, kSeed);
+  EXPECT_EQ(nbd_pwrite(h.get(), data.data(), data.size(), written, 0), 0) << nbd_error_text();
+  EXPECT_EQ(nbd_flush(h.get(), 0), -1);
+  std::vector<uint8_t> got(kChunk);
+  EXPECT_EQ(nbd_pread(h.get(), got.data(), got.size(), kDiskSize - kChunk, 0), 0) << nbd_error_text();
+  EXPECT_TRUE(server.running()) << server.log();
+  h.reset();
+  const int status = server.stop();
+  EXPECT_LT(status, 128) << "layerd must exit, not crash:\n" << server.log();
+}
 
 }  // namespace
 }  // namespace layerd::test
