@@ -18,8 +18,8 @@ CpuContention::CpuContention(Reader read) : read_(std::move(read)) {}
 
 bool CpuContention::contended() {
   Sample now;
-  if (!read_(&now)) {  // the kernel cannot tell: free, and judged so
-    judged_ = true;
+  if (!read_(&now)) {  // the kernel cannot tell: free (judged so if it never could)
+    if (!have_start_) judged_ = true;
     return contended_ = false;
   }
   if (!have_start_) {

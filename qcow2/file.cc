@@ -15,10 +15,13 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <condition_variable>
 #include <mutex>
 #include <shared_mutex>
+#include <tuple>
 #include <vector>
 
+#include "qcow2/rwlock.h"
 #include "qcow2/written_span.h"
 
 namespace layerd {
@@ -187,6 +190,24 @@ class OfdLocks {
   LockBytes held_;
 };
 
+// A hold of a lock that clients may wait for, in the normal CPU class
+// while it lasts: a block job's thread may run in the background class,
+// where it might not get a CPU to let go (qcow2/rwlock.h's
+// exclusive_hold_hook).
+struct SyncHold {
+  explicit SyncHold(std::mutex& m) : lock(m, std::defer_lock) {
+    if (qcow2::exclusive_hold_hook) qcow2::exclusive_hold_hook->before_exclusive();
+    lock.lock();
+  }
+  ~SyncHold() {
+    lock.unlock();
+    if (qcow2::exclusive_hold_hook) qcow2::exclusive_hold_hook->after_exclusive();
+  }
+  SyncHold(const SyncHold&) = delete;
+  SyncHold& operator=(const SyncHold&) = delete;
+  std::unique_lock<std::mutex> lock;
+};
+
 class PosixFile final : public File {
  public:
   PosixFile(int fd, bool writable, bool block_device, bool direct, uint64_t size)
@@ -274,13 +295,20 @@ class PosixFile final : public File {
   }
 
   std::error_code flush() override {
-    std::lock_guard syncing(sync_mu_);
-    if (write_back_error_ != 0) return {write_back_error_, std::generic_category()};
-    int r;
-    while ((r = ::fdatasync(fd_)) != 0 && errno == EINTR) {
+    std::error_code ec;
+    {
+      flushes_waiting_.fetch_add(1);
+      SyncHold held(sync_mu_);
+      flushes_waiting_.fetch_sub(1);
+      if (write_back_error_ != 0) return {write_back_error_, std::generic_category()};
+      int r;
+      while ((r = ::fdatasync(fd_)) != 0 && errno == EINTR) {
+      }
+      if (r != 0) ec = write_back_failed();
+      else ++flushes_done_;
     }
-    if (r != 0) return write_back_failed();
-    return {};
+    flush_done_.notify_all();
+    return ec;
   }
 
   // The whole file: only its dirty pages are visited.
@@ -289,16 +317,25 @@ class PosixFile final : public File {
       (void)::sync_file_range(fd_, 0, 0, SYNC_FILE_RANGE_WRITE);
   }
 
-  // Over the span the page cache took writes in since the last call; a
-  // flush may come between two steps.
+  // Over the span the page cache took writes in since the last call. A
+  // flush that comes goes before the next step (it waits for one step at
+  // most), and once one succeeded, it wrote back all there was.
   std::error_code write_back_in_steps() override {
     constexpr unsigned kWriteAndWait =
         SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER;
-    const auto [begin, end] = cached_writes_.take();
+    uint64_t begin, end, flushes_before;
+    {
+      SyncHold held(sync_mu_);  // a client's write that grows the span waits for take()
+      if (write_back_error_ != 0) return {write_back_error_, std::generic_category()};
+      std::tie(begin, end) = cached_writes_.take();
+      flushes_before = flushes_done_;
+    }
     for (uint64_t offset = begin / kWriteBackStep * kWriteBackStep; offset < end;
          offset += kWriteBackStep) {
-      std::lock_guard syncing(sync_mu_);
+      SyncHold held(sync_mu_);
+      flush_done_.wait(held.lock, [&] { return flushes_waiting_.load() == 0; });
       if (write_back_error_ != 0) return {write_back_error_, std::generic_category()};
+      if (flushes_done_ != flushes_before) return {};
       int r;
       while ((r = ::sync_file_range(fd_, static_cast<off_t>(offset),
                                     static_cast<off_t>(kWriteBackStep), kWriteAndWait)) != 0 &&
@@ -527,9 +564,13 @@ class PosixFile final : public File {
   WrittenSpan cached_writes_;  // buffered pwrites, for write_back_in_steps
   // Held by each sync of fd_ (a flush, a step of write_back_in_steps)
   // from its check of write_back_error_ to its record of a failure, so
-  // that no sync succeeds past another's error. A leaf lock.
+  // that no sync succeeds past another's error. A leaf lock, held in the
+  // normal CPU class (SyncHold).
   std::mutex sync_mu_;
   int write_back_error_ = 0;  // errno of the first failed sync; sync_mu_
+  uint64_t flushes_done_ = 0;  // successful fdatasyncs; sync_mu_
+  std::atomic<int> flushes_waiting_{0};  // flush() calls waiting for sync_mu_
+  std::condition_variable flush_done_;  // with sync_mu_: a flush ended
 
   // O_DIRECT reads always go to the disk; RWF_NOWAIT cannot help them.
   std::atomic<bool> nowait_supported_;

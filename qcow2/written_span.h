@@ -7,8 +7,10 @@
 // follows a write-back syncs them.
 //
 // Thread safety: any number of threads. A write inside the span only
-// reads two atomics; one that grows it, and take(), hold a mutex, so that
-// a take() never splits a write's growth in two.
+// reads two atomics (unlocked: racing with a take(), it may be left out
+// of both spans, which the following flush covers); one that grows the
+// span, and take(), hold a mutex, so that a take() never splits a growth
+// in two.
 #pragma once
 
 #include <atomic>

@@ -228,6 +228,10 @@ TEST(RegistryOnALossyDisk, AFailedWriteBackOnTheWayToReadOnlyLeavesTheNodeReadOn
   EXPECT_FALSE(node->file->writable());
   EXPECT_TRUE(node->image->flush()) << "the loss must stay reported";
   EXPECT_TRUE(node->image->flush());
+  // Nor can it be written again: its file fails every sync.
+  EXPECT_FALSE(registry.set_writable(node, true, &error));
+  EXPECT_FALSE(node->writable);
+  EXPECT_TRUE(node->image->read_only());
 }
 
 }  // namespace

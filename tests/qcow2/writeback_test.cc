@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "forwarding_file.h"
+#include "qcow2/rwlock.h"
 #include "test_util.h"
 
 namespace layerd::qcow2::test {
@@ -150,6 +151,37 @@ TEST(WriteBackInSteps, PosixFileHasNoDirtyPageLeftWhenItReturns) {
   ASSERT_FALSE(file->write_back_in_steps());
   EXPECT_EQ(unwritten_pages(path), 0);
   ASSERT_FALSE(file->flush());
+}
+
+// A job's thread may run in the background CPU class; the lock a client's
+// flush may wait for is held in the normal one (qcow2/rwlock.h's hook),
+// by a flush and by each step of a write-back.
+struct CountingHook final : ExclusiveHoldHook {
+  int before = 0, after = 0;
+  void before_exclusive() override { ++before; }
+  void after_exclusive() override { ++after; }
+};
+
+TEST(WriteBackInSteps, ItAndFlushHoldTheirSyncLockInTheNormalCpuClass) {
+  TempDir d;
+  std::string path = d / "f.raw";
+  std::ofstream(path).close();
+  auto file = open_file(path, true);
+  ASSERT_TRUE(file);
+  std::vector<std::byte> page(4096, std::byte{0x71});
+  ASSERT_FALSE(file->pwrite(page, 0));
+  ASSERT_FALSE(file->pwrite(page, File::kWriteBackStep + 4096));
+  CountingHook hook;
+  exclusive_hold_hook = &hook;
+  const std::error_code written_back = file->write_back_in_steps();
+  const int steps_held = hook.before;
+  const std::error_code flushed = file->flush();
+  exclusive_hold_hook = nullptr;
+  EXPECT_FALSE(written_back);
+  EXPECT_FALSE(flushed);
+  EXPECT_GE(steps_held, 3) << "the take and two steps";
+  EXPECT_EQ(hook.before, steps_held + 1) << "and the flush";
+  EXPECT_EQ(hook.after, hook.before);
 }
 
 // What is written after a write-back is the next one's to write back.

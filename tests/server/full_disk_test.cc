@@ -227,6 +227,7 @@ TEST(LostWriteBack, EveryClientFlushFailsFromTheFirstLostWriteBackOn) {
   EXPECT_TRUE(server.running()) << server.log();
   h.reset();
   const int status = server.stop();
+  EXPECT_GE(status, 0) << "layerd must exit:\n" << server.log();
   EXPECT_LT(status, 128) << "layerd must exit, not crash:\n" << server.log();
 }
 
