@@ -85,13 +85,18 @@ bool written_back_within(const std::string& path, double seconds) {
   return false;
 }
 
+// A new empty file at `path`, open read-write.
+std::shared_ptr<File> empty_file(const std::string& path) {
+  std::ofstream(path).close();
+  return open_file(path, true);
+}
+
 TEST(StartWriteback, PosixFileSendsItsDirtyPagesToTheDiskWithoutAFlush) {
   TempDir d;
   std::string why;
   if (!can_watch_writeback(d.path(), &why)) GTEST_SKIP() << why;
   std::string path = d / "f.raw";
-  std::ofstream(path).close();
-  auto file = open_file(path, true);
+  auto file = empty_file(path);
   ASSERT_TRUE(file);
   std::vector<std::byte> data(16 << 20, std::byte{0x5a});
   ASSERT_FALSE(file->pwrite(data, 0));
@@ -113,17 +118,27 @@ TEST(StartWriteback, ReadOnlyFileIsLeftAlone) {
   EXPECT_EQ(buf[0], std::byte{'d'});
 }
 
+// A new 64 MiB qcow2 image at `img`, open read-write, whose first `bytes`
+// were written with `fill` and are still dirty in the page cache; nullptr
+// (with a failure) otherwise.
+std::unique_ptr<Image> image_with_dirty_data(const std::string& img, size_t bytes, std::byte fill) {
+  run("qemu-img create -q -f qcow2 '" + img + "' 64M");
+  auto image = open_image(img, true);
+  if (!image) return nullptr;
+  std::vector<std::byte> data(bytes, fill);
+  EXPECT_FALSE(image->write(0, data, zero_below()));
+  EXPECT_GT(unwritten_pages(img), 0);
+  if (::testing::Test::HasFailure()) return nullptr;
+  return image;
+}
+
 TEST(StartWriteback, ImageStartsTheWriteBackOfItsData) {
   TempDir d;
   std::string why;
   if (!can_watch_writeback(d.path(), &why)) GTEST_SKIP() << why;
   std::string img = d / "a.qcow2";
-  run("qemu-img create -q -f qcow2 '" + img + "' 64M");
-  auto image = open_image(img, true);
+  auto image = image_with_dirty_data(img, 16 << 20, std::byte{0x3c});
   ASSERT_TRUE(image);
-  std::vector<std::byte> data(16 << 20, std::byte{0x3c});
-  ASSERT_FALSE(image->write(0, data, zero_below()));
-  ASSERT_GT(unwritten_pages(img), 0);
   image->start_writeback();
   EXPECT_TRUE(written_back_within(img, kWaitSeconds))
       << unwritten_pages(img) << " pages still dirty";
@@ -137,8 +152,7 @@ TEST(WriteBackInSteps, PosixFileHasNoDirtyPageLeftWhenItReturns) {
   std::string why;
   if (!can_watch_writeback(d.path(), &why)) GTEST_SKIP() << why;
   std::string path = d / "f.raw";
-  std::ofstream(path).close();
-  auto file = open_file(path, true);
+  auto file = empty_file(path);
   ASSERT_TRUE(file);
   // Two and a half steps, and a page in each of them.
   const uint64_t size = File::kWriteBackStep * 5 / 2;
@@ -165,8 +179,7 @@ struct CountingHook final : ExclusiveHoldHook {
 TEST(WriteBackInSteps, ItAndFlushHoldTheirSyncLockInTheNormalCpuClass) {
   TempDir d;
   std::string path = d / "f.raw";
-  std::ofstream(path).close();
-  auto file = open_file(path, true);
+  auto file = empty_file(path);
   ASSERT_TRUE(file);
   std::vector<std::byte> page(4096, std::byte{0x71});
   ASSERT_FALSE(file->pwrite(page, 0));
@@ -190,8 +203,7 @@ TEST(WriteBackInSteps, WritesAfterAWriteBackAreWrittenBackByTheNext) {
   std::string why;
   if (!can_watch_writeback(d.path(), &why)) GTEST_SKIP() << why;
   std::string path = d / "f.raw";
-  std::ofstream(path).close();
-  auto file = open_file(path, true);
+  auto file = empty_file(path);
   ASSERT_TRUE(file);
   std::vector<std::byte> page(4096, std::byte{0x70});
   ASSERT_FALSE(file->pwrite(page, File::kWriteBackStep * 3));
@@ -210,12 +222,8 @@ TEST(WriteBackInSteps, ImageWritesBackItsDataAndStaysValid) {
   std::string why;
   if (!can_watch_writeback(d.path(), &why)) GTEST_SKIP() << why;
   std::string img = d / "a.qcow2";
-  run("qemu-img create -q -f qcow2 '" + img + "' 64M");
-  auto image = open_image(img, true);
+  auto image = image_with_dirty_data(img, 20 << 20, std::byte{0x3d});
   ASSERT_TRUE(image);
-  std::vector<std::byte> data(20 << 20, std::byte{0x3d});
-  ASSERT_FALSE(image->write(0, data, zero_below()));
-  ASSERT_GT(unwritten_pages(img), 0);
   ASSERT_FALSE(image->write_back_in_steps());
   EXPECT_EQ(unwritten_pages(img), 0);
   ASSERT_FALSE(image->flush());
